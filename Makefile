@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+RUN_STAMP := $(VENV)/.run-installed
+DEV_STAMP := $(VENV)/.dev-installed
+SERVE_ARGS ?=
+
+.PHONY: run test lint bench system-deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# The service and the CPU stand-in backend (torch + torch-xla). A venv that already has
+# torch (an instance's Neuron venv) keeps its own: nothing here reinstalls it.
+$(RUN_STAMP): $(PY) requirements.txt requirements-xla.txt pyproject.toml
+	$(PIP) install --quiet -r requirements.txt
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -r requirements-xla.txt
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+
+$(DEV_STAMP): $(RUN_STAMP) requirements-dev.txt
+	$(PIP) install -r requirements-dev.txt
+	touch $@
+
+run: $(RUN_STAMP)
+	$(PY) -m executor_service serve $(SERVE_ARGS)
+
+# Tools the tests call that are not Python packages (shellcheck, systemd-analyze).
+system-deps:
+	@bash deployment/system-deps.sh
+
+test: $(DEV_STAMP) system-deps
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(DEV_STAMP)
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,115 @@
+"""Shared fixtures: real pools with real processes, and a check that none are left."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from warm_pool import JobSpec, PoolConfig, WarmPool
+
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+
+
+def descendants() -> set[int]:
+    """Pids of every live (non-zombie) process below this one."""
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.add(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01):
+    """Poll predicate until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in a process group (0 members: the group is gone)."""
+    members = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                members.append(p.pid)
+        except (OSError, psutil.Error):
+            pass
+    return members
+
+
+class PoolHandle:
+    """A started pool plus helpers for running code on it."""
+
+    def __init__(self, pool: WarmPool):
+        self.pool = pool
+
+    def run(self, code: str, timeout: float | None = 60.0, **kw):
+        job_id = kw.pop("job_id", None) or f"t-{uuid.uuid4().hex[:12]}"
+        fut = self.pool.submit(JobSpec(code=code, job_id=job_id, timeout=timeout), **kw)
+        return fut.result(timeout=(timeout or 60) + 30)
+
+    def idle_workers(self) -> list[dict]:
+        return [w for w in self.pool.stats()["workers"] if w["state"] == "idle"]
+
+    def wait_full(self, timeout: float = 60.0) -> None:
+        size = self.pool.stats()["size"]
+        wait_until(lambda: len(self.idle_workers()) == size, timeout)
+
+
+def start_pool(tmp: Path, **kw) -> PoolHandle:
+    kw.setdefault("backend", "cpu")
+    kw.setdefault("size", 1)
+    pool = WarmPool(PoolConfig(work_dir=tmp, **kw)).start()
+    assert pool.wait_ready(120), pool.stats()
+    handle = PoolHandle(pool)
+    handle.wait_full()
+    return handle
+
+
+@pytest.fixture
+def make_pool(tmp_path):
+    """Factory for pools that are shut down (and checked for leftovers) after the test."""
+    before = descendants()
+    pools: list[PoolHandle] = []
+
+    def make(**kw) -> PoolHandle:
+        handle = start_pool(tmp_path / f"pool{len(pools)}", **kw)
+        pools.append(handle)
+        return handle
+
+    yield make
+    for handle in pools:
+        handle.pool.shutdown(grace=5)
+    wait_until(lambda: descendants() <= before, timeout=15)
+
+
+@pytest.fixture(scope="module")
+def shared_pool(tmp_path_factory):
+    """One cpu pool of two workers shared by a module's tests (they must leave it clean)."""
+    handle = start_pool(tmp_path_factory.mktemp("shared"), size=2)
+    yield handle
+    handle.pool.shutdown(grace=5)
+
+
+def run_cold(code: str, tmp: Path) -> subprocess.CompletedProcess:
+    """The reference: `python main.py` in a fresh interpreter, like the original service."""
+    job = tmp / "cold"
+    job.mkdir(exist_ok=True)
+    (job / "main.py").write_text(code)
+    return subprocess.run([sys.executable, str(job / "main.py")], cwd=job, capture_output=True, timeout=120,
+                          stdin=subprocess.DEVNULL)

@@ -1,0 +1,144 @@
+"""The crash matrix: every way a job can end badly gives a result, and the pool recovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import group_members, wait_until
+
+CRASHES = {
+    "segfault": ("import ctypes\nctypes.string_at(0)", -signal.SIGSEGV, "signal"),
+    "sigkill_self": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", -signal.SIGKILL, "signal"),
+    "os_exit": ("import os\nos._exit(9)", 9, "exit"),
+    "abort": ("import os\nos.abort()", -signal.SIGABRT, "signal"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRASHES))
+def test_crash_gives_a_result_and_a_fresh_worker(make_pool, name):
+    code, return_code, error_type = CRASHES[name]
+    pool = make_pool()
+    result = pool.run("print('partial output', flush=True)\n" + code)
+    assert (result.return_code, result.error_type) == (return_code, error_type)
+    assert result.stdout == "partial output\n"
+    assert result.worker_replaced
+    pool.wait_full()
+    assert pool.run("print('next')").stdout == "next\n"
+    assert pool.pool.stats()["respawns"]["total"] == 1
+
+
+def test_timeout_interrupts_then_replaces_and_keeps_output(make_pool):
+    pool = make_pool(kill_grace_s=1.0)
+    result = pool.run("import time\nprint('started', flush=True)\ntime.sleep(60)", timeout=0.5)
+    assert result.timeout is True
+    assert result.error_type == "timeout"
+    assert result.stdout == "started\n"
+    assert "KeyboardInterrupt" in result.stderr
+    assert 0.5 <= result.execution_time < 5
+    pool.wait_full()
+    assert pool.pool.stats()["respawns"]["by_reason"] == {"timeout": 1}
+
+
+def test_timeout_kills_a_job_that_ignores_sigint(make_pool):
+    pool = make_pool(kill_grace_s=0.3)
+    code = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: time.sleep(0.01)"
+    result = pool.run(code, timeout=0.3)
+    assert result.timeout is True
+    assert result.return_code == -signal.SIGKILL
+
+
+def test_timeout_kills_grandchildren_too(make_pool, tmp_path):
+    pool = make_pool(kill_grace_s=0.2)
+    marker = tmp_path / "grandchild.pid"
+    code = (f"import subprocess, time\np = subprocess.Popen(['sleep', '300'])\n"
+            f"open({str(marker)!r}, 'w').write(str(p.pid))\ntime.sleep(300)")
+    result = pool.run(code, timeout=0.5)
+    assert result.timeout
+    pid = int(marker.read_text())
+    wait_until(lambda: not _alive(pid), timeout=10)
+    wait_until(lambda: not group_members(result.worker.pid), timeout=10)
+
+
+def test_cancel_a_running_job(make_pool):
+    pool = make_pool()
+    started = []
+    fut = pool.pool.submit(_spec("import time\ntime.sleep(60)", "cancel-me"),
+                           on_start=lambda job_id, ref: started.append(job_id))
+    wait_until(lambda: started)
+    time.sleep(0.1)
+    assert pool.pool.cancel("cancel-me") is True
+    result = fut.result(timeout=30)
+    assert (result.status, result.error_type) == ("cancelled", "cancelled")
+    assert pool.pool.cancel("cancel-me") is False
+
+
+def test_cancel_a_queued_job(make_pool):
+    pool = make_pool()
+    running = pool.pool.submit(_spec("import time\ntime.sleep(1)", "first"))
+    queued = pool.pool.submit(_spec("print('never')", "second"))
+    assert pool.pool.cancel("second") is True
+    result = queued.result(timeout=10)
+    assert result.status == "cancelled"
+    assert result.worker is None
+    assert running.result(timeout=30).success
+
+
+def test_memory_limit_kills_the_job(make_pool):
+    pool = make_pool(max_memory_mb=600)
+    code = "import time\nb = bytearray(800 * 1024 * 1024)\nb[::4096] = b'x' * len(b[::4096])\ntime.sleep(30)"
+    result = pool.run(code, timeout=60)
+    assert result.error_type == "memory_limit"
+    assert result.return_code == -signal.SIGKILL
+    assert result.peak_memory_mb > 600
+
+
+def test_worker_killed_from_outside_is_replaced(make_pool):
+    pool = make_pool(size=2)
+    victim = pool.idle_workers()[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in [w["pid"] for w in pool.pool.stats()["workers"]])
+    pool.wait_full()
+    assert pool.pool.stats()["respawns"]["total"] == 1
+
+
+def test_queue_full_is_a_clear_error(make_pool):
+    from warm_pool import errors
+
+    pool = make_pool(max_queue=1)
+    pool.pool.submit(_spec("import time\ntime.sleep(2)", "busy"))
+    wait_until(lambda: pool.pool.stats()["busy"] == 1)
+    pool.pool.submit(_spec("pass", "waiting"))
+    with pytest.raises(errors.QueueFull):
+        pool.pool.submit(_spec("pass", "rejected"))
+
+
+def test_shutdown_interrupts_running_jobs_and_leaves_no_process(make_pool):
+    pool = make_pool(size=2)
+    fut = pool.pool.submit(_spec("import time\ntime.sleep(60)", "long"))
+    queued = [pool.pool.submit(_spec("pass", f"q{i}")) for i in range(3)]
+    wait_until(lambda: pool.pool.stats()["busy"] >= 1)
+    pool.pool.shutdown(grace=0.5)
+    assert fut.result(timeout=10).status == "interrupted"
+    assert all(f.cancelled() or f.result().status == "completed" for f in queued)
+    # make_pool's teardown asserts that no process is left behind
+
+
+def _spec(code: str, job_id: str):
+    from warm_pool import JobSpec
+
+    return JobSpec(code=code, job_id=job_id, timeout=120)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False

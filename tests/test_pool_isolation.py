@@ -1,0 +1,91 @@
+"""What one job changes, the next job on the same worker must not see."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory):
+    from conftest import start_pool
+
+    handle = start_pool(tmp_path_factory.mktemp("iso"), size=1)
+    yield handle
+    handle.pool.shutdown(grace=5)
+
+
+# (what job A does, what job B prints, what B must print as in a fresh interpreter)
+CASES = {
+    "cwd": ("import os; os.chdir('/')",
+            "import os; print(os.getcwd() == os.path.dirname(__file__))", "True"),
+    "environment": ("import os; os.environ['LEAK'] = '1'",
+                    "import os; print(os.environ.get('LEAK'))", "None"),
+    "sys_path": ("import sys; sys.path.insert(0, '/leak')",
+                 "import sys; print('/leak' in sys.path)", "False"),
+    "sys_argv": ("import sys; sys.argv.append('x')", "import sys; print(len(sys.argv))", "1"),
+    "job_modules": ("open('helper.py', 'w').write('V = 1')\nimport helper",
+                    "import sys; print('helper' in sys.modules)", "False"),
+    "logging_handlers": ("import logging; logging.basicConfig(level=logging.DEBUG)",
+                         "import logging; print(len(logging.root.handlers), logging.root.level)", "0 30"),
+    "warnings_filters": ("import warnings; warnings.simplefilter('error')",
+                         "import warnings; warnings.warn('w'); print('survived')", "survived"),
+    "default_dtype": ("import torch; torch.set_default_dtype(torch.float64)",
+                      "import torch; print(torch.get_default_dtype())", "torch.float32"),
+    "grad_mode": ("import torch; torch.set_grad_enabled(False)",
+                  "import torch; print(torch.is_grad_enabled())", "True"),
+    "threads": ("import torch; torch.set_num_threads(1)",
+                "import torch; print(torch.get_num_threads() == __import__('os').cpu_count())", "True"),
+    "deterministic": ("import torch; torch.use_deterministic_algorithms(True)",
+                      "import torch; print(torch.are_deterministic_algorithms_enabled())", "False"),
+    "builtins": ("import builtins; builtins.leak = 1; builtins.print = None",
+                 "import builtins; print(hasattr(builtins, 'leak'))", "False"),
+    "signal_handlers": ("import signal; signal.signal(signal.SIGUSR1, signal.SIG_IGN)",
+                        "import signal; print(signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL)", "True"),
+    "replaced_stdout": ("import sys, io; sys.stdout = io.StringIO()", "print('visible')", "visible"),
+    "closed_stdout": ("import sys; sys.stdout.close()", "print('visible')", "visible"),
+    "closed_fd1": ("import os; os.close(1)", "print('visible')", "visible"),
+    "recursion_limit": ("import sys; sys.setrecursionlimit(50)", "import sys; print(sys.getrecursionlimit())",
+                        "1000"),
+    "main_globals": ("SECRET = 42", "print('SECRET' in globals())", "False"),
+    "excepthook": ("import sys; sys.excepthook = lambda *a: None", "raise ValueError('shown')", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_state_does_not_leak_to_next_job(one_worker, name):
+    change, probe, expected = CASES[name]
+    first = one_worker.run(change)
+    assert first.worker_replaced is False, first.stderr
+    second = one_worker.run(probe)
+    assert second.worker.pid == first.worker.pid, "both jobs must run on the same worker"
+    if expected is None:
+        assert "ValueError: shown" in second.stderr
+    else:
+        assert second.stdout.strip() == expected, second.stderr
+
+
+@pytest.mark.parametrize("code, reason", [
+    ("import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()",
+     "threads still running"),
+    ("import subprocess\nsubprocess.Popen(['sleep', '30'])", "child processes still running"),
+    ("import torch\ntorch.matmul = lambda *a: None", "module torch patched"),
+    ("import json\njson.dumps = str", "module json patched"),
+])
+def test_unrestorable_leftovers_replace_the_worker(make_pool, code, reason):
+    pool = make_pool()
+    first = pool.run(code)
+    assert first.worker_replaced is True
+    pool.wait_full()
+    second = pool.run("print('clean')")
+    assert second.worker.pid != first.worker.pid
+    assert second.stdout == "clean\n"
+    assert pool.pool.stats()["respawns"]["by_reason"] == {"dirty": 1}
+
+
+def test_worker_is_recycled_after_max_jobs(make_pool):
+    pool = make_pool(max_jobs_per_worker=2)
+    pids = [pool.run("print(1)").worker.pid for _ in range(2)]
+    pool.wait_full()
+    third = pool.run("print(1)").worker.pid
+    assert pids[0] == pids[1] != third
+    assert pool.pool.stats()["respawns"]["by_reason"] == {"recycled": 1}

@@ -1,0 +1,134 @@
+"""What goes into the pool (JobSpec) and what comes out (JobResult).
+
+JobResult.to_dict() is the result schema of DESIGN.md: every field of the original
+service's response (success, execution_time, return_code, stdout, stderr, timeout,
+lines_of_code, has_training_loop, peak_memory_mb, METRICS: values spread at top level
+and in detailed_metrics) plus error_type, error_message, truncation counts, queue and
+run times and the worker that ran it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from warm_pool import analysis
+
+# error_type words (DESIGN.md "Names that callers and checks rely on").
+ERROR_TYPES = (
+    "exception",
+    "syntax_error",
+    "exit",
+    "signal",
+    "timeout",
+    "memory_limit",
+    "worker_crashed",
+    "cancelled",
+    "interrupted",
+    "internal",
+)
+
+# Job status words.
+STATUS_QUEUED = "queued"
+STATUS_RUNNING = "running"
+STATUS_COMPLETED = "completed"
+STATUS_CANCELLED = "cancelled"
+STATUS_INTERRUPTED = "interrupted"
+TERMINAL_STATUSES = (STATUS_COMPLETED, STATUS_CANCELLED, STATUS_INTERRUPTED)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One script to run as `python main.py`.
+
+    job_id names the job directory, so it must be a safe file name
+    ([A-Za-z0-9._-]{1,128}); timeout is in seconds (None: the pool's default).
+    """
+
+    code: str
+    job_id: str
+    paper_id: str | None = None
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class WorkerRef:
+    """Which worker ran a job."""
+
+    id: int
+    pid: int
+    core: int | None = None
+
+
+def utc_iso(ts: float | None) -> str | None:
+    """Seconds since the epoch as an ISO-8601 UTC string (None stays None)."""
+    if ts is None:
+        return None
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat()
+
+
+@dataclass
+class JobResult:
+    """The outcome of one job; failures of the job are described here, not raised."""
+
+    job_id: str
+    paper_id: str | None
+    code: str = field(repr=False, default="")
+    status: str = STATUS_COMPLETED
+    return_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated_bytes: int = 0
+    stderr_truncated_bytes: int = 0
+    timeout: bool = False
+    error_type: str | None = None
+    error_message: str | None = None
+    execution_time: float = 0.0
+    queue_time: float = 0.0
+    submitted_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    peak_memory_mb: float | None = None
+    worker: WorkerRef | None = None
+    worker_replaced: bool = False
+
+    @property
+    def success(self) -> bool:
+        """True when the script ran to exit status 0 within its limits."""
+        return self.status == STATUS_COMPLETED and self.return_code == 0 and not self.error_type
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready result: the original fields, metrics spread, and ours."""
+        metrics = analysis.parse_metrics(self.stdout)
+        code_facts = analysis.analyze_code(self.code)
+        out: dict[str, Any] = {}
+        # Metrics first so that no script can overwrite a schema field by naming a
+        # metric "success" or "stdout": the schema fields below win.
+        out.update(metrics)
+        out.update(
+            {
+                "job_id": self.job_id,
+                "paper_id": self.paper_id,
+                "status": self.status,
+                "success": self.success,
+                "execution_time": round(self.execution_time, 6),
+                "return_code": self.return_code,
+                "stdout": self.stdout,
+                "stderr": self.stderr,
+                "timeout": self.timeout,
+                "lines_of_code": code_facts["lines_of_code"],
+                "has_training_loop": code_facts["has_training_loop"],
+                "peak_memory_mb": self.peak_memory_mb,
+                "detailed_metrics": metrics,
+                "error_type": self.error_type,
+                "error_message": self.error_message,
+                "stdout_truncated_bytes": self.stdout_truncated_bytes,
+                "stderr_truncated_bytes": self.stderr_truncated_bytes,
+                "queue_time": round(self.queue_time, 6),
+                "started_at": utc_iso(self.started_at),
+                "finished_at": utc_iso(self.finished_at),
+                "worker": asdict(self.worker) if self.worker else None,
+            }
+        )
+        return out
