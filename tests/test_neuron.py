@@ -1,0 +1,373 @@
+"""warm_pool.neuron against realistic fakes: a neuron-ls script, /dev, sysfs, a compile cache.
+
+The neuron-ls output is the documented ``--json-output`` shape as captured on a
+trn1.2xlarge (one device, two NeuronCores); the sysfs tree follows the Neuron Sysfs User
+Guide; the cache layout follows the Neuron Persistent Cache guide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from warm_pool import neuron
+
+TRN1_2XLARGE = [{
+    "neuron_device": 0,
+    "bdf": "0000:00:1e.0",
+    "cpu_affinity": "0-7",
+    "numa_node": "-1",
+    "connected_to": None,
+    "nc_count": 2,
+    "memory_size": 34359738368,
+    "neuroncore_ids": [0, 1],
+    "neuron_processes": [],
+}]
+
+
+def write_fake_neuron_ls(bin_dir: Path, output: str, *, exit_code: int = 0,
+                         only_new_flag: bool = False) -> Path:
+    """A neuron-ls on PATH that prints ``output`` for --json-output and logs its argv."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    out_file = bin_dir / "neuron-ls.out"
+    out_file.write_text(output)
+    accepted = '"$1" = "--output-format"' if only_new_flag else '"$1" = "--json-output"'
+    script = bin_dir / "neuron-ls"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{bin_dir}/neuron-ls.calls"\n'
+        f"if [ {accepted} ]; then cat \"{out_file}\"; exit {exit_code}; fi\n"
+        'echo "neuron-ls: unrecognized option" >&2; exit 2\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest.fixture
+def fake_path(tmp_path, monkeypatch):
+    """A bin dir put first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return bin_dir
+
+
+def make_dev(tmp_path: Path, count: int) -> Path:
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for i in range(count):
+        (dev / f"neuron{i}").touch()
+    (dev / "null").touch()
+    (dev / "neuron_extra").touch()
+    return dev
+
+
+def make_core_counters(sysfs: Path, device: int, core: int, *, present: int, total: int, peak: int) -> Path:
+    base = (sysfs / "devices/virtual/neuron_device" / f"neuron{device}" / f"neuron_core{core}"
+            / "stats/memory_usage/device_mem")
+    base.mkdir(parents=True)
+    for name, value in (("present", present), ("total", total), ("peak", peak)):
+        (base / name).write_text(f"{value}\n")
+    (base / "tensors").mkdir()
+    (base / "tensors" / "present").write_text("0\n")
+    return base
+
+
+# --- device nodes and neuron-ls -------------------------------------------------------
+
+def test_device_paths_lists_neuron_nodes_in_index_order(tmp_path):
+    dev = make_dev(tmp_path, 12)
+    paths = neuron.device_paths(dev)
+    assert paths == [str(dev / f"neuron{i}") for i in range(12)]
+
+
+def test_device_paths_of_a_missing_dev_root_is_empty(tmp_path):
+    assert neuron.device_paths(tmp_path / "nope") == []
+
+
+def test_neuron_ls_parses_the_documented_json(fake_path):
+    write_fake_neuron_ls(fake_path, json.dumps(TRN1_2XLARGE, indent=4))
+    devices = neuron.neuron_ls()
+    assert devices == TRN1_2XLARGE
+    assert (fake_path / "neuron-ls.calls").read_text().split("\n")[0] == "--json-output"
+
+
+def test_neuron_ls_falls_back_to_the_new_output_format_flag(fake_path):
+    wrapped = {"instance_type": "trn1.2xlarge", "neuron_devices": TRN1_2XLARGE}
+    write_fake_neuron_ls(fake_path, json.dumps(wrapped), only_new_flag=True)
+    assert neuron.neuron_ls() == TRN1_2XLARGE
+
+
+def test_neuron_ls_missing_returns_none(fake_path, monkeypatch):
+    monkeypatch.setattr(neuron, "NEURON_BIN_DIR", str(fake_path / "absent"))
+    assert neuron.neuron_ls("neuron-ls-not-installed") is None
+
+
+def test_neuron_ls_garbage_returns_none(fake_path):
+    write_fake_neuron_ls(fake_path, "not json at all")
+    assert neuron.neuron_ls() is None
+
+
+def test_neuron_ls_failing_returns_none(fake_path):
+    write_fake_neuron_ls(fake_path, json.dumps(TRN1_2XLARGE), exit_code=1)
+    assert neuron.neuron_ls() is None
+
+
+def test_neuron_ls_is_found_in_opt_aws_neuron_bin_when_not_on_path(tmp_path, monkeypatch):
+    opt_bin = tmp_path / "opt/aws/neuron/bin"
+    write_fake_neuron_ls(opt_bin, json.dumps(TRN1_2XLARGE))
+    monkeypatch.setattr(neuron, "NEURON_BIN_DIR", str(opt_bin))
+    monkeypatch.setenv("PATH", f"{tmp_path / 'empty'}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    assert neuron.neuron_ls() == TRN1_2XLARGE
+
+
+# --- detect ---------------------------------------------------------------------------
+
+def test_detect_trn1_2xlarge(tmp_path, fake_path):
+    write_fake_neuron_ls(fake_path, json.dumps(TRN1_2XLARGE))
+    info = neuron.detect(dev_root=make_dev(tmp_path, 1))
+    assert info == neuron.NeuronInfo(True, 1, 2, 2, "1 Neuron device(s), 2 NeuronCore(s)")
+
+
+def test_detect_trn1_32xlarge_counts_every_device(tmp_path, fake_path):
+    devices = [dict(TRN1_2XLARGE[0], neuron_device=i, neuroncore_ids=[2 * i, 2 * i + 1]) for i in range(16)]
+    write_fake_neuron_ls(fake_path, json.dumps(devices))
+    info = neuron.detect(dev_root=make_dev(tmp_path, 16))
+    assert (info.available, info.device_count, info.core_count, info.cores_per_device) == (True, 16, 32, 2)
+
+
+def test_detect_without_device_nodes_is_unavailable_even_if_neuron_ls_answers(tmp_path, fake_path):
+    write_fake_neuron_ls(fake_path, json.dumps(TRN1_2XLARGE))
+    info = neuron.detect(dev_root=make_dev(tmp_path, 0))
+    assert not info.available and info.core_count == 0
+    assert "no Neuron device nodes" in info.reason
+
+
+def test_detect_with_nodes_but_no_neuron_ls_is_unavailable(tmp_path, fake_path, monkeypatch):
+    monkeypatch.setattr(neuron, "NEURON_BIN_DIR", str(tmp_path / "absent"))
+    info = neuron.detect(dev_root=make_dev(tmp_path, 1), executable="neuron-ls-absent")
+    assert not info.available and info.device_count == 1
+    assert "could not be run" in info.reason
+
+
+def test_detect_with_zero_cores_is_unavailable(tmp_path, fake_path):
+    write_fake_neuron_ls(fake_path, json.dumps([dict(TRN1_2XLARGE[0], nc_count=0, neuroncore_ids=[])]))
+    info = neuron.detect(dev_root=make_dev(tmp_path, 1))
+    assert not info.available and "no NeuronCores" in info.reason
+
+
+def test_device_core_count_falls_back_to_core_ids():
+    assert neuron.device_core_count({"neuroncore_ids": [0, 1, 2, 3]}) == 4
+    assert neuron.device_core_count({}) == 0
+
+
+# --- environment ----------------------------------------------------------------------
+
+def test_worker_env_pins_one_core_and_tags_the_process():
+    env = neuron.worker_env(1, tag="trainium-executor-worker-1", environ={})
+    assert env["NEURON_RT_VISIBLE_CORES"] == "1"
+    assert env["NEURON_PROCESS_TAG"] == "trainium-executor-worker-1"
+    assert env["NEURON_RT_LOG_LEVEL"] == "ERROR"
+
+
+def test_worker_env_log_level_argument_beats_inherited_value():
+    inherited = {"NEURON_RT_LOG_LEVEL": "DEBUG"}
+    assert neuron.worker_env(0, "t", "info", environ=inherited)["NEURON_RT_LOG_LEVEL"] == "INFO"
+    assert neuron.worker_env(0, "t", environ=inherited)["NEURON_RT_LOG_LEVEL"] == "DEBUG"
+
+
+def test_worker_env_cuts_the_tag_to_32_characters():
+    assert len(neuron.worker_env(0, "x" * 50, environ={})["NEURON_PROCESS_TAG"]) == 32
+
+
+@pytest.mark.parametrize("core,level", [(-1, None), (0, "LOUD")])
+def test_worker_env_rejects_bad_values(core, level):
+    with pytest.raises(ValueError):
+        neuron.worker_env(core, "t", level, environ={})
+
+
+def test_compile_cache_env_sets_url_and_retry_flag(tmp_path):
+    env = neuron.compile_cache_env(tmp_path / "cache")
+    assert env == {"NEURON_COMPILE_CACHE_URL": str(tmp_path / "cache"),
+                   "NEURON_CC_FLAGS": "--retry_failed_compilation"}
+
+
+def test_compile_cache_env_appends_the_flag_once_and_keeps_others(tmp_path):
+    flags = "--model-type transformer --retry_failed_compilation"
+    env = neuron.compile_cache_env(tmp_path, existing_flags=flags)
+    assert env["NEURON_CC_FLAGS"] == "--model-type transformer --retry_failed_compilation"
+    env = neuron.compile_cache_env(tmp_path, existing_flags="-O1 --log_level=INFO")
+    assert env["NEURON_CC_FLAGS"] == "-O1 --log_level=INFO --retry_failed_compilation"
+
+
+def test_compile_cache_env_without_retry(tmp_path):
+    env = neuron.compile_cache_env(tmp_path, retry_failed=False, existing_flags="-O1")
+    assert env["NEURON_CC_FLAGS"] == "-O1"
+
+
+# --- compile cache ----------------------------------------------------------------------
+
+def make_entry(cache: Path, name: str, size: int, age_s: float, *, lock: bool = False,
+               version: str = "neuronxcc-2.21.18209.0+043b1bf7") -> Path:
+    """One compiled-module entry as the Neuron cache writes it, ``age_s`` seconds old."""
+    entry = cache / version / f"MODULE_{name}+4fddc5c8"
+    entry.mkdir(parents=True)
+    (entry / "model.neff").write_bytes(b"\0" * size)
+    (entry / "compile_flags.txt").write_text("--target=trn1")
+    (entry / "model.done").touch()
+    if lock:
+        (entry / "model.hlo_module.pb.lock").touch()
+    when = time.time() - age_s
+    for p in (*entry.iterdir(), entry):
+        os.utime(p, (when, when))
+    return entry
+
+
+def test_cache_size_counts_every_file(tmp_path):
+    cache = tmp_path / "cache"
+    make_entry(cache, "1", 1000, 10)
+    make_entry(cache, "2", 500, 5)
+    overhead = 2 * len("--target=trn1")
+    assert neuron.cache_size_bytes(cache) == 1500 + overhead
+    assert neuron.cache_size_bytes(tmp_path / "absent") == 0
+
+
+def test_clear_stale_locks_removes_only_lock_files(tmp_path):
+    cache = tmp_path / "cache"
+    locked = make_entry(cache, "1", 10, 10, lock=True)
+    (cache / "neuronxcc-2.21.18209.0+043b1bf7" / "registry.lock").touch()
+    assert neuron.clear_stale_locks(cache) == 2
+    assert sorted(p.name for p in locked.iterdir()) == ["compile_flags.txt", "model.done", "model.neff"]
+    assert neuron.clear_stale_locks(cache) == 0
+
+
+def test_prune_removes_oldest_entries_first_until_under_the_cap(tmp_path):
+    cache = tmp_path / "cache"
+    oldest = make_entry(cache, "old", 1000, 300)
+    middle = make_entry(cache, "mid", 1000, 200, version="neuronxcc-2.22.0.0+abc")
+    newest = make_entry(cache, "new", 1000, 100)
+    freed = neuron.prune_cache(cache, max_bytes=2100)
+    assert not oldest.exists() and middle.exists() and newest.exists()
+    assert freed == 1000 + len("--target=trn1")
+    assert neuron.cache_size_bytes(cache) <= 2100
+
+
+def test_prune_skips_entries_being_compiled(tmp_path):
+    cache = tmp_path / "cache"
+    locked_old = make_entry(cache, "old", 1000, 300, lock=True)
+    newer = make_entry(cache, "new", 1000, 100)
+    neuron.prune_cache(cache, max_bytes=1500)
+    assert locked_old.exists() and not newer.exists()
+
+
+def test_prune_uses_the_newest_file_in_an_entry_as_its_age(tmp_path):
+    cache = tmp_path / "cache"
+    rewritten = make_entry(cache, "a", 1000, 300)
+    untouched = make_entry(cache, "b", 1000, 200)
+    now = time.time()
+    os.utime(rewritten / "model.neff", (now, now))
+    neuron.prune_cache(cache, max_bytes=1500)
+    assert rewritten.exists() and not untouched.exists()
+
+
+def test_prune_under_the_cap_or_without_a_cap_does_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    entry = make_entry(cache, "a", 1000, 300)
+    assert neuron.prune_cache(cache, max_bytes=10**9) == 0
+    assert neuron.prune_cache(cache, max_bytes=0) == 0
+    assert entry.exists()
+
+
+# --- per-core device memory -----------------------------------------------------------
+
+def test_core_memory_reads_the_cores_counters(tmp_path):
+    make_core_counters(tmp_path, 0, 1, present=300 << 20, total=900 << 20, peak=512 << 20)
+    mem = neuron.core_memory(1, sysfs_root=tmp_path)
+    assert mem == neuron.CoreMemory(core=1, used_bytes=300 << 20, peak_bytes=512 << 20)
+
+
+def test_core_memory_maps_global_core_index_to_device_and_local_core(tmp_path):
+    make_core_counters(tmp_path, 3, 1, present=7, total=7, peak=9)
+    assert neuron.core_sysfs_dir(7, tmp_path).parts[-2:] == ("neuron3", "neuron_core1")
+    assert neuron.core_memory(7, sysfs_root=tmp_path).peak_bytes == 9
+
+
+def test_core_memory_absent_counters_give_none(tmp_path):
+    assert neuron.core_memory(0, sysfs_root=tmp_path) is None
+
+
+def test_reset_core_peak_writes_zero(tmp_path):
+    base = make_core_counters(tmp_path, 0, 0, present=10, total=10, peak=99)
+    assert neuron.reset_core_peak(0, sysfs_root=tmp_path)
+    assert (base / "peak").read_text().strip() == "0"
+
+
+def test_reset_core_peak_on_a_read_only_counter_is_refused(tmp_path):
+    base = make_core_counters(tmp_path, 0, 0, present=10, total=10, peak=99)
+    (base / "peak").unlink()
+    (base / "peak").mkdir()  # opening a directory for writing fails even for root
+    assert not neuron.reset_core_peak(0, sysfs_root=tmp_path)
+
+
+def test_peak_tracker_with_reset_reports_the_jobs_own_peak(tmp_path):
+    base = make_core_counters(tmp_path, 0, 0, present=100, total=100, peak=5000)
+    tracker = neuron.PeakTracker(0, sysfs_root=tmp_path)
+    tracker.start()
+    assert tracker.was_reset
+    (base / "present").write_text("800\n")
+    (base / "peak").write_text("800\n")
+    tracker.sample()
+    (base / "present").write_text("120\n")
+    assert tracker.finish() == 800
+
+
+def test_peak_tracker_without_reset_uses_a_new_high_water_mark(tmp_path):
+    base = make_core_counters(tmp_path, 0, 0, present=100, total=100, peak=1000)
+    tracker = neuron.PeakTracker(0, sysfs_root=tmp_path, reset=lambda *a: False)
+    tracker.start()
+    (base / "peak").write_text("4000\n")
+    assert tracker.finish() == 4000
+
+
+def test_peak_tracker_without_reset_falls_back_to_sampled_usage(tmp_path):
+    base = make_core_counters(tmp_path, 0, 0, present=100, total=100, peak=9000)
+    tracker = neuron.PeakTracker(0, sysfs_root=tmp_path, reset=lambda *a: False)
+    tracker.start()
+    (base / "present").write_text("700\n")
+    tracker.sample()
+    (base / "present").write_text("150\n")
+    tracker.sample()
+    assert tracker.finish() == 700
+
+
+def test_peak_tracker_without_counters_reports_none(tmp_path):
+    tracker = neuron.PeakTracker(0, sysfs_root=tmp_path)
+    tracker.start()
+    tracker.sample()
+    assert tracker.finish() is None
+
+
+def test_idle_growth_flags_memory_that_keeps_growing():
+    growth = neuron.IdleGrowth(jobs=3, min_growth_bytes=100)
+    assert [growth.observe(v) for v in (1000, 1050, 1100, 1150)] == [False, False, False, True]
+
+
+def test_idle_growth_resets_when_memory_drops():
+    growth = neuron.IdleGrowth(jobs=2, min_growth_bytes=10)
+    assert [growth.observe(v) for v in (100, 200, 50, 60, 70)] == [False, False, False, False, True]
+
+
+def test_idle_growth_ignores_small_growth():
+    growth = neuron.IdleGrowth(jobs=2, min_growth_bytes=1000)
+    assert not any(growth.observe(v) for v in (100, 101, 102, 103))
+
+
+def test_module_never_imports_torch():
+    source = Path(neuron.__file__).read_text()
+    assert "import torch" not in source
+    assert stat.S_ISREG(os.stat(neuron.__file__).st_mode)
