@@ -73,6 +73,20 @@ class PoolConfig:
     keep_job_dirs: bool = False
     # NeuronCores to use on neuron (None: all that neuron-ls reports).
     neuron_cores: tuple[int, ...] | None = None
+    # NEURON_RT_LOG_LEVEL for workers (None: inherited, else ERROR).
+    neuron_log_level: str | None = None
+    # Persistent Neuron compile cache shared by every worker and job. None:
+    # <work_dir>/neuron-compile-cache.
+    neuron_cache_dir: Path | None = None
+    # Cache size cap; the oldest compiled modules are pruned at start beyond it. 0: no cap.
+    neuron_cache_max_mb: int = 50_000
+    # Add --retry_failed_compilation to NEURON_CC_FLAGS so a compile killed with its job
+    # (cached as failed) is retried instead of failing every later run of that graph.
+    neuron_retry_failed_compilation: bool = True
+    # Where the Neuron driver's sysfs counters live (tests point it at a fake tree).
+    neuron_sysfs_root: Path = Path("/sys")
+    # Recycle a worker whose idle device memory grew after this many jobs in a row. 0: never.
+    neuron_idle_growth_jobs: int = 3
 
     def validate(self) -> PoolConfig:
         """Raise ConfigError naming the first bad setting; return self when all are fine."""
@@ -89,7 +103,8 @@ class PoolConfig:
                 raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
         if self.default_timeout_s > self.max_timeout_s:
             raise ConfigError("default_timeout_s must not exceed max_timeout_s")
-        for name in ("max_jobs_per_worker", "max_output_bytes", "max_queue", "max_start_failures"):
+        for name in ("max_jobs_per_worker", "max_output_bytes", "max_queue", "max_start_failures",
+                     "neuron_cache_max_mb", "neuron_idle_growth_jobs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a whole number >= 0, not {value!r}")
@@ -115,8 +130,21 @@ class PoolConfig:
 
         return self.python or sys.executable
 
-    def template_env(self) -> dict[str, str]:
+    @property
+    def compile_cache_dir(self) -> Path:
+        """The Neuron compile cache directory."""
+        return Path(self.neuron_cache_dir or Path(self.work_dir) / "neuron-compile-cache")
+
+    def template_env(self, neuron: bool = False) -> dict[str, str]:
         """The environment the template (and every worker and job) starts with."""
         env = {k: v for k, v in os.environ.items() if k not in self.scrub_env}
         env.update(dict(self.extra_env))
+        if neuron:
+            from warm_pool import neuron as neuron_env
+
+            for name in neuron_env.CONFLICTING_ENV:
+                env.pop(name, None)
+            env.update(neuron_env.compile_cache_env(self.compile_cache_dir,
+                                                    self.neuron_retry_failed_compilation,
+                                                    env.get("NEURON_CC_FLAGS", "")))
         return env

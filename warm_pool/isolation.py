@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import builtins
 import logging
+import operator
 import os
 import random
 import signal
@@ -59,19 +60,29 @@ def _restore_torch(state: dict[str, Any] | None) -> None:
     torch = sys.modules.get("torch")
     if torch is None or state is None:
         return
-    torch.set_default_dtype(state["dtype"])
-    torch.set_grad_enabled(state["grad"])
-    if torch.get_num_threads() != state["threads"]:
+    # Each setter is called only when its value changed: some of them record a stack
+    # trace every call, which would double the cost of an empty job.
+    current = _read_torch_state(torch)
+    if current["dtype"] != state["dtype"]:
+        torch.set_default_dtype(state["dtype"])
+    if current["grad"] != state["grad"]:
+        torch.set_grad_enabled(state["grad"])
+    if current["threads"] != state["threads"]:
         torch.set_num_threads(state["threads"])
-    torch.use_deterministic_algorithms(state["deterministic"], warn_only=state["deterministic_warn_only"])
-    if torch.get_float32_matmul_precision() != state["matmul_precision"]:
+    if (current["deterministic"], current["deterministic_warn_only"]) != (
+            state["deterministic"], state["deterministic_warn_only"]):
+        torch.use_deterministic_algorithms(state["deterministic"], warn_only=state["deterministic_warn_only"])
+    if current["matmul_precision"] != state["matmul_precision"]:
         torch.set_float32_matmul_precision(state["matmul_precision"])
-    torch.set_anomaly_enabled(state["anomaly"])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state["cudnn"]
-    if torch.get_default_device() != state["device"]:
+    if current["anomaly"] != state["anomaly"]:
+        torch.set_anomaly_enabled(state["anomaly"])
+    if current["cudnn"] != state["cudnn"]:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state["cudnn"]
+    if current["device"] != state["device"]:
         torch.set_default_device(state["device"])
-    # A fresh process starts from a random seed; so does each job.
-    torch.seed()
+    # A fresh process starts from a random seed; so does each job. (torch.seed() would
+    # also queue lazy CUDA/XPU seeding calls that capture a stack trace each time.)
+    torch.default_generator.seed()
 
 
 @dataclass
@@ -96,7 +107,7 @@ class Baseline:
     threads: set[threading.Thread]
     atexit_count: int
     torch: dict[str, Any] | None
-    watched: dict[str, dict[str, Any]] = field(repr=False, default_factory=dict)
+    watched: dict[str, tuple[list[str], list[Any]]] = field(repr=False, default_factory=dict)
     path_obj: list[str] = field(repr=False, default_factory=list)
     argv_obj: list[str] = field(repr=False, default_factory=list)
     filters_obj: list[Any] = field(repr=False, default_factory=list)
@@ -192,20 +203,20 @@ class Baseline:
             reasons.append("child processes still running")
         if atexit._ncallbacks() != self.atexit_count:
             reasons.append("atexit handlers registered")
-        for name, attrs in self.watched.items():
+        for name, (keys, values) in self.watched.items():
             module = sys.modules.get(name)
             if module is None:
                 reasons.append(f"module {name} removed")
                 continue
-            current = vars(module)
-            changed = [k for k, v in attrs.items()
-                       if current.get(k, _MISSING) is not v and k not in _RESTORED_ATTRS]
+            now = list(map(vars(module).get, keys))
+            if not any(map(operator.is_not, now, values)):  # the fast path, all in C
+                continue
+            changed = [k for k, a, b in zip(keys, now, values, strict=True) if a is not b]
             if changed:
                 reasons.append(f"module {name} patched: {', '.join(sorted(changed)[:5])}")
         return reasons
 
 
-_MISSING = object()
 # Module attributes that restore() itself puts back (or that CPython updates).
 _RESTORED_ATTRS = frozenset({
     "stdin", "stdout", "stderr", "__stdin__", "__stdout__", "__stderr__", "argv", "path",
@@ -219,9 +230,13 @@ def _handler(handler: Any) -> Any:
     return signal.Handlers(handler) if isinstance(handler, int) else handler
 
 
-def _public(namespace: dict[str, Any]) -> dict[str, Any]:
-    """A module's public attributes (private ones are the module's own business)."""
-    return {k: v for k, v in namespace.items() if not k.startswith("_")}
+def _public(namespace: dict[str, Any]) -> tuple[list[str], list[Any]]:
+    """A module's public attributes that restore() does not reset, as keys and values.
+
+    Private ones are the module's own business (caches, counters).
+    """
+    keys = [k for k in namespace if not k.startswith("_") and k not in _RESTORED_ATTRS]
+    return keys, [namespace[k] for k in keys]
 
 
 def live_children() -> bool:

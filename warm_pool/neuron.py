@@ -187,7 +187,9 @@ def worker_env(core: int, tag: str, log_level: str | None = None,
         "NEURON_RT_VISIBLE_CORES": str(core),
         "NEURON_PROCESS_TAG": tag[:MAX_PROCESS_TAG],
         "NEURON_RT_LOG_LEVEL": level,
-        # torch-xla picks its PJRT plugin from this; torch_neuronx registers "NEURON".
+        # torch-xla picks its PJRT plugin by this name; the DLAMI venv's activate script
+        # exports it, but the service runs the venv's python directly, and without it
+        # torch-xla silently falls back to CPU.
         "PJRT_DEVICE": "NEURON",
     }
 

@@ -44,22 +44,31 @@ class WarmPool:
 
     def __init__(self, config: PoolConfig):
         self.config = config.validate()
+        self._neuron_info = None
+        if self.config.backend in ("neuron", "auto"):
+            from warm_pool import neuron
+
+            self._neuron_info = neuron.detect()
+        # auto becomes neuron only if the template then imports torch_neuronx too.
+        self._neuron = self.config.backend == "neuron" or bool(
+            self.config.backend == "auto" and self._neuron_info and self._neuron_info.available)
         self._cores = self._plan_cores()
         self.supervisor = Supervisor(self.config, len(self._cores), self._cores,
                                      finish=self._finish, notify=_run_callbacks)
+        self.supervisor.neuron = self._neuron
+        if self._neuron_info and self._neuron_info.cores_per_device:
+            self.supervisor.cores_per_device = self._neuron_info.cores_per_device
         self._thread: threading.Thread | None = None
         self._jobs: dict[str, Job] = {}
-        self._idle = threading.Condition(self.supervisor.lock)
+        self._capture_dir = os.path.join(self.config.work_dir, "capture")
 
     def _plan_cores(self) -> list[int | None]:
         """One slot per worker; on neuron each slot owns one NeuronCore."""
-        if self.config.backend != "neuron":
+        if not self._neuron:
             return [None] * (self.config.size or 2)
         cores = list(self.config.neuron_cores or ())
-        if not cores:
-            from warm_pool import neuron
-
-            cores = list(range(neuron.detect().core_count))
+        if not cores and self._neuron_info is not None:
+            cores = list(range(self._neuron_info.core_count))
         if not cores:
             cores = [0]
         return cores[: self.config.size] if self.config.size else cores
@@ -71,11 +80,24 @@ class WarmPool:
         if self._thread is not None:
             return self
         os.makedirs(self.config.jobs_dir, exist_ok=True)
+        os.makedirs(self._capture_dir, exist_ok=True)
+        if self._neuron:
+            self._prepare_compile_cache()
         self._thread = threading.Thread(target=self.supervisor.run, name="warm-pool-supervisor",
                                         daemon=True)
         self._thread.start()
         self.supervisor.wake()
         return self
+
+    def _prepare_compile_cache(self) -> None:
+        """Before any worker runs: drop locks left by killed compiles, enforce the cap."""
+        from warm_pool import neuron
+
+        cache = self.config.compile_cache_dir
+        os.makedirs(cache, exist_ok=True)
+        neuron.clear_stale_locks(cache)
+        if self.config.neuron_cache_max_mb:
+            neuron.prune_cache(cache, self.config.neuron_cache_max_mb * _MIB)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until at least one worker is ready; False on timeout or a broken pool."""
@@ -166,16 +188,17 @@ class WarmPool:
 
     def _prepare(self, spec: JobSpec) -> protocol.RunJob:
         job_dir = os.path.join(self.config.jobs_dir, spec.job_id)
-        shutil.rmtree(job_dir, ignore_errors=True)
+        if os.path.lexists(job_dir):
+            shutil.rmtree(job_dir, ignore_errors=True)
         os.makedirs(job_dir)
         main_path = os.path.join(job_dir, "main.py")
         with open(main_path, "w", encoding="utf-8") as f:
             f.write(spec.code)
-        capture_dir = os.path.join(self.config.work_dir, "capture")
-        os.makedirs(capture_dir, exist_ok=True)
+        capture_dir = self._capture_dir
         out, err = (os.path.join(capture_dir, f"{spec.job_id}.{s}") for s in ("stdout", "stderr"))
-        for path in (out, err):
-            open(path, "wb").close()
+        for path in (out, err):  # a stale file from an earlier job of the same id
+            if os.path.exists(path):
+                os.unlink(path)
         return protocol.RunJob(spec.job_id, main_path, job_dir, out, err)
 
     def _syntax_result(self, spec: JobSpec, stderr: str, message: str) -> JobResult:
@@ -211,7 +234,7 @@ class WarmPool:
         self._jobs.pop(job.spec.job_id, None)
         result = self._build_result(job, worker, return_code)
         if not self.config.keep_job_dirs:
-            shutil.rmtree(job.paths.job_dir, ignore_errors=True)
+            _remove_job_dir(job.paths)
         for path in (job.paths.stdout_path, job.paths.stderr_path):
             try:
                 os.unlink(path)
@@ -244,6 +267,7 @@ class WarmPool:
             status, error_type = _STOP_OUTCOMES[job.stop_reason]
             message = _stop_message(job, self.config, return_code)
         peak = max(job.peak_tree_bytes, done.peak_rss_bytes if done else 0)
+        device_peak = job.peak_device_bytes
         started = job.started_mono
         return JobResult(
             job_id=job.spec.job_id, paper_id=job.spec.paper_id, code=job.spec.code, status=status,
@@ -254,6 +278,7 @@ class WarmPool:
             queue_time=((started if started is not None else now_mono) - job.submitted_mono),
             submitted_at=job.submitted_at, started_at=job.started_at, finished_at=now,
             peak_memory_mb=round(peak / _MIB, 3) if peak else None,
+            peak_device_memory_mb=round(device_peak / _MIB, 3) if device_peak is not None else None,
             worker=worker_ref(worker) if worker is not None and started is not None else None,
             worker_replaced=worker is not None and worker.state == "stopping",
         )
@@ -281,7 +306,23 @@ class WarmPool:
                 "workers": workers,
                 "respawns": {"total": sum(sup.respawns.values()), "by_reason": dict(sup.respawns)},
                 "idle_since": sup.idle_since,
+                "neuron": self._neuron_stats(),
             }
+
+    def _neuron_stats(self) -> dict[str, Any] | None:
+        if not self._neuron:
+            return None
+        from warm_pool import neuron
+
+        info = self._neuron_info
+        cache = self.config.compile_cache_dir
+        return {
+            "available": bool(info and info.available),
+            "reason": info.reason if info else None,
+            "cores": self._cores,
+            "compile_cache": {"dir": str(cache), "size_mb": round(neuron.cache_size_bytes(cache) / _MIB, 1),
+                              "max_mb": self.config.neuron_cache_max_mb},
+        }
 
     @staticmethod
     def _worker_stats(worker: Worker) -> dict[str, Any]:
@@ -292,6 +333,14 @@ class WarmPool:
             "rss_mb": round(tree_rss(worker.pid) / _MIB, 1) if worker.pid else None,
             "current_job": worker.job.spec.job_id if worker.job else None,
         }
+
+
+def _remove_job_dir(paths: protocol.RunJob) -> None:
+    try:  # the common case, cheaply: the script wrote nothing beside main.py
+        os.unlink(paths.main_path)
+        os.rmdir(paths.job_dir)
+    except OSError:
+        shutil.rmtree(paths.job_dir, ignore_errors=True)
 
 
 def _syntax_error(code: str, path: str) -> tuple[str, str] | None:

@@ -90,6 +90,8 @@ class JobResult:
     started_at: float | None = None
     finished_at: float | None = None
     peak_memory_mb: float | None = None
+    # The job's device-memory peak on its NeuronCore (neuron backend only).
+    peak_device_memory_mb: float | None = None
     worker: WorkerRef | None = None
     worker_replaced: bool = False
 
@@ -120,6 +122,7 @@ class JobResult:
                 "lines_of_code": code_facts["lines_of_code"],
                 "has_training_loop": code_facts["has_training_loop"],
                 "peak_memory_mb": self.peak_memory_mb,
+                "peak_device_memory_mb": self.peak_device_memory_mb,
                 "detailed_metrics": metrics,
                 "error_type": self.error_type,
                 "error_message": self.error_message,

@@ -54,6 +54,8 @@ class Job:
     stop_reason: str | None = None  # timeout | cancelled | memory_limit | interrupted
     peak_tree_bytes: int = 0
     done: protocol.JobDone | None = None
+    device: object | None = None  # neuron.PeakTracker of the job's NeuronCore
+    peak_device_bytes: int | None = None
 
 
 @dataclass(eq=False)
@@ -73,6 +75,7 @@ class Worker:
     jobs_run: int = 0
     job: Job | None = None
     retire_reason: str | None = None
+    growth: object | None = None  # neuron.IdleGrowth of its core's idle device memory
 
 
 class Supervisor:
@@ -104,6 +107,8 @@ class Supervisor:
         self.callbacks: list[Callable[[], None]] = []
         self.last_monitor = 0.0
         self.idle_since: float | None = None
+        self.neuron = False  # set by the pool: Neuron env, core reclaim, device memory
+        self.cores_per_device = 2
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
@@ -173,7 +178,7 @@ class Supervisor:
         self.template_proc = subprocess.Popen(
             [self.config.python_executable(), "-P", "-m", "warm_pool.template",
              str(theirs.fileno()), json.dumps(settings)],
-            pass_fds=[theirs.fileno()], env=self.config.template_env(),
+            pass_fds=[theirs.fileno()], env=self.config.template_env(neuron=self.neuron),
             stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
         self.template_sock = ours
@@ -250,7 +255,8 @@ class Supervisor:
             return {}
         from warm_pool import neuron
 
-        return neuron.worker_env(worker.core, tag=f"trainium-executor-worker-{worker.id}")
+        return neuron.worker_env(worker.core, tag=f"trainium-executor-w{worker.id}",
+                                 log_level=self.config.neuron_log_level)
 
     def kill_worker(self, worker: Worker, reason: str) -> None:
         """SIGKILL the worker's whole process group; reap_workers finishes the job."""
@@ -300,6 +306,8 @@ class Supervisor:
                 continue
             rss = tree_rss(worker.pid)
             job.peak_tree_bytes = max(job.peak_tree_bytes, rss)
+            if job.device is not None:
+                job.device.sample()
             if limit and rss > limit:
                 self.stop_job(job, worker, "memory_limit", time.monotonic(), hard=True)
 
@@ -331,6 +339,8 @@ class Supervisor:
     def _job_finished(self, worker: Worker, return_code: int | None) -> None:
         job, worker.job = worker.job, None
         worker.jobs_run += 1
+        if job.device is not None:
+            job.peak_device_bytes = job.device.finish()
         reason = None
         if job.stop_reason:
             reason = job.stop_reason
@@ -340,11 +350,26 @@ class Supervisor:
             reason = "dirty"
         elif self.config.max_jobs_per_worker and worker.jobs_run >= self.config.max_jobs_per_worker:
             reason = "recycled"
+        elif self._device_memory_growing(worker):
+            reason = "device_memory_growth"
         if reason is not None:
             self.kill_worker(worker, reason)
         elif worker.state == "busy":
             worker.state = "idle"
         self.finish(job, worker, return_code)
+
+    def _device_memory_growing(self, worker: Worker) -> bool:
+        """True when this worker's idle NeuronCore memory grew after several jobs in a row."""
+        if self.backend != "neuron" or worker.core is None or not self.config.neuron_idle_growth_jobs:
+            return False
+        from warm_pool import neuron
+
+        mem = neuron.core_memory(worker.core, self.config.neuron_sysfs_root, self.cores_per_device)
+        if mem is None:
+            return False
+        if worker.growth is None:
+            worker.growth = neuron.IdleGrowth(jobs=self.config.neuron_idle_growth_jobs)
+        return worker.growth.observe(mem.used_bytes)
 
     def reap_workers(self, worker_id: int, return_code: int | None) -> None:
         """A worker process is gone: finish its job, free its slot, count the respawn."""
@@ -398,7 +423,7 @@ class Supervisor:
         pgid = self.pending_groups.get(slot)
         if pgid is None:
             return True
-        if self.backend == "neuron" and _group_alive(pgid):
+        if self.neuron and _group_alive(pgid):
             _killpg(pgid, signal.SIGKILL)
             return False
         del self.pending_groups[slot]
@@ -416,6 +441,12 @@ class Supervisor:
                 continue
             worker.state, worker.job = "busy", job
             job.started_mono, job.started_at = now, time.time()
+            if self.backend == "neuron" and worker.core is not None:
+                from warm_pool import neuron
+
+                job.device = neuron.PeakTracker(worker.core, self.config.neuron_sysfs_root,
+                                                self.cores_per_device)
+                job.device.start()
             job.deadline = now + job.timeout
             worker.conn.send(job.paths)
             if job.on_start is not None:

@@ -1,0 +1,281 @@
+#!/usr/bin/env bash
+# Put the Trainium Executor on this trn1 instance and start it: one command, idempotent.
+#
+#   sudo bash deployment/setup_instance.sh [--root DIR] [--venv DIR] [--health-timeout S]
+#                                          [--no-start] [--skip-driver]
+#
+# What it does, each step only when needed (a second run changes nothing and says so):
+#  1. Neuron driver and tools: if /opt/aws/neuron/bin/neuron-ls is missing (plain Ubuntu),
+#     adds the Neuron apt repository and installs aws-neuronx-dkms, -collectives,
+#     -runtime-lib and -tools (the Deep Learning AMI already has them).
+#  2. Python: uses the Deep Learning AMI's Neuron PyTorch venv
+#     (/opt/aws_neuronx_venv_pytorch_*) whose torch_neuronx imports; else creates
+#     /opt/trainium-executor/venv and installs requirements-neuron.txt from the Neuron pip
+#     repository (https://pip.repos.neuron.amazonaws.com; the PyPI projects of the same
+#     names are empty placeholders).
+#  3. Installs requirements.txt and this project (--no-deps) into that venv, with
+#     torch/torch-xla/torch-neuronx/neuronx-cc/libneuronxla pinned by a constraints file
+#     so they are never touched, and checks afterwards that they were not.
+#  4. Creates the system user trainium-executor, /etc/trainium-executor, the API token
+#     (/etc/trainium-executor/api-token, 0600 root) and the environment file.
+#  5. Installs the systemd unit (with the venv path filled in), daemon-reload, enable,
+#     start or restart.
+#  6. Waits until GET /health reports a ready pool (pool.idle > 0).
+#
+# --root DIR (or SETUP_ROOT) prefixes every path it touches (/opt, /etc, /var/lib), for
+# tests; commands (systemctl, useradd, apt-get, curl) are taken from PATH.
+set -euo pipefail
+
+ROOT="${SETUP_ROOT:-}"
+VENV_OVERRIDE="${TRAINIUM_VENV:-}"
+HEALTH_TIMEOUT="${SETUP_HEALTH_TIMEOUT:-600}"
+HEALTH_INTERVAL="${SETUP_HEALTH_INTERVAL:-2}"
+START=1
+SKIP_DRIVER=0
+SERVICE=trainium-executor
+SERVICE_USER=trainium-executor
+STATE_DIR=/var/lib/trainium-jobs
+CONF_DIR=/etc/trainium-executor
+OWN_VENV=/opt/trainium-executor/venv
+NEURON_PIP_REPO=https://pip.repos.neuron.amazonaws.com
+NEURON_APT_REPO=https://apt.repos.neuron.amazonaws.com
+# Packages that belong to the Neuron venv and must never be changed by our install.
+PROTECTED_RE='^(torch|torch-xla|torch-neuronx|torch_xla|torch_neuronx|neuronx-cc|libneuronxla)=='
+
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --root) ROOT="$2"; shift 2 ;;
+        --venv) VENV_OVERRIDE="$2"; shift 2 ;;
+        --health-timeout) HEALTH_TIMEOUT="$2"; shift 2 ;;
+        --no-start) START=0; shift ;;
+        --skip-driver) SKIP_DRIVER=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "setup: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+ROOT="${ROOT%/}"
+PROJECT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SETUP_PYTHON="${SETUP_PYTHON:-python3}"
+CHANGES=()
+
+say() { echo "setup: $*"; }
+changed() { CHANGES+=("$1"); say "$1"; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then
+    die "run as root (sudo bash $0)"
+fi
+
+# --- 1. Neuron driver and tools ---------------------------------------------------------
+install_neuron_system_packages() {
+    local codename=jammy
+    if [ -r "$ROOT/etc/os-release" ]; then
+        # shellcheck disable=SC1091
+        codename="$(. "$ROOT/etc/os-release" && echo "${VERSION_CODENAME:-jammy}")"
+    fi
+    mkdir -p "$ROOT/etc/apt/keyrings" "$ROOT/etc/apt/sources.list.d"
+    # An ASCII-armored key named *.asc works in signed-by without gpg --dearmor.
+    curl -fsSL "$NEURON_APT_REPO/GPG-PUB-KEY-AMAZON-AWS-NEURON.PUB" -o "$ROOT/etc/apt/keyrings/neuron.asc"
+    echo "deb [signed-by=/etc/apt/keyrings/neuron.asc] $NEURON_APT_REPO $codename main" \
+        > "$ROOT/etc/apt/sources.list.d/neuron.list"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -y
+    apt-get install -y "linux-headers-$(uname -r)" aws-neuronx-dkms aws-neuronx-collectives \
+        aws-neuronx-runtime-lib aws-neuronx-tools python3-venv
+}
+
+if [ -x "$ROOT/opt/aws/neuron/bin/neuron-ls" ]; then
+    say "Neuron tools present (/opt/aws/neuron/bin/neuron-ls)"
+elif [ "$SKIP_DRIVER" -eq 1 ]; then
+    say "Neuron tools missing; skipped (--skip-driver)"
+else
+    install_neuron_system_packages
+    changed "installed the Neuron driver and tools from $NEURON_APT_REPO"
+fi
+
+# --- 2. The venv --------------------------------------------------------------------------
+neuronx_version() {  # prints torch_neuronx's version if the venv's python imports it
+    local out
+    out="$("$1/bin/python" -c 'import torch, torch_xla, torch_neuronx; print(torch_neuronx.__version__)' \
+        2>/dev/null)" || return 1
+    printf '%s\n' "${out##*$'\n'}"   # the last line: import-time chatter may precede it
+}
+
+find_dlami_venv() {  # prefers the plain training venv, then others with torch_neuronx
+    local candidates=() dir
+    for dir in "$ROOT"/opt/aws_neuronx_venv_pytorch_2_9 "$ROOT"/opt/aws_neuronx_venv_pytorch_2_9_nxd_training \
+               "$ROOT"/opt/aws_neuronx_venv_pytorch_*; do
+        [ -x "$dir/bin/python" ] && candidates+=("$dir")
+    done
+    for dir in "${candidates[@]}"; do
+        case "$dir" in *inference*|*vllm*) continue ;; esac
+        if neuronx_version "$dir" >/dev/null; then echo "$dir"; return 0; fi
+    done
+    for dir in "${candidates[@]}"; do
+        if neuronx_version "$dir" >/dev/null; then echo "$dir"; return 0; fi
+    done
+    return 1
+}
+
+if [ -n "$VENV_OVERRIDE" ]; then
+    VENV="$ROOT${VENV_OVERRIDE#"$ROOT"}"
+    [ -x "$VENV/bin/python" ] || die "--venv $VENV_OVERRIDE has no bin/python"
+    say "using venv $VENV_OVERRIDE (given)"
+elif VENV="$(find_dlami_venv)"; then
+    say "using the Deep Learning AMI venv ${VENV#"$ROOT"}"
+else
+    VENV="$ROOT$OWN_VENV"
+    if [ ! -x "$VENV/bin/python" ]; then
+        if ! "$SETUP_PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+            DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv
+            changed "installed python3-venv"
+        fi
+        mkdir -p "$(dirname "$VENV")"
+        "$SETUP_PYTHON" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+        changed "created venv $OWN_VENV"
+    fi
+    if ! neuronx_version "$VENV" >/dev/null; then
+        "$VENV/bin/python" -m pip install --extra-index-url "$NEURON_PIP_REPO" \
+            -r "$PROJECT_DIR/requirements-neuron.txt"
+        changed "installed torch-neuronx, neuronx-cc, torch, torch-xla from $NEURON_PIP_REPO"
+    fi
+fi
+PY="$VENV/bin/python"
+VENV_REAL="${VENV#"$ROOT"}"   # the path as the service will see it
+NEURONX="$(neuronx_version "$VENV")" || die "torch_neuronx does not import in $VENV_REAL (a PyPI placeholder?)"
+case "$NEURONX" in
+    2.9.0.2.*) say "torch-neuronx $NEURONX (the trn1 line)" ;;
+    *) say "warning: torch-neuronx $NEURONX is not the 2.9.0.2.* trn1 line this project is pinned to" ;;
+esac
+
+# --- 3. This project into the venv ----------------------------------------------------
+fingerprint() {  # what was installed: the project's sources, requirements and unit
+    (cd "$PROJECT_DIR" && find warm_pool executor_service systemd pyproject.toml requirements.txt \
+        -type f ! -name '*.pyc' 2>/dev/null | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
+}
+STAMP="$ROOT$CONF_DIR/.installed"
+WANT="$(fingerprint) $VENV_REAL"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+    say "project already installed in $VENV_REAL"
+    PROJECT_CHANGED=0
+else
+    before="$("$PY" -m pip freeze --all | grep -Ei "$PROTECTED_RE" || true)"
+    constraints="$(mktemp)"
+    trap 'rm -f "$constraints"' EXIT
+    printf '%s\n' "$before" > "$constraints"
+    "$PY" -m pip install --quiet -c "$constraints" -r "$PROJECT_DIR/requirements.txt"
+    "$PY" -m pip install --quiet --no-deps --force-reinstall "$PROJECT_DIR"
+    after="$("$PY" -m pip freeze --all | grep -Ei "$PROTECTED_RE" || true)"
+    [ "$before" = "$after" ] || die "the install changed the Neuron packages:
+before: $before
+after:  $after"
+    mkdir -p "$ROOT$CONF_DIR"
+    echo "$WANT" > "$STAMP"
+    changed "installed trainium-executor and requirements.txt into $VENV_REAL (torch untouched)"
+    PROJECT_CHANGED=1
+fi
+
+# --- 4. User, directories, token, environment file ------------------------------------
+if getent passwd "$SERVICE_USER" >/dev/null; then
+    say "user $SERVICE_USER exists"
+else
+    useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home \
+        --shell /usr/sbin/nologin "$SERVICE_USER"
+    changed "created system user $SERVICE_USER"
+fi
+
+if [ ! -d "$ROOT$CONF_DIR" ]; then
+    mkdir -p "$ROOT$CONF_DIR"
+fi
+chmod 0755 "$ROOT$CONF_DIR"
+
+TOKEN_FILE="$ROOT$CONF_DIR/api-token"
+if [ -s "$TOKEN_FILE" ]; then
+    say "API token exists ($CONF_DIR/api-token)"
+else
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$TOKEN_FILE")
+    changed "generated the API token in $CONF_DIR/api-token (read it with: sudo cat $CONF_DIR/api-token)"
+fi
+chown root:root "$TOKEN_FILE" 2>/dev/null || true
+chmod 0600 "$TOKEN_FILE"
+
+ENV_FILE="$ROOT$CONF_DIR/$SERVICE.env"
+ENV_CHANGED=0
+if [ ! -f "$ENV_FILE" ]; then
+    install -m 0644 "$PROJECT_DIR/systemd/$SERVICE.env" "$ENV_FILE"
+    changed "installed $CONF_DIR/$SERVICE.env"
+    ENV_CHANGED=1
+elif ! cmp -s "$PROJECT_DIR/systemd/$SERVICE.env" "$ENV_FILE"; then
+    say "kept the edited $CONF_DIR/$SERVICE.env (template: $PROJECT_DIR/systemd/$SERVICE.env)"
+fi
+
+# --- 5. The unit ----------------------------------------------------------------------
+UNIT_FILE="$ROOT/etc/systemd/system/$SERVICE.service"
+unit_new="$(mktemp)"
+sed "s#@VENV@#$VENV_REAL#g" "$PROJECT_DIR/systemd/$SERVICE.service" > "$unit_new"
+UNIT_CHANGED=0
+if cmp -s "$unit_new" "$UNIT_FILE"; then
+    say "unit $SERVICE.service up to date"
+    rm -f "$unit_new"
+else
+    mkdir -p "$(dirname "$UNIT_FILE")"
+    install -m 0644 "$unit_new" "$UNIT_FILE"
+    rm -f "$unit_new"
+    systemctl daemon-reload
+    changed "installed /etc/systemd/system/$SERVICE.service (ExecStart from $VENV_REAL)"
+    UNIT_CHANGED=1
+fi
+
+if [ "$START" -eq 0 ]; then
+    say "not starting the service (--no-start)"
+else
+    if ! systemctl is-enabled --quiet "$SERVICE"; then
+        systemctl enable "$SERVICE"
+        changed "enabled $SERVICE (starts at boot)"
+    fi
+    if ! systemctl is-active --quiet "$SERVICE"; then
+        systemctl start "$SERVICE"
+        changed "started $SERVICE"
+    elif [ $((PROJECT_CHANGED + UNIT_CHANGED + ENV_CHANGED)) -gt 0 ]; then
+        systemctl restart "$SERVICE"
+        changed "restarted $SERVICE to pick up the changes"
+    fi
+fi
+
+# --- 6. Wait for a ready pool ---------------------------------------------------------
+PORT="$(sed -n 's/^EXECUTOR_PORT=\([0-9][0-9]*\).*/\1/p' "$ENV_FILE" | tail -n1)"
+PORT="${PORT:-8000}"
+health_ready() {  # true when /health answers with pool.idle > 0
+    local body
+    body="$(curl -fsS --max-time 5 "http://127.0.0.1:$PORT/health" 2>/dev/null)" || return 1
+    printf '%s' "$body" | python3 -c '
+import json, sys
+try:
+    pool = json.load(sys.stdin).get("pool") or {}
+except ValueError:
+    sys.exit(1)
+sys.exit(0 if int(pool.get("idle") or 0) > 0 else 1)'
+}
+
+if [ "$START" -eq 1 ]; then
+    say "waiting up to ${HEALTH_TIMEOUT}s for http://127.0.0.1:$PORT/health to report a ready pool"
+    deadline=$(( $(date +%s) + ${HEALTH_TIMEOUT%.*} ))
+    until health_ready; do
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            echo "setup: error: no ready pool after ${HEALTH_TIMEOUT}s; see: journalctl -u $SERVICE -n 100" >&2
+            exit 1
+        fi
+        sleep "$HEALTH_INTERVAL"
+    done
+    say "healthy: http://127.0.0.1:$PORT/health reports idle workers"
+fi
+
+if [ ${#CHANGES[@]} -eq 0 ]; then
+    say "nothing changed"
+else
+    say "done, ${#CHANGES[@]} change(s):"
+    printf '  - %s\n' "${CHANGES[@]}"
+fi

@@ -1,0 +1,443 @@
+"""The instance set-up, the deploy script and the systemd unit, against a fake root.
+
+setup_instance.sh runs for real with ``SETUP_ROOT`` pointing at a temp dir: a fake
+Deep Learning AMI venv (a ``python`` that records its calls and answers like pip and
+torch_neuronx would), fake ``systemctl``/``useradd``/``getent``/``apt-get``/``curl`` first
+on PATH, each logging its arguments. deploy.sh runs with fake ``ssh``/``scp``/``aws``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SETUP = REPO / "deployment" / "setup_instance.sh"
+DEPLOY = REPO / "deployment" / "deploy.sh"
+SYSTEM_DEPS = REPO / "deployment" / "system-deps.sh"
+UNIT = REPO / "systemd" / "trainium-executor.service"
+ENV_TEMPLATE = REPO / "systemd" / "trainium-executor.env"
+SCRIPTS = [SETUP, DEPLOY, SYSTEM_DEPS]
+
+# A python that stands in for a venv's interpreter (and for python3 -m venv).
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+here="$(cd "$(dirname "$0")/.." && pwd)"
+echo "$here/bin/python $*" >> "$FAKE_LOG"
+case "$1" in
+  -c)
+    case "$2" in *torch_neuronx*)
+      [ -e "$here/NO_NEURONX" ] && exit 1
+      cat "$here/neuronx_version" 2>/dev/null || echo 2.9.0.2.13.26312
+      exit 0 ;;
+    esac ;;
+  -m)
+    case "$2" in
+      venv) mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; touch "$3/NO_NEURONX"; exit 0 ;;
+      pip)
+        case "$3" in
+          freeze)
+            if [ -e "$here/freeze" ]; then cat "$here/freeze"
+            else printf 'flask==3.1.0\ntorch==2.9.1\ntorch-neuronx==2.9.0.2.13.26312\ntorch-xla==2.9.0\n'; fi
+            exit 0 ;;
+          install)
+            case "$*" in *requirements-neuron.txt*)
+              [ -n "$FAKE_NEURONX_NEVER" ] || rm -f "$here/NO_NEURONX" ;;
+            esac
+            case "$*" in *--no-deps*)
+              if [ -n "$FAKE_PIP_CHANGES_TORCH" ]; then
+                printf 'torch==2.10.0\ntorch-neuronx==2.9.0.2.13.26312\ntorch-xla==2.9.0\n' > "$here/freeze"
+              fi ;;
+            esac
+            exit 0 ;;
+        esac ;;
+    esac ;;
+esac
+exit 0
+"""
+
+FAKE_TOOLS = {
+    "systemctl": r"""#!/usr/bin/env bash
+echo "systemctl $*" >> "$FAKE_LOG"
+state="$SETUP_ROOT/.systemctl"; mkdir -p "$state"
+args=(); for a in "$@"; do [ "$a" = "--quiet" ] || args+=("$a"); done
+case "${args[0]}" in
+  is-enabled) [ -e "$state/enabled" ] ;;
+  is-active) [ -e "$state/active" ] ;;
+  enable) touch "$state/enabled" ;;
+  start|restart) touch "$state/active" ;;
+  *) true ;;
+esac
+""",
+    "useradd": r"""#!/usr/bin/env bash
+echo "useradd $*" >> "$FAKE_LOG"
+mkdir -p "$SETUP_ROOT/etc"
+echo "${!#}:x:998:998::/var/lib/trainium-jobs:/usr/sbin/nologin" >> "$SETUP_ROOT/etc/passwd"
+""",
+    "getent": r"""#!/usr/bin/env bash
+grep "^$2:" "$SETUP_ROOT/etc/passwd" 2>/dev/null
+""",
+    "apt-get": r"""#!/usr/bin/env bash
+echo "apt-get $*" >> "$FAKE_LOG"
+if [ "$1" = "install" ]; then
+  mkdir -p "$SETUP_ROOT/opt/aws/neuron/bin"
+  printf '#!/bin/sh\necho []\n' > "$SETUP_ROOT/opt/aws/neuron/bin/neuron-ls"
+  chmod +x "$SETUP_ROOT/opt/aws/neuron/bin/neuron-ls"
+fi
+""",
+    "curl": r"""#!/usr/bin/env bash
+echo "curl $*" >> "$FAKE_LOG"
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done
+if [ -n "$out" ]; then echo "-----BEGIN PGP PUBLIC KEY BLOCK-----" > "$out"; exit 0; fi
+case "$*" in *"/health"*)
+  n=$(( $(cat "$SETUP_ROOT/.health_calls" 2>/dev/null || echo 0) + 1 ))
+  echo "$n" > "$SETUP_ROOT/.health_calls"
+  ready_after="${FAKE_HEALTH_READY_AFTER:-1}"
+  [ "$ready_after" = "never" ] && { echo '{"status":"starting","pool":{"idle":0,"starting":2}}'; exit 0; }
+  [ "$n" -lt "$ready_after" ] && exit 7
+  echo '{"status":"healthy","pool":{"backend":"neuron","size":2,"idle":2,"busy":0}}'; exit 0 ;;
+esac
+exit 0
+""",
+}
+
+
+def make_executable(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+def make_venv(root: Path, name: str, *, neuronx: bool = True) -> Path:
+    venv = root / "opt" / name
+    make_executable(venv / "bin" / "python", FAKE_PYTHON)
+    if not neuronx:
+        (venv / "NO_NEURONX").touch()
+    return venv
+
+
+class FakeInstance:
+    """A fake root plus fake tools; ``run()`` runs setup_instance.sh against it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "root"
+        self.bin = tmp_path / "bin"
+        self.log = tmp_path / "calls.log"
+        (self.root / "etc").mkdir(parents=True)
+        (self.root / "etc" / "os-release").write_text('NAME="Ubuntu"\nVERSION_CODENAME=jammy\n')
+        for name, text in FAKE_TOOLS.items():
+            make_executable(self.bin / name, text)
+        make_executable(self.bin / "python-for-venvs", FAKE_PYTHON)
+        self.env = {
+            **os.environ,
+            "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
+            "SETUP_ROOT": str(self.root),
+            "SETUP_PYTHON": str(self.bin / "python-for-venvs"),
+            "SETUP_HEALTH_INTERVAL": "0.05",
+            "SETUP_HEALTH_TIMEOUT": "20",
+            "FAKE_LOG": str(self.log),
+        }
+
+    def dlami(self) -> None:
+        """What the Deep Learning AMI ships: the Neuron tools and its Neuron venvs."""
+        make_executable(self.root / "opt/aws/neuron/bin/neuron-ls", "#!/bin/sh\necho []\n")
+        make_venv(self.root, "aws_neuronx_venv_pytorch_2_9_nxd_inference")
+        make_venv(self.root, "aws_neuronx_venv_pytorch_2_9")
+
+    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        if self.log.exists():
+            self.log.unlink()
+        return subprocess.run(["bash", str(SETUP), *args], env={**self.env, **env},
+                              capture_output=True, text=True, timeout=120)
+
+    def calls(self, tool: str = "") -> list[str]:
+        if not self.log.exists():
+            return []
+        return [line for line in self.log.read_text().splitlines() if tool in line]
+
+    @property
+    def unit(self) -> Path:
+        return self.root / "etc/systemd/system/trainium-executor.service"
+
+
+@pytest.fixture
+def instance(tmp_path):
+    return FakeInstance(tmp_path)
+
+
+# --- static checks ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_parses(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_is_shellcheck_clean(script):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (make system-deps)")
+    proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+# --- setup_instance.sh ----------------------------------------------------------------
+
+def test_setup_on_the_deep_learning_ami_uses_its_training_venv(instance):
+    instance.dlami()
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "using the Deep Learning AMI venv /opt/aws_neuronx_venv_pytorch_2_9\n" in proc.stdout
+    unit = instance.unit.read_text()
+    assert "ExecStart=/opt/aws_neuronx_venv_pytorch_2_9/bin/trainium-executor serve" in unit
+    assert "@VENV@" not in unit
+    assert not instance.calls("apt-get")
+    assert not [c for c in instance.calls("pip install") if "requirements-neuron.txt" in c]
+
+
+def test_setup_installs_the_project_without_touching_torch(instance):
+    instance.dlami()
+    assert instance.run().returncode == 0
+    installs = instance.calls("pip install")
+    project = [c for c in installs if "--no-deps" in c]
+    assert len(project) == 1 and project[0].endswith(str(REPO))
+    requirements = [c for c in installs if "requirements.txt" in c and "requirements-neuron" not in c]
+    assert len(requirements) == 1 and " -c " in requirements[0]
+    assert all("/aws_neuronx_venv_pytorch_2_9/bin/python" in c for c in installs)
+
+
+def test_setup_refuses_an_install_that_changed_torch(instance):
+    instance.dlami()
+    proc = instance.run(FAKE_PIP_CHANGES_TORCH="1")
+    assert proc.returncode == 1
+    assert "changed the Neuron packages" in proc.stderr
+
+
+def test_setup_creates_user_token_env_file_and_starts_the_unit(instance):
+    instance.dlami()
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr
+    assert any("--system" in c and c.endswith(" trainium-executor") for c in instance.calls("useradd"))
+    token = instance.root / "etc/trainium-executor/api-token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert len(token.read_text()) == 64 and token.read_text() not in proc.stdout
+    env_file = instance.root / "etc/trainium-executor/trainium-executor.env"
+    assert env_file.read_text() == ENV_TEMPLATE.read_text()
+    systemctl = [c.removeprefix("systemctl ") for c in instance.calls("systemctl")]
+    assert "daemon-reload" in systemctl
+    assert "enable trainium-executor" in systemctl and "start trainium-executor" in systemctl
+    assert "healthy: http://127.0.0.1:8000/health" in proc.stdout
+
+
+def test_setup_a_second_run_changes_nothing(instance):
+    instance.dlami()
+    assert instance.run().returncode == 0
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith("setup: nothing changed")
+    assert not instance.calls("pip install") and not instance.calls("useradd")
+    mutating = [c for c in instance.calls("systemctl") if "is-" not in c]
+    assert mutating == []
+
+
+def test_setup_restarts_the_service_when_the_project_changed(instance):
+    instance.dlami()
+    assert instance.run().returncode == 0
+    (instance.root / "etc/trainium-executor/.installed").write_text("an older build\n")
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr
+    assert "systemctl restart trainium-executor" in instance.calls("systemctl")
+    assert "nothing changed" not in proc.stdout
+
+
+def test_setup_keeps_an_edited_environment_file(instance):
+    instance.dlami()
+    assert instance.run().returncode == 0
+    env_file = instance.root / "etc/trainium-executor/trainium-executor.env"
+    env_file.write_text("EXECUTOR_PORT=9000\n")
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr
+    assert env_file.read_text() == "EXECUTOR_PORT=9000\n"
+    assert "kept the edited" in proc.stdout
+    assert any("127.0.0.1:9000/health" in c for c in instance.calls("curl"))
+
+
+def test_setup_on_plain_ubuntu_installs_neuron_from_the_neuron_repositories(instance):
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    apt = instance.calls("apt-get install")
+    packages = ("aws-neuronx-dkms", "aws-neuronx-runtime-lib", "aws-neuronx-tools")
+    assert apt and all(p in apt[0] for p in packages)
+    sources = (instance.root / "etc/apt/sources.list.d/neuron.list").read_text()
+    assert sources.strip() == ("deb [signed-by=/etc/apt/keyrings/neuron.asc] "
+                               "https://apt.repos.neuron.amazonaws.com jammy main")
+    venv = instance.root / "opt/trainium-executor/venv"
+    assert f"-m venv {venv}" in "\n".join(instance.calls())
+    neuron_pip = [c for c in instance.calls("pip install") if "requirements-neuron.txt" in c]
+    assert len(neuron_pip) == 1
+    assert "--extra-index-url https://pip.repos.neuron.amazonaws.com" in neuron_pip[0]
+    assert "ExecStart=/opt/trainium-executor/venv/bin/trainium-executor serve" in instance.unit.read_text()
+
+
+def test_setup_on_plain_ubuntu_second_run_changes_nothing(instance):
+    assert instance.run().returncode == 0
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing changed" in proc.stdout
+    assert not instance.calls("apt-get") and not instance.calls("pip install")
+
+
+def test_setup_refuses_a_venv_where_torch_neuronx_does_not_import(instance):
+    proc = instance.run(FAKE_NEURONX_NEVER="1")
+    assert proc.returncode == 1
+    assert "torch_neuronx does not import" in proc.stderr
+
+
+def test_setup_skips_dlami_venvs_without_torch_neuronx(instance):
+    make_executable(instance.root / "opt/aws/neuron/bin/neuron-ls", "#!/bin/sh\necho []\n")
+    make_venv(instance.root, "aws_neuronx_venv_pytorch_2_9", neuronx=False)
+    make_venv(instance.root, "aws_neuronx_venv_pytorch_2_9_nxd_training")
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr
+    assert "/opt/aws_neuronx_venv_pytorch_2_9_nxd_training/bin/trainium-executor" in instance.unit.read_text()
+
+
+def test_setup_warns_about_a_torch_neuronx_outside_the_trn1_line(instance):
+    make_executable(instance.root / "opt/aws/neuron/bin/neuron-ls", "#!/bin/sh\necho []\n")
+    venv = make_venv(instance.root, "aws_neuronx_venv_pytorch_2_8")
+    (venv / "neuronx_version").write_text("WARNING: import-time chatter\n2.8.0.2.10\n")
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: torch-neuronx 2.8.0.2.10 is not the 2.9.0.2.* trn1 line" in proc.stdout
+
+
+def test_setup_uses_a_venv_given_with_dash_dash_venv(instance):
+    instance.dlami()
+    make_venv(instance.root, "custom-venv")
+    proc = instance.run("--venv", "/opt/custom-venv")
+    assert proc.returncode == 0, proc.stderr
+    assert "ExecStart=/opt/custom-venv/bin/trainium-executor serve" in instance.unit.read_text()
+
+
+def test_setup_waits_for_the_pool_to_become_ready(instance):
+    instance.dlami()
+    proc = instance.run(FAKE_HEALTH_READY_AFTER="4")
+    assert proc.returncode == 0, proc.stderr
+    assert (instance.root / ".health_calls").read_text().strip() == "4"
+
+
+def test_setup_fails_when_the_pool_never_becomes_ready(instance):
+    instance.dlami()
+    proc = instance.run("--health-timeout", "1", FAKE_HEALTH_READY_AFTER="never")
+    assert proc.returncode == 1
+    assert "no ready pool after 1s" in proc.stderr and "journalctl -u trainium-executor" in proc.stderr
+
+
+def test_setup_no_start_installs_but_does_not_start(instance):
+    instance.dlami()
+    proc = instance.run("--no-start")
+    assert proc.returncode == 0, proc.stderr
+    assert instance.unit.exists()
+    assert [c for c in instance.calls("systemctl")] == ["systemctl daemon-reload"]
+    assert not instance.calls("curl")
+
+
+# --- systemd unit ---------------------------------------------------------------------
+
+def substituted_unit(tmp_path: Path) -> Path:
+    venv = tmp_path / "venv"
+    make_executable(venv / "bin" / "trainium-executor", "#!/bin/sh\n")
+    unit = tmp_path / "trainium-executor.service"
+    unit.write_text(UNIT.read_text().replace("@VENV@", str(venv)))
+    return unit
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed (make system-deps)")
+    unit = substituted_unit(tmp_path)
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "trainium-executor.service" not in proc.stderr, proc.stderr
+
+
+def test_unit_has_the_settings_the_service_relies_on():
+    lines = {line.strip() for line in UNIT.read_text().splitlines()}
+    for setting in ("User=trainium-executor", "StateDirectory=trainium-jobs", "Restart=on-failure",
+                    "KillMode=mixed", "KillSignal=SIGTERM", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                    "ProtectHome=yes", "PrivateTmp=yes", "DevicePolicy=closed", "DeviceAllow=char-neuron rw",
+                    "OOMPolicy=continue", "LoadCredential=api-token:/etc/trainium-executor/api-token",
+                    "EnvironmentFile=/etc/trainium-executor/trainium-executor.env"):
+        assert setting in lines, setting
+    assert "ExecStart=@VENV@/bin/trainium-executor serve --work-dir %S/trainium-jobs" in lines
+    stop = [int(line.split("=")[1]) for line in lines if line.startswith("TimeoutStopSec=")]
+    assert stop and stop[0] > 600
+
+
+def test_environment_template_has_no_secret_and_sets_the_neuron_cache():
+    text = ENV_TEMPLATE.read_text()
+    assert "EXECUTOR_API_TOKEN=" not in text
+    assert "NEURON_COMPILE_CACHE_URL=/var/lib/trainium-jobs/" in text
+
+
+# --- deploy.sh ------------------------------------------------------------------------
+
+@pytest.fixture
+def workstation(tmp_path):
+    """Fake ssh/scp/aws that log their argv; returns (env, log path, key path)."""
+    bin_dir = tmp_path / "bin"
+    log = tmp_path / "deploy.log"
+    for tool in ("ssh", "scp", "aws"):
+        make_executable(bin_dir / tool, f'#!/usr/bin/env bash\nprintf "{tool}" >> "{log}"\n'
+                        f'printf " %q" "$@" >> "{log}"\necho >> "{log}"\n'
+                        'for a in "$@"; do case "$a" in *.tar.gz) [ -f "$a" ] && '
+                        f'cp "$a" "{tmp_path}/shipped.tar.gz";; esac; done\nexit 0\n')
+    key = tmp_path / "key.pem"
+    key.write_text("KEY")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    return env, log, key
+
+
+def run_deploy(env, *args):
+    return subprocess.run(["bash", str(DEPLOY), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_deploy_copies_with_scp_and_runs_setup_over_ssh(workstation, tmp_path):
+    env, log, key = workstation
+    proc = run_deploy(env, str(key), "10.0.0.5", "--", "--health-timeout", "900")
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["scp", "ssh"]
+    assert f"-i {key}" in calls[0] and calls[0].endswith("ubuntu@10.0.0.5:/tmp/trainium-executor.tar.gz")
+    assert "ubuntu@10.0.0.5" in calls[1]
+    assert "setup_instance.sh\\ --health-timeout\\ 900" in calls[1]
+    with tarfile.open(tmp_path / "shipped.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./deployment/setup_instance.sh" in names and "./systemd/trainium-executor.service" in names
+    assert not any("/.venv/" in n or n.startswith("./.git/") for n in names)
+
+
+def test_deploy_through_s3_stages_with_aws_and_fetches_on_the_instance(workstation):
+    env, log, key = workstation
+    proc = run_deploy(env, str(key), "admin@host.example", "--s3", "s3://papers-test-outputs/setup/")
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["aws", "ssh"]
+    assert calls[0].endswith("s3://papers-test-outputs/setup/trainium-executor.tar.gz")
+    # the remote command is logged %q-quoted: spaces appear as "\ "
+    assert "aws\\ s3\\ cp\\ s3://papers-test-outputs/setup/trainium-executor.tar.gz" in calls[1]
+    assert "admin@host.example" in calls[1]
+
+
+@pytest.mark.parametrize("args", [[], ["only-a-key"], ["KEY", "host", "--s3", "bucket/prefix"]])
+def test_deploy_rejects_bad_arguments(workstation, args):
+    env, log, key = workstation
+    args = [str(key) if a == "KEY" else a for a in args]
+    proc = run_deploy(env, *args)
+    assert proc.returncode == 2
+    assert not log.exists()
