@@ -142,3 +142,15 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_template_killed_from_outside_is_restarted_with_its_workers(make_pool):
+    pool = make_pool(size=2)
+    template = pool.pool.supervisor.template_proc.pid
+    old = {w["pid"] for w in pool.pool.stats()["workers"]}
+    os.kill(template, signal.SIGKILL)
+    # The workers die with it (parent-death signal), and a new template forks new ones.
+    wait_until(lambda: pool.pool.supervisor.template_proc.pid != template, timeout=30)
+    pool.wait_full()
+    assert not old & {w["pid"] for w in pool.pool.stats()["workers"]}
+    assert pool.run("print('back')").stdout == "back\n"

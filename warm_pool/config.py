@@ -76,7 +76,7 @@ class PoolConfig:
     # NEURON_RT_LOG_LEVEL for workers (None: inherited, else ERROR).
     neuron_log_level: str | None = None
     # Persistent Neuron compile cache shared by every worker and job. None:
-    # <work_dir>/neuron-compile-cache.
+    # $NEURON_COMPILE_CACHE_URL if set, else <work_dir>/neuron-compile-cache.
     neuron_cache_dir: Path | None = None
     # Cache size cap; the oldest compiled modules are pruned at start beyond it. 0: no cap.
     neuron_cache_max_mb: int = 50_000
@@ -133,7 +133,9 @@ class PoolConfig:
     @property
     def compile_cache_dir(self) -> Path:
         """The Neuron compile cache directory."""
-        return Path(self.neuron_cache_dir or Path(self.work_dir) / "neuron-compile-cache")
+        if self.neuron_cache_dir is not None:
+            return Path(self.neuron_cache_dir)
+        return Path(os.environ.get("NEURON_COMPILE_CACHE_URL") or Path(self.work_dir) / "neuron-compile-cache")
 
     def template_env(self, neuron: bool = False) -> dict[str, str]:
         """The environment the template (and every worker and job) starts with."""
