@@ -77,6 +77,14 @@ def test_non_json_and_non_object_metrics_lines_are_ignored():
     assert parse_metrics(out) == {"ok": True}
 
 
+def test_non_finite_metrics_become_strings_so_results_stay_valid_json():
+    import json
+
+    m = parse_metrics('METRICS: {"loss": NaN, "grad": Infinity, "low": -Infinity}\n')
+    assert m == {"loss": "NaN", "grad": "Infinity", "low": "-Infinity"}
+    json.dumps(m, allow_nan=False)
+
+
 def test_metrics_line_from_the_seed_readme():
     out = 'METRICS: {"training_loss": 0.023, "validation_accuracy": 0.945}\n'
     assert parse_metrics(out) == {"training_loss": 0.023, "validation_accuracy": 0.945}

@@ -12,6 +12,8 @@ the code does not parse, a regex heuristic over the text decides instead.
 
 Metrics: every line ``METRICS: {json object}`` (anywhere in a line, as the original
 found it) is merged, later keys winning; lines that are not a JSON object are ignored.
+NaN / Infinity / -Infinity (which Python's json.dumps prints) become those strings, so
+the result stays valid JSON. Fallback values that are not finite are skipped.
 When there is no METRICS line, the fallback patterns of the original apply to the
 *last* matching printed value (case-insensitive):
 
@@ -154,6 +156,12 @@ _FALLBACKS = (
 )
 
 
+def _constant_as_text(name: str) -> str:
+    # NaN and Infinity are not JSON: keep them as the strings "NaN", "Infinity",
+    # "-Infinity" so that a diverged loss is still reported in valid JSON.
+    return name
+
+
 def parse_metrics(stdout: str) -> dict[str, Any]:
     """Metrics printed by the script (METRICS: lines, else fallback patterns); never raises."""
     if not isinstance(stdout, str) or not stdout:
@@ -175,7 +183,7 @@ def _parse_metrics(stdout: str) -> dict[str, Any]:
             if not m:
                 continue
             try:
-                value = json.loads(m.group(1))
+                value = json.loads(m.group(1), parse_constant=_constant_as_text)
             except (ValueError, RecursionError):
                 continue
             if isinstance(value, dict):

@@ -135,7 +135,8 @@ class PoolConfig:
         """The Neuron compile cache directory."""
         if self.neuron_cache_dir is not None:
             return Path(self.neuron_cache_dir)
-        return Path(os.environ.get("NEURON_COMPILE_CACHE_URL") or Path(self.work_dir) / "neuron-compile-cache")
+        from_env = os.environ.get("NEURON_COMPILE_CACHE_URL")
+        return Path(from_env) if from_env else Path(self.work_dir) / "neuron-compile-cache"
 
     def template_env(self, neuron: bool = False) -> dict[str, str]:
         """The environment the template (and every worker and job) starts with."""

@@ -86,7 +86,6 @@ class JobRunner:
         self._redirect(msg)
         _reset_peak_rss()
         started = time.perf_counter()
-        error_type = error_message = None
         try:
             return_code, error_type, error_message = execute_main(msg.main_path, msg.job_dir)
             _finish_like_python(self.baseline)
@@ -168,7 +167,7 @@ def _system_exit_status(exc: SystemExit) -> tuple[int, str | None, str | None]:
     if code is None:
         return 0, None, None
     if isinstance(code, int):
-        status = code & 0xFF if code >= 0 else code & 0xFF  # the OS keeps 8 bits
+        status = code & 0xFF  # the OS keeps the low 8 bits: sys.exit(-1) is 255
         return status, ("exit" if status else None), (f"exit status {status}" if status else None)
     try:
         print(code, file=sys.stderr)
