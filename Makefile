@@ -6,6 +6,8 @@ PIP := $(PY) -m pip
 RUN_STAMP := $(VENV)/.run-installed
 DEV_STAMP := $(VENV)/.dev-installed
 SERVE_ARGS ?=
+# `make run` keeps its jobs and job store in the checkout unless told otherwise.
+export EXECUTOR_WORK_DIR ?= $(CURDIR)/.work
 
 .PHONY: run test lint bench system-deps clean
 
