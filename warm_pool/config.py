@@ -147,6 +147,7 @@ class PoolConfig:
 
             for name in neuron_env.CONFLICTING_ENV:
                 env.pop(name, None)
+            env.setdefault("PJRT_DEVICE", "NEURON")
             env.update(neuron_env.compile_cache_env(self.compile_cache_dir,
                                                     self.neuron_retry_failed_compilation,
                                                     env.get("NEURON_CC_FLAGS", "")))

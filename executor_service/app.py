@@ -1,0 +1,247 @@
+"""The Flask application: thin handlers that validate, call the runner, and answer JSON.
+
+`create_app(config, pool=None)` builds the app around a warm pool (created and started
+from the config when none is given) and a job store under the work dir. Errors become
+responses through one table (`ERRORS`), never an isinstance chain in the handlers.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from executor_service import auth, validation
+from executor_service.config import ServiceConfig
+from executor_service.jobs import RETRY_AFTER_S, JobRunner
+from executor_service.metrics import CONTENT_TYPE, Metrics
+from executor_service.store import JobStore
+from executor_service.validation import ApiError
+from warm_pool import errors
+from warm_pool.result import TERMINAL_STATUSES
+
+log = logging.getLogger("executor_service.app")
+
+_RETRY = {"Retry-After": str(RETRY_AFTER_S)}
+
+# Exceptions of the library (and the API's own) → (HTTP status, message, headers).
+ERRORS: dict[type[BaseException], tuple[int, str, dict[str, str]]] = {
+    errors.QueueFull: (503, "queue is full; retry later", _RETRY),
+    errors.PoolClosed: (503, "service is shutting down; retry later", _RETRY),
+    errors.PoolBroken: (503, "pool is broken: {exc}", {}),
+}
+
+# Werkzeug's HTTP errors → our stable messages.
+HTTP_MESSAGES = {
+    400: "bad request",
+    404: "not found",
+    405: "method not allowed",
+    413: "request body too large",
+}
+
+
+def create_app(config: ServiceConfig, pool=None) -> Flask:
+    """The service's WSGI app; `app.extensions["executor"]` holds the runner."""
+    if pool is None:
+        from warm_pool import WarmPool
+
+        pool = WarmPool(config.pool_config())
+        pool.start()
+    store = JobStore(config.store_path)
+    metrics = Metrics(pool.stats, store.counts)
+    runner = JobRunner(pool, store, config, metrics)
+    runner.start()
+
+    app = Flask("executor_service")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["executor"] = runner
+    app.extensions["executor_metrics"] = metrics
+
+    _register_hooks(app, config, metrics)
+    _register_errors(app, config)
+    _register_routes(app, config, runner, metrics)
+    return app
+
+
+def _register_hooks(app: Flask, config: ServiceConfig, metrics: Metrics) -> None:
+    @app.before_request
+    def authenticate():
+        g.started = time.monotonic()
+        if request.path in auth.PUBLIC_PATHS:
+            return None
+        if not auth.check_bearer(request.headers.get("Authorization"), config.api_token):
+            resp = jsonify(error="unauthorized: send Authorization: Bearer <token>")
+            resp.status_code = 401
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="trainium-executor"'
+            return resp
+        return None
+
+    @app.after_request
+    def count(resp: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(endpoint=rule, status=str(resp.status_code)).inc()
+        if resp.status_code >= 500 or request.path not in ("/health", "/metrics", "/status"):
+            log.info("request", extra={"method": request.method, "path": request.path,
+                                       "status": resp.status_code,
+                                       "ms": round((time.monotonic() - g.get("started", 0)) * 1000, 1)})
+        return resp
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None, **extra) -> Response:
+    resp = jsonify(error=message, **extra)
+    resp.status_code = status
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def _register_errors(app: Flask, config: ServiceConfig) -> None:
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        return _error(exc.status, exc.message, exc.headers, **exc.extra)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        message = HTTP_MESSAGES.get(exc.code or 500, exc.description or "error")
+        if exc.code == 413:
+            message = f"request body too large (limit {config.max_body_bytes} bytes)"
+        elif exc.code == 404:
+            message = f"not found: {request.path}"
+        elif exc.code == 405:
+            message = f"method {request.method} not allowed on {request.path}"
+        methods = getattr(exc, "valid_methods", None)
+        headers = {"Allow": ", ".join(methods)} if exc.code == 405 and methods else None
+        return _error(exc.code or 500, message, headers)
+
+    @app.errorhandler(Exception)
+    def other_error(exc: Exception):
+        for cls in type(exc).__mro__:
+            if cls in ERRORS:
+                status, message, headers = ERRORS[cls]
+                return _error(status, message.format(exc=exc), headers)
+        log.exception("unhandled error", extra={"path": request.path})
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat()
+
+
+def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metrics: Metrics) -> None:
+    max_t = config.max_execution_time
+    default_t = config.job_timeout_default
+
+    def body() -> dict[str, Any]:
+        return validation.parse_json_object(request.get_data(cache=False))
+
+    def run_sync(req: validation.Request) -> list[dict[str, Any]]:
+        batch_id, ids = runner.accept(req, "sync")
+        job_ids = [job_id for _, job_id in ids]
+        # Bound: every job of the queue ahead could take its full timeout on one worker.
+        bound = max_t * (config.max_queue + len(job_ids)) + 60
+        if not runner.wait(job_ids, bound):
+            raise ApiError(503, "service stopped before the jobs finished; fetch them later",
+                           _RETRY, batch_id=batch_id, job_ids=dict(ids))
+        return [runner.store.get_job(j).to_public() for j in job_ids]
+
+    @app.get("/health")
+    def health():
+        try:
+            stats = runner.pool.stats()
+        except Exception as exc:  # noqa: BLE001 - health must answer whatever happens
+            stats = {"state": "unknown", "broken_reason": repr(exc)}
+        ready = (stats.get("idle") or 0) + (stats.get("busy") or 0)
+        ok = ready >= 1 and stats.get("state") != "broken"
+        payload = {
+            "status": "healthy" if ok else "unhealthy",
+            "timestamp": _now_iso(),
+            "neuron_available": stats.get("backend") == "neuron" and ok,
+            "working_dir": str(config.work_dir),
+            "max_execution_time": max_t,
+            "pool": stats,
+        }
+        if not ok:
+            if stats.get("state") == "broken":
+                payload["reason"] = f"pool is broken: {stats.get('broken_reason')}"
+            elif stats.get("state") in ("closing", "closed", "stopped"):
+                payload["reason"] = "pool is shutting down"
+            else:
+                payload["reason"] = "no worker is ready yet (starting)"
+        return jsonify(payload), (200 if ok else 503)
+
+    @app.post("/execute")
+    def execute():
+        req = validation.parse_single(body(), "test", default_t, max_t)
+        return jsonify(run_sync(req)[0])
+
+    @app.post("/execute_batch")
+    def execute_batch():
+        req = validation.parse_batch(body(), default_t, max_t, config.max_batch_size)
+        results = {r["paper_id"]: r for r in run_sync(req)}
+        return jsonify(batch_response(results))
+
+    @app.post("/jobs")
+    def submit_jobs():
+        req = validation.parse_jobs(body(), "job", default_t, max_t, config.max_batch_size)
+        key = validation.parse_idempotency_key(request.headers.get("Idempotency-Key"))
+        batch_id, ids = runner.accept(req, "async", key)
+        resp = jsonify(batch_id=batch_id, job_ids=dict(ids), status="queued",
+                       batch_url=f"/batches/{batch_id}")
+        resp.status_code = 202
+        resp.headers["Location"] = f"/batches/{batch_id}"
+        return resp
+
+    @app.get("/jobs/<job_id>")
+    def get_job(job_id: str):
+        row = runner.store.get_job(job_id)
+        if row is None:
+            raise ApiError(404, f"no job {job_id!r}")
+        return jsonify(row.to_public())
+
+    @app.delete("/jobs/<job_id>")
+    def cancel_job(job_id: str):
+        return jsonify(runner.cancel(job_id).to_public())
+
+    @app.get("/batches/<batch_id>")
+    def get_batch(batch_id: str):
+        rows = runner.store.get_batch(batch_id)
+        if rows is None:
+            raise ApiError(404, f"no batch {batch_id!r}")
+        statuses = [r.status for r in rows]
+        if all(s in TERMINAL_STATUSES for s in statuses):
+            status = "completed"
+        elif all(s == "queued" for s in statuses):
+            status = "queued"
+        else:
+            status = "running"
+        results = {r.paper_id: r.to_public() for r in rows}
+        out = {"batch_id": batch_id, "status": status,
+               "done": sum(s in TERMINAL_STATUSES for s in statuses)}
+        out.update(batch_response(results))
+        return jsonify(out)
+
+    @app.get("/status")
+    def status():
+        return jsonify(runner.status())
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(metrics.render(), content_type=CONTENT_TYPE)
+
+
+def batch_response(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The original /execute_batch shape: success, batch_size, successful, failed, results."""
+    finished = [r for r in results.values() if r.get("status") in TERMINAL_STATUSES]
+    successful = sum(1 for r in finished if r.get("success"))
+    return {
+        "success": True,
+        "batch_size": len(results),
+        "successful": successful,
+        "failed": len(finished) - successful,
+        "results": results,
+    }

@@ -1,0 +1,104 @@
+"""`trainium-executor serve | submit FILE... | health | status` (also `python -m executor_service`).
+
+serve   run the service (every flag also from its EXECUTOR_* environment variable)
+submit  send scripts as one async batch, wait for it, print the batch response as JSON
+health  print GET /health (exit 0 when healthy, 1 otherwise)
+status  print GET /status
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from executor_service import config as cfg
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainium-executor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    cfg.add_arguments(serve)
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", default=os.environ.get("EXECUTOR_URL", "http://127.0.0.1:8000"),
+                       help="service URL [env EXECUTOR_URL, default http://127.0.0.1:8000]")
+        p.add_argument("--token-file", default=None,
+                       help="file with the API token [default: env EXECUTOR_API_TOKEN]")
+
+    submit = sub.add_parser("submit", help="run scripts as one batch and print the results")
+    client_args(submit)
+    submit.add_argument("files", nargs="+", type=Path)
+    submit.add_argument("--timeout", type=float, default=None, help="per-script timeout (s)")
+    submit.add_argument("--deadline", type=float, default=None, help="give up waiting after (s)")
+    submit.add_argument("--no-wait", action="store_true", help="print the batch id and return")
+    for name in ("health", "status"):
+        client_args(sub.add_parser(name, help=f"print GET /{name}"))
+    return parser
+
+
+def _client(args: argparse.Namespace):
+    from executor_service.client import ExecutorClient
+
+    token = os.environ.get("EXECUTOR_API_TOKEN") or None
+    if args.token_file:
+        token = cfg.read_token_file(Path(args.token_file))
+    return ExecutorClient(args.url, token=token)
+
+
+def _paper_id(path: Path, seen: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:120] or "script"
+    name, n = base, 1
+    while name in seen:
+        n += 1
+        name = f"{base}-{n}"
+    seen.add(name)
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        try:
+            config = cfg.from_sources(args)
+            config.prepare_work_dir()
+        except cfg.ConfigError as exc:
+            print(f"trainium-executor: configuration error: {exc}", file=sys.stderr)
+            return 2
+        from executor_service.serve import serve
+
+        return serve(config)
+
+    from executor_service.client import ExecutorError
+
+    client = _client(args)
+    try:
+        if args.command == "health":
+            body = client.health()
+            print(json.dumps(body, indent=2))
+            return 0 if body.get("status") == "healthy" else 1
+        if args.command == "status":
+            print(json.dumps(client.status(), indent=2))
+            return 0
+        seen: set[str] = set()
+        batch = [{"paper_id": _paper_id(f, seen), "code": f.read_text(encoding="utf-8")}
+                 for f in args.files]
+        if args.no_wait:
+            print(json.dumps(client.submit_batch(batch, timeout=args.timeout), indent=2))
+            return 0
+        result = client.run_batch(batch, timeout=args.timeout, deadline_s=args.deadline)
+        print(json.dumps(result, indent=2))
+        return 0 if result.get("failed") == 0 else 1
+    except (ExecutorError, OSError) as exc:
+        print(f"trainium-executor: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

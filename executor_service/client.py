@@ -1,0 +1,193 @@
+"""A client for the Trainium Executor, standard library only, so a Lambda can vendor
+this one file (copy it next to the handler; it needs nothing else).
+
+    from client import ExecutorClient
+    client = ExecutorClient(os.environ["TRAINIUM_ENDPOINT"], token=os.environ.get("TOKEN"))
+    response = client.run_batch(batch, timeout=600, deadline_s=840)
+    # response has the original /execute_batch shape:
+    # {"success", "batch_size", "successful", "failed", "results": {paper_id: result}}
+
+`run_batch` submits the batch asynchronously (POST /jobs), then polls GET /batches/<id>
+with backoff until every job is terminal or the deadline passes (ExecutorTimeout,
+which carries the batch id and the partial response, so a later invocation can resume
+with `wait_batch`). 503 answers (queue full, restarting) are retried, honouring
+Retry-After, as are connection errors; other 4xx raise ExecutorError at once.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+import uuid
+from typing import Any
+
+__all__ = ["ExecutorClient", "ExecutorError", "ExecutorTimeout"]
+
+
+class ExecutorError(Exception):
+    """The service answered an error (status and its JSON "error" message)."""
+
+    def __init__(self, status: int | None, message: str, body: Any = None):
+        super().__init__(f"{status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+        self.body = body
+
+
+class ExecutorTimeout(ExecutorError):
+    """The deadline passed before the batch finished; `partial` holds what is known."""
+
+    def __init__(self, batch_id: str, partial: dict[str, Any] | None):
+        super().__init__(None, f"batch {batch_id} not finished before the deadline", partial)
+        self.batch_id = batch_id
+        self.partial = partial
+
+
+class ExecutorClient:
+    """Talks to one service endpoint, e.g. http://10.0.0.5:8000."""
+
+    def __init__(self, base_url: str, token: str | None = None, request_timeout: float = 30.0,
+                 max_retries: int = 8, poll_initial: float = 0.5, poll_max: float = 10.0):
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.request_timeout = request_timeout
+        self.max_retries = max_retries
+        self.poll_initial = poll_initial
+        self.poll_max = poll_max
+
+    # --- transport ----------------------------------------------------------------
+
+    def _once(self, method: str, path: str, payload: Any, timeout: float,
+              headers: dict[str, str] | None = None) -> tuple[int, Any, dict]:
+        data = json.dumps(payload).encode("utf-8") if payload is not None else None
+        req = urllib.request.Request(self.base_url + path, data=data, method=method)
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        for key, value in (headers or {}).items():
+            req.add_header(key, value)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, _decode(resp.read()), dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, _decode(exc.read()), dict(exc.headers or {})
+
+    def request(self, method: str, path: str, payload: Any = None, *,
+                timeout: float | None = None, deadline: float | None = None,
+                accept: tuple[int, ...] = (200, 202), headers: dict[str, str] | None = None) -> Any:
+        """One API call with retries of 503 and connection errors; returns the JSON body."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                status, body, got = self._once(method, path, payload, timeout or self.request_timeout,
+                                               headers)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+                status, body, got = None, {"error": str(exc)}, {}
+            if status in accept:
+                return body
+            retryable = status is None or status in (502, 503, 504)
+            message = body.get("error") if isinstance(body, dict) else str(body)
+            if not retryable or attempt > self.max_retries:
+                raise ExecutorError(status, message or "request failed", body)
+            delay = _retry_after(got) or min(self.poll_max, 0.5 * 2 ** (attempt - 1))
+            delay *= 1 + random.uniform(0, 0.1)  # spread callers that were refused together
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise ExecutorError(status, f"deadline reached while retrying: {message}", body)
+            time.sleep(delay)
+
+    # --- the API --------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """GET /health (answered even when unhealthy: look at "status")."""
+        return self.request("GET", "/health", accept=(200, 503), timeout=10)
+
+    def status(self) -> dict[str, Any]:
+        """GET /status: running_executions, queued, capacity, idle_since."""
+        return self.request("GET", "/status")
+
+    def execute(self, code: str, paper_id: str = "test", timeout: float | None = None) -> dict:
+        """POST /execute: run one script and wait for its result (synchronous)."""
+        payload: dict[str, Any] = {"code": code, "paper_id": paper_id}
+        if timeout is not None:
+            payload["timeout"] = timeout
+        return self.request("POST", "/execute", payload, timeout=(timeout or 600) * 3 + 60)
+
+    def submit_batch(self, batch: list[dict[str, Any]], timeout: float | None = None,
+                     deadline: float | None = None) -> dict[str, Any]:
+        """POST /jobs: {"batch_id", "job_ids": {paper_id: job_id}}; returns at once.
+
+        Every retry carries the same Idempotency-Key, so a request whose answer was lost
+        does not submit the batch twice.
+        """
+        payload: dict[str, Any] = {"batch": batch}
+        if timeout is not None:
+            payload["timeout"] = timeout
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        return self.request("POST", "/jobs", payload, deadline=deadline, headers=key)
+
+    def get_batch(self, batch_id: str) -> dict[str, Any]:
+        """GET /batches/<id>: status and results so far."""
+        return self.request("GET", f"/batches/{batch_id}")
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/jobs/{job_id}")
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """DELETE /jobs/<id>; a job that already finished is returned as it is."""
+        try:
+            return self.request("DELETE", f"/jobs/{job_id}")
+        except ExecutorError as exc:
+            if exc.status == 409:
+                return self.get_job(job_id)
+            raise
+
+    def wait_batch(self, batch_id: str, deadline_s: float | None = None) -> dict[str, Any]:
+        """Poll with backoff until the batch is completed; the original batch shape."""
+        deadline = time.monotonic() + deadline_s if deadline_s else None
+        delay = self.poll_initial
+        while True:
+            body = self.request("GET", f"/batches/{batch_id}", deadline=deadline)
+            if body.get("status") == "completed":
+                return original_shape(body)
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise ExecutorTimeout(batch_id, body)
+            time.sleep(delay)
+            delay = min(self.poll_max, delay * 1.5)
+
+    def run_batch(self, batch: list[dict[str, Any]], timeout: float | None = None,
+                  deadline_s: float | None = None) -> dict[str, Any]:
+        """Submit a batch and wait for it: the response POST /execute_batch would give."""
+        start = time.monotonic()
+        deadline = start + deadline_s if deadline_s else None
+        submitted = self.submit_batch(batch, timeout=timeout, deadline=deadline)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.wait_batch(submitted["batch_id"], deadline_s=left)
+
+
+def original_shape(batch: dict[str, Any]) -> dict[str, Any]:
+    """Keep the fields of the original /execute_batch response."""
+    return {k: batch[k] for k in ("success", "batch_size", "successful", "failed", "results")
+            if k in batch}
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8")) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        return {"error": raw[:500].decode("utf-8", "replace")}
+
+
+def _retry_after(headers: dict) -> float | None:
+    for key, value in headers.items():
+        if key.lower() == "retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,85 @@
+"""Prometheus metrics, in the service's own CollectorRegistry (never the global one, so
+several apps in one test process do not collide).
+
+Counters and histograms are updated as jobs finish; the pool's and the queue's state is
+read at scrape time by a custom collector, so it can never be stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class _StateCollector:
+    """Pool and queue gauges, from callables evaluated on every scrape."""
+
+    def __init__(self, pool_stats: Callable[[], dict[str, Any]], job_counts: Callable[[], dict[str, int]]):
+        self._pool_stats = pool_stats
+        self._job_counts = job_counts
+
+    def collect(self):
+        counts = self._job_counts()
+        jobs = GaugeMetricFamily("executor_jobs", "Jobs in the store by status", labels=["status"])
+        for status in ("queued", "running"):
+            jobs.add_metric([status], counts.get(status, 0))
+        yield jobs
+        yield GaugeMetricFamily("executor_queue_depth", "Accepted jobs waiting for a worker",
+                                value=counts.get("queued", 0))
+        try:
+            stats = self._pool_stats()
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the pool is down
+            stats = {}
+        workers = GaugeMetricFamily("executor_pool_workers", "Pool workers by state", labels=["state"])
+        for state in ("idle", "busy", "starting"):
+            workers.add_metric([state], stats.get(state, 0) or 0)
+        yield workers
+        yield GaugeMetricFamily("executor_pool_size", "Configured pool size", value=stats.get("size") or 0)
+        ready = (stats.get("idle", 0) or 0) + (stats.get("busy", 0) or 0)
+        yield GaugeMetricFamily("executor_pool_ready", "1 when at least one worker is ready",
+                                value=1 if ready and stats.get("state") != "broken" else 0)
+        yield GaugeMetricFamily("executor_pool_broken", "1 when the pool declared itself broken",
+                                value=1 if stats.get("state") == "broken" else 0)
+        state = GaugeMetricFamily("executor_pool_state", "The pool's state (1 for the current one)",
+                                  labels=["state"])
+        state.add_metric([str(stats.get("state", "unknown"))], 1)
+        yield state
+        respawns = CounterMetricFamily("executor_worker_respawns", "Workers replaced, by reason",
+                                       labels=["reason"])
+        for reason, n in ((stats.get("respawns") or {}).get("by_reason") or {}).items():
+            respawns.add_metric([str(reason)], n)
+        yield respawns
+
+
+class Metrics:
+    """The service's metrics and the registry they live in."""
+
+    def __init__(self, pool_stats: Callable[[], dict[str, Any]], job_counts: Callable[[], dict[str, int]]):
+        self.registry = CollectorRegistry()
+        self.jobs = Counter("executor_jobs_finished", "Jobs finished, by outcome (error_type or success)",
+                            ["outcome"], registry=self.registry)
+        self.duration = Histogram("executor_job_duration_seconds", "Run time of finished jobs",
+                                  buckets=_DURATION_BUCKETS, registry=self.registry)
+        self.queue_time = Histogram("executor_job_queue_seconds", "Time jobs waited for a worker",
+                                    buckets=_DURATION_BUCKETS, registry=self.registry)
+        self.requests = Counter("executor_http_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.registry.register(_StateCollector(pool_stats, job_counts))
+
+    def job_finished(self, result: dict[str, Any]) -> None:
+        """Count a finished job's outcome and observe its times."""
+        outcome = "success" if result.get("success") else (result.get("error_type") or "failed")
+        self.jobs.labels(outcome=outcome).inc()
+        if result.get("execution_time") is not None:
+            self.duration.observe(float(result["execution_time"]))
+        if result.get("queue_time") is not None:
+            self.queue_time.observe(float(result["queue_time"]))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,300 @@
+"""The HTTP API end to end: a real server on 127.0.0.1 with a real pool (cpu, 2 workers).
+
+Every response a test receives is also checked against executor_service/openapi.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from service_fixtures import openapi, server  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+
+SEED_BATCH_ITEM = {
+    "paper_id": "paper_123",
+    "paper_title": "ResNet Paper",
+    "code": "import torch\n# PyTorch code here...",
+    "s3_code_key": "paper_123/code.py",
+}
+TRAINING_SCRIPT = """
+import json
+import torch
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(32, 4), torch.randn(32, 1)
+for epoch in range(5):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    print(f"epoch {epoch} loss: {loss.item():.4f}")
+print(f"METRICS: {json.dumps({'training_loss': 0.023, 'validation_accuracy': 0.945})}")
+"""
+
+
+# --- the seed README's examples -------------------------------------------------------
+
+def test_health_has_every_original_field_and_the_pool(server, openapi):  # noqa: F811
+    resp = server.get("/health")
+    assert resp.status == 200
+    body = resp.json
+    for key in ("status", "timestamp", "neuron_available", "working_dir", "max_execution_time"):
+        assert key in body
+    assert body["status"] == "healthy"
+    assert body["neuron_available"] is False  # cpu backend: no NeuronCore proven
+    assert body["working_dir"] == str(server.work_dir)
+    assert body["pool"]["backend"] == "cpu"
+    assert body["pool"]["size"] == 2
+    assert "torch" in body["pool"]["preloaded"]
+    openapi.validate("GET", "/health", resp)
+
+
+def test_execute_seed_example(server, openapi):  # noqa: F811
+    code = 'import torch\nprint("Hello from Trainium")\nprint(torch.__version__)'
+    resp = server.post("/execute", {"paper_id": "test_123", "code": code})
+    assert resp.status == 200
+    body = resp.json
+    assert body["success"] is True and body["return_code"] == 0
+    assert body["stdout"].startswith("Hello from Trainium\n")
+    assert body["paper_id"] == "test_123"
+    assert body["lines_of_code"] == 3 and body["has_training_loop"] is False
+    openapi.validate("POST", "/execute", resp)
+
+
+def test_execute_batch_seed_example_and_metrics(server, openapi):  # noqa: F811
+    batch = [SEED_BATCH_ITEM, {"paper_id": "trainer", "code": TRAINING_SCRIPT}]
+    resp = server.post("/execute_batch", {"batch": batch, "timeout": 600})
+    assert resp.status == 200
+    body = resp.json
+    assert (body["success"], body["batch_size"], body["successful"], body["failed"]) == (True, 2, 2, 0)
+    assert set(body["results"]) == {"paper_123", "trainer"}
+    trainer = body["results"]["trainer"]
+    assert trainer["has_training_loop"] is True
+    assert trainer["training_loss"] == 0.023 and trainer["validation_accuracy"] == 0.945
+    assert trainer["detailed_metrics"] == {"training_loss": 0.023, "validation_accuracy": 0.945}
+    assert trainer["peak_memory_mb"] > 0
+    openapi.validate("POST", "/execute_batch", resp)
+
+
+def test_synchronous_results_are_also_kept_in_the_store(server, openapi):  # noqa: F811
+    body = server.post("/execute", {"code": "print('kept')", "paper_id": "kept"}).json
+    again = server.get(f"/jobs/{body['job_id']}")
+    assert again.status == 200 and again.json["stdout"] == "kept\n"
+    assert again.json["batch_id"] == body["batch_id"]
+    openapi.validate("GET", "/jobs/{job_id}", again)
+
+
+def test_batch_item_failure_does_not_break_the_others(server, openapi):  # noqa: F811
+    batch = [
+        {"paper_id": "ok", "code": "print('fine')"},
+        {"paper_id": "raises", "code": "raise ValueError('boom')"},
+        {"paper_id": "syntax", "code": "def f(:\n"},
+        {"paper_id": "exits", "code": "import sys; sys.exit(4)"},
+    ]
+    resp = server.post("/execute_batch", {"batch": batch})
+    body = resp.json
+    assert (body["successful"], body["failed"]) == (1, 3)
+    r = body["results"]
+    assert r["ok"]["success"] is True
+    assert r["raises"]["error_type"] == "exception" and "boom" in r["raises"]["stderr"]
+    assert r["syntax"]["error_type"] == "syntax_error"
+    assert r["exits"]["return_code"] == 4 and r["exits"]["error_type"] == "exit"
+    openapi.validate("POST", "/execute_batch", resp)
+
+
+def test_batch_runs_in_parallel_across_workers(server):  # noqa: F811
+    batch = [{"paper_id": f"sleep{i}", "code": "import time; time.sleep(1)"} for i in range(2)]
+    start = time.monotonic()
+    body = server.post("/execute_batch", {"batch": batch}).json
+    elapsed = time.monotonic() - start
+    assert body["successful"] == 2
+    assert elapsed < 1.9, f"two 1-s scripts took {elapsed:.2f}s: not parallel"
+    workers = {r["worker"]["pid"] for r in body["results"].values()}
+    assert len(workers) == 2
+
+
+def test_job_timeout_is_reported(server):  # noqa: F811
+    body = server.post("/execute", {"code": "import time; time.sleep(30)", "timeout": 1}).json
+    assert body["timeout"] is True and body["error_type"] == "timeout" and body["success"] is False
+
+
+def test_memory_limit_flag_reaches_the_pool(server):  # noqa: F811
+    code = "blob = b'x' * (1536 << 20)\nprint('survived')"
+    body = server.post("/execute", {"code": code, "paper_id": "hog"}).json
+    assert body["error_type"] == "memory_limit" and body["success"] is False
+    assert "survived" not in body["stdout"]
+    after = server.post("/execute", {"code": "print('next job fine')"}).json
+    assert after["success"] is True
+
+
+# --- async jobs ------------------------------------------------------------------------
+
+def test_async_batch_submit_then_poll(server, openapi):  # noqa: F811
+    batch = [{"paper_id": "a1", "code": "print('one')"}, {"paper_id": "a2", "code": "print('two')"}]
+    resp = server.post("/jobs", {"batch": batch})
+    assert resp.status == 202
+    openapi.validate("POST", "/jobs", resp)
+    accepted = resp.json
+    assert set(accepted["job_ids"]) == {"a1", "a2"}
+    assert resp.headers["location"] == f"/batches/{accepted['batch_id']}"
+    done = server.wait_batch(accepted["batch_id"])
+    assert done["successful"] == 2
+    assert done["results"]["a2"]["stdout"] == "two\n"
+    assert done["results"]["a1"]["status"] == "completed"
+    job = server.get(f"/jobs/{accepted['job_ids']['a1']}")
+    assert job.json["stdout"] == "one\n" and job.json["batch_id"] == accepted["batch_id"]
+    openapi.validate("GET", "/jobs/{job_id}", job)
+    openapi.validate("GET", "/batches/{batch_id}", server.get(f"/batches/{accepted['batch_id']}"))
+
+
+def test_idempotency_key_returns_the_first_batch(server):  # noqa: F811
+    body = {"batch": [{"paper_id": "once", "code": "print('once')"}]}
+    first = server.post("/jobs", body, headers={"Idempotency-Key": "key-123"})
+    second = server.post("/jobs", body, headers={"Idempotency-Key": "key-123"})
+    assert first.status == second.status == 202
+    assert first.json["batch_id"] == second.json["batch_id"]
+    assert first.json["job_ids"] == second.json["job_ids"]
+    bad = server.post("/jobs", body, headers={"Idempotency-Key": "has space"})
+    assert bad.status == 400 and "Idempotency-Key" in bad.json["error"]
+    server.wait_batch(first.json["batch_id"])
+
+
+def test_async_single_script(server):  # noqa: F811
+    resp = server.post("/jobs", {"code": "print(6 * 7)", "paper_id": "single"})
+    assert resp.status == 202
+    done = server.wait_batch(resp.json["batch_id"])
+    assert done["results"]["single"]["stdout"] == "42\n"
+
+
+def test_cancel_running_and_queued_jobs(server, openapi):  # noqa: F811
+    sleeper = "import time; time.sleep(60)"
+    batch = [{"paper_id": f"c{i}", "code": sleeper} for i in range(3)]  # 2 workers: c2 waits
+    ids = server.post("/jobs", {"batch": batch}).json
+    deadline = time.monotonic() + 10
+    while server.get(f"/jobs/{ids['job_ids']['c0']}").json["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for pid in ("c0", "c1", "c2"):
+        resp = server.request("DELETE", f"/jobs/{ids['job_ids'][pid]}")
+        assert resp.status == 200, resp.json
+        openapi.validate("DELETE", "/jobs/{job_id}", resp)
+    done = server.wait_batch(ids["batch_id"], timeout=20)
+    for pid in ("c0", "c1", "c2"):
+        r = done["results"][pid]
+        assert r["status"] == "cancelled" and r["error_type"] == "cancelled", r
+    again = server.request("DELETE", f"/jobs/{ids['job_ids']['c0']}")
+    assert again.status == 409 and "already finished" in again.json["error"]
+
+
+def test_unknown_job_and_batch_are_json_404(server, openapi):  # noqa: F811
+    for path in ("/jobs/nope", "/batches/nope"):
+        resp = server.get(path)
+        assert resp.status == 404 and "error" in resp.json
+    resp = server.request("DELETE", "/jobs/nope")
+    assert resp.status == 404
+    openapi.validate("GET", "/jobs/{job_id}", server.get("/jobs/nope"))
+
+
+# --- status and metrics -------------------------------------------------------------------
+
+def test_status_reports_capacity_and_idle_since(server, openapi):  # noqa: F811
+    resp = server.get("/status")
+    assert resp.status == 200
+    body = resp.json
+    assert body["capacity"] == 2
+    assert body["running_executions"] == 0 and body["queued"] == 0
+    assert body["idle_since"] is not None
+    openapi.validate("GET", "/status", resp)
+
+
+def test_status_while_busy(server):  # noqa: F811
+    ids = server.post("/jobs", {"code": "import time; time.sleep(1.5)", "paper_id": "busy"}).json
+    time.sleep(0.5)
+    body = server.get("/status").json
+    assert body["running_executions"] == 1 and body["idle_since"] is None
+    server.wait_batch(ids["batch_id"])
+
+
+def test_metrics_are_prometheus_text(server):  # noqa: F811
+    server.post("/execute", {"code": "print(1)"})
+    resp = server.get("/metrics")
+    assert resp.status == 200 and resp.headers["content-type"].startswith("text/plain")
+    text = resp.raw.decode()
+    assert 'executor_jobs_finished_total{outcome="success"}' in text
+    assert "executor_job_duration_seconds_bucket" in text
+    assert 'executor_pool_workers{state="idle"}' in text
+    assert "executor_queue_depth" in text
+
+
+# --- errors and validation ----------------------------------------------------------------
+
+LONG_ID = "x" * 129
+ELEVEN = [{"paper_id": f"p{i}", "code": "x"} for i in range(11)]
+
+
+@pytest.mark.parametrize("path,raw,fragment", [
+    ("/execute", b"{not json", "not valid JSON"),
+    ("/execute", b"", "empty"),
+    ("/execute", b"\xff\xfe{}", "UTF-8"),
+    ("/execute", b"[1, 2]", "JSON object"),
+    ("/execute", b'"code"', "JSON object"),
+    ("/execute", b'{"code": NaN}', "not valid JSON"),
+    ("/execute", b"{}", "code is missing"),
+    ("/execute", b'{"code": ""}', "code is empty"),
+    ("/execute", b'{"code": "   \\n"}', "code is empty"),
+    ("/execute", b'{"code": 5}', "code must be a string"),
+    ("/execute", b'{"code": "x=1", "paper_id": 7}', "paper_id must be a string"),
+    ("/execute", b'{"code": "x=1", "paper_id": "../etc"}', "invalid"),
+    ("/execute", b'{"code": "x=1", "paper_id": ".."}', "invalid"),
+    ("/execute", b'{"code": "x=1", "paper_id": "a/b"}', "invalid"),
+    ("/execute", b'{"code": "x=1", "paper_id": ""}', "invalid"),
+    ("/execute", json.dumps({"code": "x=1", "paper_id": LONG_ID}).encode(), "invalid"),
+    ("/execute", b'{"code": "x=1", "timeout": 0}', "positive"),
+    ("/execute", b'{"code": "x=1", "timeout": -5}', "positive"),
+    ("/execute", b'{"code": "x=1", "timeout": 1e999}', "positive finite"),
+    ("/execute", b'{"code": "x=1", "timeout": "10"}', "timeout must be a number"),
+    ("/execute", b'{"code": "x=1", "timeout": true}', "timeout must be a number"),
+    ("/execute", b'{"code": "x=1", "timeout": 601}', "exceeds the maximum"),
+    ("/execute_batch", b'{"code": "x=1"}', "batch is missing"),
+    ("/execute_batch", b'{"batch": {}}', "batch must be an array"),
+    ("/execute_batch", b'{"batch": []}', "batch is empty"),
+    ("/execute_batch", b'{"batch": [5]}', "batch[0].must be a JSON object"),
+    ("/execute_batch", b'{"batch": [{"code": "x=1"}]}', "batch[0].paper_id is missing"),
+    ("/execute_batch", b'{"batch": [{"paper_id": "a", "code": "x"}, {"paper_id": "a", "code": "y"}]}',
+     "duplicate paper_id"),
+    ("/execute_batch", json.dumps({"batch": ELEVEN}).encode(), "maximum is 10"),
+    ("/jobs", b'{"batch": [{"paper_id": "a b", "code": "x"}]}', "invalid"),
+    ("/jobs", b'{"code": ""}', "code is empty"),
+])
+def test_bad_requests_get_a_clear_json_400(server, openapi, path, raw, fragment):  # noqa: F811
+    resp = server.post(path, raw=raw)
+    assert resp.status == 400, resp.raw
+    assert fragment in resp.json["error"]
+    openapi.validate("POST", path, resp)
+
+
+def test_service_stays_healthy_after_bad_requests(server):  # noqa: F811
+    for raw in (b"\x00\x01", b"{", b"[]" * 1000):
+        server.post("/execute_batch", raw=raw)
+    assert server.get("/health").status == 200
+    assert server.post("/execute", {"code": "print('still here')"}).json["success"] is True
+
+
+def test_body_above_the_limit_is_json_413(server, openapi):  # noqa: F811
+    big = {"code": "x = 1\n" + "#" * (11 * 1024 * 1024)}
+    resp = server.post("/execute", big)
+    assert resp.status == 413 and "too large" in resp.json["error"]
+    openapi.validate("POST", "/execute", resp)
+
+
+def test_unknown_route_and_method_are_json(server):  # noqa: F811
+    resp = server.get("/nope")
+    assert resp.status == 404 and resp.json["error"].startswith("not found")
+    resp = server.request("PUT", "/health")
+    assert resp.status == 405 and "not allowed" in resp.json["error"]
+    assert "GET" in resp.headers.get("allow", "")
+    resp = server.get("/execute")
+    assert resp.status == 405 and "error" in resp.json

@@ -1,0 +1,86 @@
+"""Bearer-token auth end to end, the loopback rule, and the token kept from job code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from service_fixtures import REPO, openapi, start_server  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+
+TOKEN = "s3cret-token-\u00e9-value"[:13] + "abc123XYZ"
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    srv = start_server(tmp_path_factory, "auth", env={"EXECUTOR_API_TOKEN": TOKEN}, token=TOKEN)
+    yield srv
+    try:
+        srv.stop()
+    finally:
+        srv.kill_tree()
+
+
+def test_health_needs_no_token(secured):
+    assert secured.get("/health", token=None).status == 200
+
+
+@pytest.mark.parametrize("path", ["/status", "/metrics", "/jobs/x", "/batches/x"])
+def test_every_other_endpoint_needs_the_token(secured, openapi, path):  # noqa: F811
+    resp = secured.get(path, token=None)
+    assert resp.status == 401 and "unauthorized" in resp.json["error"]
+    assert resp.headers["www-authenticate"].startswith("Bearer")
+    if path == "/status":
+        openapi.validate("GET", "/status", resp)
+
+
+@pytest.mark.parametrize("header", ["Bearer wrong", f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer ",
+                                    "Bearer \u00e9\u00e9"])
+def test_wrong_credentials_are_refused(secured, header):
+    resp = secured.post("/execute", {"code": "print(1)"}, token=None, headers={"Authorization": header})
+    assert resp.status == 401
+
+
+def test_posts_are_refused_before_validation(secured):
+    assert secured.post("/execute", raw=b"{bad", token=None).status == 401
+
+
+def test_the_right_token_is_accepted(secured):
+    assert secured.get("/status").status == 200
+    resp = secured.post("/execute", {"code": "print('authorized')"})
+    assert resp.status == 200 and resp.json["stdout"] == "authorized\n"
+
+
+def test_job_code_never_sees_the_token(secured):
+    code = ("import os, pathlib\n"
+            "print(sorted(os.environ.items()))\n"
+            "print(pathlib.Path('/proc/self/environ').read_bytes())\n"
+            "print(pathlib.Path(f'/proc/{os.getppid()}/environ').read_bytes())\n")
+    body = secured.post("/execute", {"code": code}).json
+    assert body["success"], body["stderr"]
+    assert TOKEN not in body["stdout"] and "EXECUTOR_API_TOKEN" not in body["stdout"]
+
+
+def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EXECUTOR_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "executor_service", "serve", *args], cwd=REPO,
+                          env=full_env, capture_output=True, text=True, timeout=30)
+
+
+def test_refuses_non_loopback_bind_without_a_token():
+    proc = _serve("--host", "0.0.0.0", "--port", "1")
+    assert proc.returncode == 2
+    assert "EXECUTOR_API_TOKEN" in proc.stderr and "--allow-unauthenticated" in proc.stderr
+
+
+def test_bad_settings_are_refused_with_their_name():
+    proc = _serve("--pool-size", "0")
+    assert proc.returncode == 2 and "pool_size (--pool-size / EXECUTOR_POOL_SIZE)" in proc.stderr
+    proc = _serve(env={"EXECUTOR_PORT": "eighty"})
+    assert proc.returncode == 2 and "EXECUTOR_PORT" in proc.stderr
+    proc = _serve("--work-dir", "/proc/no-such-dir")
+    assert proc.returncode == 2 and "EXECUTOR_WORK_DIR" in proc.stderr and "writable" in proc.stderr

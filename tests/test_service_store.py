@@ -1,0 +1,65 @@
+"""executor_service.store: the SQLite job store on its own (no server, no pool)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from executor_service.store import JobStore
+
+
+def _job(job_id: str, paper_id: str) -> dict:
+    return {"job_id": job_id, "paper_id": paper_id, "code": "print(1)", "timeout": 5.0}
+
+
+def test_store_uses_wal_and_keeps_jobs_across_reopen(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    store.add_batch("b1", "async", [_job("j1", "p1"), _job("j2", "p2")])
+    store.close()
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    again = JobStore(path)
+    assert [r.paper_id for r in again.get_batch("b1")] == ["p1", "p2"]
+    assert again.counts() == {"queued": 2}
+
+
+def test_lifecycle_queued_running_completed(tmp_path):
+    store = JobStore(tmp_path / "s.db")
+    store.add_batch("b", "async", [_job("j", "p")])
+    store.mark_running("j", {"id": 1, "pid": 42, "core": None})
+    assert store.get_job("j").status == "running"
+    assert store.finish("j", "completed", {"success": True})
+    assert not store.finish("j", "cancelled", {})  # a terminal job stays as it is
+    row = store.get_job("j")
+    assert row.status == "completed" and row.to_public()["success"] is True
+
+
+def test_recover_interrupts_running_and_keeps_queued(tmp_path):
+    store = JobStore(tmp_path / "s.db")
+    store.add_batch("b", "async", [_job("run", "a"), _job("wait", "b")])
+    store.mark_running("run", None)
+    interrupted, queued = store.recover(lambda row: {"error_type": "interrupted"})
+    assert (interrupted, queued) == (1, 1)
+    assert store.get_job("run").status == "interrupted"
+    assert [r.job_id for r in store.queued()] == ["wait"]
+
+
+def test_cancel_queued_only_touches_queued_jobs(tmp_path):
+    store = JobStore(tmp_path / "s.db")
+    store.add_batch("b", "async", [_job("q", "a"), _job("r", "b")])
+    store.mark_running("r", None)
+    assert store.cancel_queued("q", {"error_type": "cancelled"})
+    assert not store.cancel_queued("r", {})
+    assert store.get_job("q").status == "cancelled"
+
+
+def test_prune_removes_only_old_finished_batches(tmp_path):
+    store = JobStore(tmp_path / "s.db")
+    store.add_batch("done", "async", [_job("d", "a")])
+    store.finish("d", "completed", {})
+    store.add_batch("pending", "async", [_job("p", "a")])
+    time.sleep(0.05)
+    assert store.prune(older_than_s=3600) == 0
+    assert store.prune(older_than_s=0.01) == 1
+    assert store.get_batch("done") is None and store.get_job("d") is None
+    assert store.get_batch("pending") is not None
