@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import threading
 import time
 import traceback
@@ -25,7 +26,7 @@ from warm_pool.result import (
     JobResult,
     JobSpec,
 )
-from warm_pool.supervisor import Job, Supervisor, Worker, tree_rss, worker_ref
+from warm_pool.supervisor import Job, Supervisor, Worker, kill_group, tree_rss, worker_ref
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _MIB = 1024 * 1024
@@ -119,9 +120,11 @@ class WarmPool:
             if sup.state == "closed":
                 return
             sup.state = "closing" if sup.state != "broken" else sup.state
-            self._closing = True
-            while sup.queue:
-                sup.queue.popleft().future.cancel()
+            while sup.queue:  # never started: the caller may resubmit them later
+                job = sup.queue.popleft()
+                job.future.cancel()
+                self._jobs.pop(job.spec.job_id, None)
+                _remove_job_dir(job.paths)
         sup.wake()
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and self._busy_count():
@@ -138,10 +141,8 @@ class WarmPool:
             pids = [w.pid for w in sup.workers.values() if w.pid]
             sup.state = "closed"
             sup._close_template()  # EOF: the template kills and reaps every worker
-            for pid in pids:
-                from warm_pool.supervisor import _killpg
-
-                _killpg(pid, 9)
+            for pid in pids:  # belt and braces: the template already did this
+                kill_group(pid, signal.SIGKILL)
         sup.wake()
         if self._thread is not None:
             self._thread.join(timeout=5)

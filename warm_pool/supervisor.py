@@ -263,7 +263,7 @@ class Supervisor:
         if worker.state != "stopping":
             worker.state, worker.retire_reason = "stopping", reason
         if worker.pid is not None:
-            _killpg(worker.pid, signal.SIGKILL)
+            kill_group(worker.pid, signal.SIGKILL)
             try:  # it may not have called setsid() yet
                 os.kill(worker.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -384,7 +384,7 @@ class Supervisor:
             pass
         worker.conn.close()
         if worker.pid is not None:
-            _killpg(worker.pid, signal.SIGKILL)  # orphaned grandchildren in its group
+            kill_group(worker.pid, signal.SIGKILL)  # orphaned grandchildren in its group
             self.pending_groups[worker.slot] = worker.pid
         if worker.job is not None:
             worker.retire_reason = worker.job.stop_reason or "crashed"
@@ -424,7 +424,7 @@ class Supervisor:
         if pgid is None:
             return True
         if self.neuron and _group_alive(pgid):
-            _killpg(pgid, signal.SIGKILL)
+            kill_group(pgid, signal.SIGKILL)
             return False
         del self.pending_groups[slot]
         return True
@@ -481,7 +481,8 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def _killpg(pgid: int, sig: int) -> None:
+def kill_group(pgid: int, sig: int) -> None:
+    """Signal a whole process group; a group that is already gone is not an error."""
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
