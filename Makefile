@@ -41,8 +41,13 @@ test: $(DEV_STAMP) system-deps
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(DEV_STAMP)
-	$(PY) -m benchmarks.run
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(DEV_STAMP) requirements-bench.txt
+	$(PIP) install -r requirements-bench.txt
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

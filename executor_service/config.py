@@ -60,6 +60,15 @@ SETTINGS: tuple[Setting, ...] = (
             "finished jobs older than this are pruned from the store (hours; 0: keep forever)"),
     Setting("shutdown_grace", "EXECUTOR_SHUTDOWN_GRACE", float, 30.0,
             "on SIGTERM, running jobs get this long to finish before they are killed (seconds)"),
+    Setting("max_jobs_per_worker", "EXECUTOR_MAX_JOBS_PER_WORKER", int, 100,
+            "recycle a worker after this many jobs even if it looks clean (0: never)"),
+    Setting("kill_grace", "EXECUTOR_KILL_GRACE", float, 2.0,
+            "after a timeout or cancel: SIGINT, then SIGKILL of the job's process group this much later (s)"),
+    Setting("threads_per_worker", "EXECUTOR_THREADS_PER_WORKER", int, None,
+            "intra-op threads per worker (default: cores / pool size, or OMP_NUM_THREADS if set; "
+            "0: torch's default)"),
+    Setting("neuron_cache_max_mb", "EXECUTOR_NEURON_CACHE_MAX_MB", int, 50_000,
+            "Neuron compile cache cap; oldest compiled modules pruned at start beyond it (MiB; 0: no cap)"),
     Setting("threads", "EXECUTOR_THREADS", int, 32,
             "HTTP worker threads (each synchronous request holds one while its jobs run)"),
     Setting("api_token", "EXECUTOR_API_TOKEN", str, None,
@@ -91,6 +100,10 @@ class ServiceConfig:
     max_output_bytes: int = 1_000_000
     retention_hours: float = 168.0
     shutdown_grace: float = 30.0
+    max_jobs_per_worker: int = 100
+    kill_grace: float = 2.0
+    threads_per_worker: int | None = None
+    neuron_cache_max_mb: int = 50_000
     threads: int = 32
     api_token: str | None = field(default=None, repr=False)
     api_token_file: Path | None = None
@@ -129,7 +142,7 @@ class ServiceConfig:
                               f"not {self.pool_size}")
         if self.max_memory_mb is not None and self.max_memory_mb < 0:
             raise ConfigError("max_memory_mb (--max-memory-mb / EXECUTOR_MAX_MEMORY_MB) must be >= 0")
-        for name in ("max_execution_time", "shutdown_grace"):
+        for name in ("max_execution_time", "shutdown_grace", "kill_grace"):
             _positive(name, getattr(self, name))
         if self.default_timeout is not None:
             _positive("default_timeout", self.default_timeout)
@@ -138,9 +151,10 @@ class ServiceConfig:
                                   "must not exceed max_execution_time "
                                   "(--max-execution-time / EXECUTOR_MAX_EXECUTION_TIME)")
         for name, low in (("max_batch_size", 1), ("max_body_bytes", 1024), ("max_queue", 1),
-                          ("max_output_bytes", 1024), ("threads", 2)):
+                          ("max_output_bytes", 1024), ("threads", 2), ("max_jobs_per_worker", 0),
+                          ("neuron_cache_max_mb", 0), ("threads_per_worker", 0)):
             value = getattr(self, name)
-            if value < low:
+            if value is not None and value < low:
                 raise ConfigError(f"{name} ({_env(name)}) must be at least {low}, not {value}")
         if not math.isfinite(self.retention_hours) or self.retention_hours < 0:
             raise ConfigError("retention_hours (--retention-hours / EXECUTOR_RETENTION_HOURS) must be >= 0")
@@ -177,6 +191,10 @@ class ServiceConfig:
             max_timeout_s=max(self.max_execution_time, self.job_timeout_default),
             max_output_bytes=self.max_output_bytes,
             max_queue=self.max_queue,
+            max_jobs_per_worker=self.max_jobs_per_worker,
+            kill_grace_s=self.kill_grace,
+            threads_per_worker=self.threads_per_worker,
+            neuron_cache_max_mb=self.neuron_cache_max_mb,
         ).validate()
 
 

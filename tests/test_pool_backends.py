@@ -99,3 +99,20 @@ def test_workers_dying_while_starting_break_the_pool_after_backoff(tmp_path):
         assert stats["respawns"]["by_reason"] == {"start_failed": 3}
     finally:
         pool.shutdown(grace=1)
+
+
+def test_workers_share_the_cores_instead_of_oversubscribing_them(make_pool):
+    import os
+
+    pool = make_pool(size=2, threads_per_worker=None)
+    expected = max(1, (os.cpu_count() or 1) // 2)
+    result = pool.run("import os, torch\nprint(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])")
+    assert result.stdout.split() == [str(expected), str(expected)]
+
+
+def test_threads_per_worker_zero_leaves_torch_default(make_pool):
+    import os
+
+    pool = make_pool(size=2, threads_per_worker=0)
+    result = pool.run("import torch\nprint(torch.get_num_threads())")
+    assert int(result.stdout) == (os.cpu_count() or 1)

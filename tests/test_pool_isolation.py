@@ -89,3 +89,17 @@ def test_worker_is_recycled_after_max_jobs(make_pool):
     third = pool.run("print(1)").worker.pid
     assert pids[0] == pids[1] != third
     assert pool.pool.stats()["respawns"]["by_reason"] == {"recycled": 1}
+
+
+def test_a_typical_training_script_leaves_the_worker_clean(one_worker):
+    code = (
+        "import torch\nfrom torch import nn\n"
+        "model = nn.Linear(4, 1)\nopt = torch.optim.Adam(model.parameters(), lr=0.01)\n"
+        "for epoch in range(3):\n    opt.zero_grad()\n"
+        "    loss = model(torch.randn(8, 4)).pow(2).mean()\n    loss.backward()\n    opt.step()\n"
+        "print('METRICS: {\"training_loss\": %f}' % loss.item())\n"
+    )
+    first = one_worker.run(code)
+    assert first.success, first.stderr
+    assert first.worker_replaced is False
+    assert one_worker.run(code).worker.pid == first.worker.pid

@@ -251,12 +251,19 @@ class Supervisor:
         return worker
 
     def _worker_env(self, worker: Worker) -> dict[str, str]:
+        env = {}
+        threads = self.config.threads_per_worker
+        if threads is None and "OMP_NUM_THREADS" not in os.environ:  # an operator's choice wins
+            threads = max(1, (os.cpu_count() or 1) // self.size)
+        if threads:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         if self.backend != "neuron" or worker.core is None:
-            return {}
+            return env
         from warm_pool import neuron
 
-        return neuron.worker_env(worker.core, tag=f"trainium-executor-w{worker.id}",
-                                 log_level=self.config.neuron_log_level)
+        env.update(neuron.worker_env(worker.core, tag=f"trainium-executor-w{worker.id}",
+                                     log_level=self.config.neuron_log_level))
+        return env
 
     def kill_worker(self, worker: Worker, reason: str) -> None:
         """SIGKILL the worker's whole process group; reap_workers finishes the job."""

@@ -27,12 +27,17 @@ _BUFFER_SIZE = io.DEFAULT_BUFFER_SIZE
 
 def init_device(backend: str) -> str | None:
     """Create this worker's device and run one tiny op on it, proving the backend."""
-    if backend == "cpu":
-        import torch
+    import torch
 
+    # OpenMP read OMP_NUM_THREADS when the template loaded it, so the per-worker value
+    # the supervisor put in our environment takes effect only through set_num_threads.
+    # (The variable itself is still right for the job's child processes.)
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+    if backend == "cpu":
         torch.ones(2).add_(1).sum().item()
         return "cpu"
-    import torch
     import torch_xla
 
     if backend == "neuron":

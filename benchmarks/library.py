@@ -1,0 +1,204 @@
+"""The warm pool driven as a library (no HTTP): the floor the service builds on.
+
+Every measure takes a started, ready WarmPool. Times are the caller's wall clock from
+`submit` to the Future's result unless the name says otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import workloads
+from benchmarks.report import summarize
+from warm_pool import JobSpec, PoolConfig, WarmPool
+
+_ids = itertools.count()
+
+
+def start_pool(backend: str, work_dir: Path, size: int = 2, timeout: float = 180.0,
+               preload: tuple[str, ...] | None = None) -> tuple[WarmPool, float]:
+    """Start a pool and wait until all `size` workers are idle; return it and the seconds it took."""
+    pool = WarmPool(PoolConfig(backend=backend, size=size, work_dir=work_dir, preload=preload))
+    start = time.perf_counter()
+    pool.start()
+    if not pool.wait_ready(timeout) or not wait_idle(pool, size, timeout):
+        stats = pool.stats()
+        pool.shutdown(grace=1)
+        raise RuntimeError(f"{backend} pool not ready: {stats.get('broken_reason') or stats}")
+    return pool, time.perf_counter() - start
+
+
+def wait_idle(pool: WarmPool, count: int, timeout: float, exclude: set[int] = frozenset(),
+              poll: float = 0.0005) -> bool:
+    """Poll stats() until `count` workers are idle (none of them a pid in `exclude`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        idle = [w for w in pool.stats()["workers"] if w["state"] == "idle" and w["pid"] not in exclude]
+        if len(idle) >= count:
+            return True
+        time.sleep(poll)
+    return False
+
+
+def run_job(pool: WarmPool, code: str, timeout: float = 120.0):
+    """Submit one job and wait; return (wall seconds, JobResult)."""
+    start = time.perf_counter()
+    result = pool.submit(JobSpec(code=code, job_id=f"b{next(_ids)}", timeout=timeout)).result()
+    return time.perf_counter() - start, result
+
+
+def latencies(pool: WarmPool, code: str, runs: int, warmup: int = 4) -> dict[str, Any]:
+    """Submit→result wall times of one script, plus the pool's own execution and queue times."""
+    size = pool.config.size or 2
+    wait_idle(pool, size, 120)  # let replacements from earlier sections finish first
+    for _ in range(warmup):  # first use of an op in a worker (lazy init, XLA compile)
+        _check(run_job(pool, code)[1])
+    wait_idle(pool, size, 120)
+    respawns_before = dict(pool.stats()["respawns"]["by_reason"])
+    walls, execs, queues = [], [], []
+    for _ in range(runs):
+        wall, result = run_job(pool, code)
+        _check(result)
+        walls.append(wall)
+        execs.append(result.execution_time)
+        queues.append(result.queue_time)
+    out = summarize(walls)
+    out["execution"] = summarize(execs)
+    out["queue"] = summarize(queues)
+    after = pool.stats()["respawns"]["by_reason"]
+    # Workers replaced while this workload ran (e.g. "dirty": the job left state behind).
+    out["respawns_during"] = {k: v - respawns_before.get(k, 0) for k, v in after.items()
+                              if v - respawns_before.get(k, 0)}
+    return out
+
+
+def _check(result) -> None:
+    if result.return_code != 0 or result.error_type:
+        raise RuntimeError(f"warm job failed ({result.error_type}): {result.stderr.strip()[-500:]}")
+
+
+def replacement(pool: WarmPool, kills: int, size: int) -> dict[str, Any]:
+    """SIGKILL an idle worker; time until a replacement is idle (stats() polled every 0.5 ms)."""
+    times, ready = [], []
+    for _ in range(kills):
+        wait_idle(pool, size, 60)
+        workers = pool.stats()["workers"]
+        known = {w["pid"] for w in workers}
+        victim = next(w["pid"] for w in workers if w["state"] == "idle")
+        start = time.perf_counter()
+        os.kill(victim, signal.SIGKILL)
+        if not wait_idle(pool, size, 60, exclude={victim}):
+            raise RuntimeError("no replacement worker became idle within 60 s")
+        times.append(time.perf_counter() - start)
+        ready.extend(w["ready_seconds"] for w in pool.stats()["workers"]
+                     if w["pid"] not in known and w["ready_seconds"])
+    out = summarize(times)
+    out["worker_fork_to_ready"] = summarize(ready)
+    out["respawns"] = pool.stats()["respawns"]
+    return out
+
+
+def timeout_delay(pool: WarmPool, code: str, runs: int, timeout: float = 0.5) -> dict[str, Any]:
+    """Time from a job's deadline (start + timeout) to the caller holding its result."""
+    delays = []
+    for _ in range(runs):
+        wait_idle(pool, 1, 60)
+        fut = pool.submit(JobSpec(code=code, job_id=f"t{next(_ids)}", timeout=timeout))
+        result = fut.result()
+        got = time.time()
+        if result.error_type != "timeout":
+            raise RuntimeError(f"expected a timeout, got {result.error_type}")
+        delays.append(got - (result.started_at + timeout))
+    out = summarize(delays)
+    out["timeout_s"] = timeout
+    out["kill_grace_s"] = pool.config.kill_grace_s
+    return out
+
+
+def memory(pool: WarmPool, jobs: int, code: str) -> dict[str, Any]:
+    """Template RSS and each idle worker's RSS/USS/PSS, before and after `jobs` jobs."""
+    wait_idle(pool, pool.config.size or 2, 60)
+    size = pool.config.size or 2
+    before = memory_snapshot(pool_pids(pool))
+    # `size` at a time so every worker runs its share: one after another, the first idle
+    # worker would take them all and reach max_jobs_per_worker (recycled) at 100.
+    for start in range(0, jobs, size):
+        futures = [pool.submit(JobSpec(code=code, job_id=f"m{next(_ids)}", timeout=120))
+                   for _ in range(min(size, jobs - start))]
+        for fut in futures:
+            _check(fut.result())
+    wait_idle(pool, size, 30)
+    after = memory_snapshot(pool_pids(pool))
+    jobs_run = {str(w["pid"]): w["jobs_run"] for w in pool.stats()["workers"]}
+    return {"jobs": jobs, "before": before, "after": after, "growth": growth(before, after),
+            "jobs_run_by_worker": jobs_run, "max_jobs_per_worker": pool.config.max_jobs_per_worker}
+
+
+def pool_pids(pool: WarmPool) -> tuple[int | None, list[int]]:
+    """(template pid, idle worker pids) of a library pool."""
+    proc = pool.supervisor.template_proc
+    return (proc.pid if proc else None), [w["pid"] for w in pool.stats()["workers"] if w["state"] == "idle"]
+
+
+def memory_snapshot(pids: tuple[int | None, list[int]]) -> dict[str, Any]:
+    """Template RSS and per-worker RSS/USS/PSS in MiB (psutil memory_full_info)."""
+    import psutil
+
+    template, workers = pids
+    snap: dict[str, Any] = {"template_rss_mb": None, "workers": {}}
+    if template:
+        snap["template_rss_mb"] = _mb(psutil.Process(template).memory_info().rss)
+    for pid in workers:
+        try:
+            full = psutil.Process(pid).memory_full_info()
+        except (psutil.Error, OSError) as exc:
+            snap["workers"][str(pid)] = {"error": str(exc)}
+            continue
+        snap["workers"][str(pid)] = {"rss_mb": _mb(full.rss), "uss_mb": _mb(full.uss),
+                                     "pss_mb": _mb(getattr(full, "pss", 0)),
+                                     "shared_mb": _mb(full.rss - full.uss)}
+    return snap
+
+
+def growth(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Per-worker change in USS/PSS/RSS for workers present in both snapshots."""
+    out = {}
+    for pid, row in after["workers"].items():
+        old = before["workers"].get(pid)
+        if old and "error" not in old and "error" not in row:
+            out[pid] = {k: round(row[k] - old[k], 2) for k in ("rss_mb", "uss_mb", "pss_mb")}
+        else:
+            out[pid] = "new worker (the old one was recycled)"
+    return out
+
+
+def _mb(n: int) -> float:
+    return round(n / 2**20, 2)
+
+
+def throughput(pool: WarmPool, clients: int, max_jobs: int, max_seconds: float) -> dict[str, Any]:
+    """Empty jobs per second with `clients` threads each submitting and waiting in a loop."""
+    done = [0] * clients
+    stop_at = time.perf_counter() + max_seconds
+    per_client = max(1, max_jobs // clients)
+
+    def client(i: int) -> None:
+        while done[i] < per_client and time.perf_counter() < stop_at:
+            _check(run_job(pool, workloads.EMPTY)[1])
+            done[i] += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    return {"clients": clients, "jobs": sum(done), "seconds": round(elapsed, 3),
+            "jobs_per_s": round(sum(done) / elapsed, 1)}

@@ -1,0 +1,172 @@
+"""`python -m benchmarks.run [--quick] [--backends cpu,xla]`: cold against warm, one run.
+
+For each backend, in this order so that nothing else competes for the two cores:
+cold per-script runs and the cold batch (no pool running); then a library pool
+(latency, dispatch, throughput, memory, timeouts, replacement last since it kills);
+then the HTTP service (latency, dispatch, the warm batch, throughput). Prints a table,
+writes benchmarks/results/latest.json and, when matplotlib imports, latency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import cold, library, report, service, workloads
+from benchmarks.report import ratio, summarize
+from benchmarks.table import goals, render
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many of everything; the full plan fits in ~10 minutes on 2 cores."""
+
+    cold_runs: int = 5
+    cold_runs_xla: int = 3
+    warm_runs: int = 30
+    batch_size: int = 10
+    dispatch_runs: int = 300
+    kills: int = 10
+    kills_xla: int = 6
+    timeouts_soft: int = 3
+    timeouts_hard: int = 2
+    memory_jobs: int = 100
+    throughput_jobs: int = 2000
+    throughput_seconds: float = 3.0
+    throughput_clients: tuple[int, ...] = (1, 4, 8)
+    # Also time the cpu training loop on a pool that preloads torch._dynamo (a diagnosis).
+    what_if: bool = True
+
+
+QUICK = Plan(cold_runs=2, cold_runs_xla=2, warm_runs=5, batch_size=2, dispatch_runs=20, kills=2,
+             kills_xla=2, timeouts_soft=1, timeouts_hard=0, memory_jobs=10, throughput_jobs=100,
+             throughput_seconds=0.5, throughput_clients=(2,), what_if=False)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def bench_backend(backend: str, plan: Plan, work: Path) -> dict[str, Any]:
+    """Every figure for one backend."""
+    loads = workloads.workloads(backend)
+    batch = workloads.batch(backend, plan.batch_size)
+    cold_runs = plan.cold_runs_xla if backend == "xla" else plan.cold_runs
+    out: dict[str, Any] = {"latency": {}, "batch": {"size": plan.batch_size}}
+
+    for name, code in loads.items():
+        log(f"{backend}: cold {name} ×{cold_runs}")
+        out["latency"][name] = {"cold": summarize(cold.latencies(code, backend, cold_runs))}
+    log(f"{backend}: cold batch of {plan.batch_size}")
+    out["batch"]["cold_s"] = round(cold.batch_wall(batch, backend), 3)
+
+    log(f"{backend}: library pool")
+    pool, ready_s = library.start_pool(backend, work / f"{backend}-lib")
+    try:
+        out["pool_start_s"] = round(ready_s, 3)
+        # Memory first, while both workers are fresh (jobs_run 0, so 100 jobs spread over two
+        # stay below max_jobs_per_worker); then empty jobs, before any workload dirties one.
+        log(f"{backend}: memory over {plan.memory_jobs} jobs")
+        out["memory"] = library.memory(pool, plan.memory_jobs, loads["matmul"])
+        dispatch = library.latencies(pool, workloads.EMPTY, plan.dispatch_runs, warmup=5)
+        out["dispatch"] = {"library": dispatch}
+        out["throughput"] = {"library": [library.throughput(pool, c, plan.throughput_jobs,
+                                                            plan.throughput_seconds)
+                                         for c in plan.throughput_clients]}
+        for name, code in loads.items():
+            log(f"{backend}: warm library {name} ×{plan.warm_runs}")
+            out["latency"][name]["warm_library"] = library.latencies(pool, code, plan.warm_runs)
+        log(f"{backend}: timeouts")
+        out["timeout"] = {"sigint": library.timeout_delay(pool, workloads.SLEEPER, plan.timeouts_soft)}
+        if plan.timeouts_hard:
+            out["timeout"]["sigkill"] = library.timeout_delay(pool, workloads.STUBBORN, plan.timeouts_hard)
+        kills = plan.kills_xla if backend == "xla" else plan.kills
+        log(f"{backend}: replacement ×{kills}")
+        out["replacement"] = library.replacement(pool, kills, pool.config.size or 2)
+    finally:
+        pool.shutdown(grace=5)
+
+    if backend == "cpu" and plan.what_if:
+        out["diagnosis"] = {"train_warm_library_with_torch_dynamo_preloaded": _dynamo_what_if(plan, work)}
+
+    log(f"{backend}: HTTP service")
+    with service.Service(backend, work / f"{backend}-svc") as svc:
+        out["service_start_s"] = round(svc.ready_s or 0, 3)
+        out["dispatch"]["http"] = service.latencies(svc, workloads.EMPTY, plan.dispatch_runs, warmup=5)
+        for name, code in loads.items():
+            log(f"{backend}: warm HTTP {name} ×{plan.warm_runs}")
+            out["latency"][name]["warm_http"] = service.latencies(svc, code, plan.warm_runs)
+        service.batch_wall(svc, batch)  # warm-up: first use of each op in each worker
+        wall, summary = service.batch_wall(svc, batch)
+        out["batch"].update(warm_http_s=round(wall, 4), response=summary)
+        out["memory"]["service_idle"] = library.memory_snapshot(svc.pool_pids())
+        out["throughput"]["http"] = [service.throughput(svc, c, plan.throughput_jobs, plan.throughput_seconds)
+                                     for c in plan.throughput_clients]
+    for row in out["latency"].values():
+        c = row["cold"].get("p50_ms")
+        row["ratio_cold_over_warm_http"] = ratio(c, row["warm_http"].get("p50_ms"))
+        row["ratio_cold_over_warm_library"] = ratio(c, row["warm_library"].get("p50_ms"))
+    out["batch"]["ratio"] = ratio(out["batch"]["cold_s"], out["batch"]["warm_http_s"])
+    return out
+
+
+def _dynamo_what_if(plan: Plan, work: Path) -> dict[str, Any]:
+    """The cpu training loop on a pool whose template also imports torch._dynamo.
+
+    The first optimizer step imports torch._dynamo (≈870 modules, atexit handlers, and a
+    patched torch.manual_seed), so on the cpu preload the worker is replaced as dirty after
+    every training job. torch_xla imports it anyway, which is why xla does not suffer.
+    """
+    log("cpu: what-if: train with torch._dynamo preloaded")
+    pool, _ = library.start_pool("cpu", work / "cpu-dynamo", preload=("torch", "torch._dynamo"))
+    try:
+        return library.latencies(pool, workloads.workloads("cpu")["train"], plan.warm_runs)
+    finally:
+        pool.shutdown(grace=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny run (smoke test): few runs each")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated, default cpu,xla (cpu only with --quick)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results directory [{RESULTS}]")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else Plan()
+    backends = (args.backends or ("cpu" if args.quick else "cpu,xla")).split(",")
+    started = time.perf_counter()
+    results: dict[str, Any] = {"machine": report.machine(), "mode": "quick" if args.quick else "full",
+                               "plan": asdict(plan), "backends": {}, "errors": {}}
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        for backend in backends:
+            try:
+                results["backends"][backend] = bench_backend(backend, plan, work)
+            except Exception as exc:  # noqa: BLE001 - one backend failing must not hide the other
+                log(f"{backend}: FAILED: {exc}")
+                results["errors"][backend] = f"{type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["machine"]["load_avg_end"] = report.load_avg()
+    results["goals"] = goals(results)
+    results["duration_s"] = round(time.perf_counter() - started, 1)
+    json_path = args.out / "latest.json"
+    png_note = report.plot(results, args.out / "latency.png") if results["backends"] else "no data"
+    results["plot"] = png_note or str(args.out / "latency.png")
+    report.write_json(results, json_path)
+    print(render(results))
+    print(f"\nJSON: {json_path}\nplot: {results['plot']}")
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The HTTP service, started as `python -m executor_service serve` on 127.0.0.1.
+
+Requests go over persistent HTTP/1.1 connections (one per client thread), so the
+figures are the service's cost, not the cost of opening a TCP connection each time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import workloads
+from benchmarks.report import summarize
+
+
+class Service:
+    """One service process; `with Service(...) as svc:` starts it and stops it."""
+
+    def __init__(self, backend: str, work_dir: Path, pool_size: int = 2, start_timeout: float = 180.0):
+        self.backend, self.work_dir, self.pool_size = backend, work_dir, pool_size
+        self.start_timeout = start_timeout
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = work_dir / "service.log"
+        self.ready_s: float | None = None
+
+    def __enter__(self) -> Service:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the service; return once /health is 200 with every worker idle."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EXECUTOR_")}
+        if self.backend == "xla":
+            env.setdefault("PJRT_DEVICE", "CPU")
+        cmd = [sys.executable, "-m", "executor_service", "serve", "--host", "127.0.0.1",
+               "--port", str(self.port), "--backend", self.backend, "--pool-size", str(self.pool_size),
+               "--work-dir", str(self.work_dir), "--log-level", "WARNING"]
+        start = time.perf_counter()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited {self.proc.returncode}: {self._log_tail()}")
+            try:
+                status, body = self.request("GET", "/health")
+                if status == 200 and (body.get("pool") or {}).get("idle", 0) >= self.pool_size:
+                    self.ready_s = time.perf_counter() - start
+                    return
+            except (OSError, http.client.HTTPException, ValueError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"service not healthy within {self.start_timeout} s: {self._log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 30 s; the service kills its own pool."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-1500:]
+        except OSError:
+            return "(no log)"
+
+    def connect(self) -> http.client.HTTPConnection:
+        """A persistent connection to the service."""
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+
+    def request(self, method: str, path: str, body: Any = None,
+                conn: http.client.HTTPConnection | None = None) -> tuple[int, Any]:
+        """One request; a fresh connection unless `conn` is given. Returns (status, JSON)."""
+        own = conn is None
+        conn = conn or self.connect()
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            payload = resp.read()
+            return resp.status, json.loads(payload or b"null")
+        finally:
+            if own:
+                conn.close()
+
+    def execute(self, code: str, conn: http.client.HTTPConnection, timeout: float = 120.0) -> float:
+        """POST /execute; return the wall time (s). Raises unless the script succeeded."""
+        start = time.perf_counter()
+        status, body = self.request("POST", "/execute", {"paper_id": "bench", "code": code,
+                                                         "timeout": timeout}, conn)
+        elapsed = time.perf_counter() - start
+        if status != 200 or not body.get("success"):
+            raise RuntimeError(f"POST /execute → {status}: {str(body)[:500]}")
+        return elapsed
+
+    def pool_pids(self) -> tuple[int | None, list[int]]:
+        """(template pid, idle worker pids) from /health; the template is the workers' parent."""
+        import psutil
+
+        deadline = time.monotonic() + 60  # replacements of dirty workers may still be starting
+        while True:
+            _, body = self.request("GET", "/health")
+            workers = [w["pid"] for w in body["pool"]["workers"] if w["state"] == "idle"]
+            if len(workers) >= self.pool_size or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        template = psutil.Process(workers[0]).ppid() if workers else None
+        return template, workers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def latencies(svc: Service, code: str, runs: int, warmup: int = 4) -> dict[str, Any]:
+    """POST /execute round-trip wall times of one script."""
+    conn = svc.connect()
+    try:
+        for _ in range(warmup):
+            svc.execute(code, conn)
+        return summarize([svc.execute(code, conn) for _ in range(runs)])
+    finally:
+        conn.close()
+
+
+def batch_wall(svc: Service, batch: list[dict[str, str]]) -> tuple[float, dict[str, Any]]:
+    """POST /execute_batch wall time (s) and a summary of the response."""
+    start = time.perf_counter()
+    status, body = svc.request("POST", "/execute_batch", {"batch": batch})
+    elapsed = time.perf_counter() - start
+    if status != 200:
+        raise RuntimeError(f"POST /execute_batch → {status}: {str(body)[:500]}")
+    summary = {k: body.get(k) for k in ("success", "batch_size", "successful", "failed")}
+    results = list((body.get("results") or {}).values())
+    # Where the wall time went: in the scripts, or waiting for one of the workers.
+    summary["sum_execution_s"] = round(sum(r.get("execution_time") or 0 for r in results), 4)
+    summary["max_queue_s"] = round(max((r.get("queue_time") or 0 for r in results), default=0), 4)
+    summary["workers_replaced"] = sum(1 for r in results if r.get("worker_replaced"))
+    if body.get("failed"):
+        bad = [r.get("stderr", "")[-300:] for r in body.get("results", {}).values() if not r.get("success")]
+        summary["first_failure"] = bad[0] if bad else None
+    return elapsed, summary
+
+
+def throughput(svc: Service, clients: int, max_jobs: int, max_seconds: float) -> dict[str, Any]:
+    """Empty jobs per second through POST /execute with `clients` threads, one connection each."""
+    done = [0] * clients
+    errors: list[str] = []
+    stop_at = time.perf_counter() + max_seconds
+    per_client = max(1, max_jobs // clients)
+
+    def client(i: int) -> None:
+        conn = svc.connect()
+        try:
+            while done[i] < per_client and time.perf_counter() < stop_at:
+                svc.execute(workloads.EMPTY, conn)
+                done[i] += 1
+        except Exception as exc:  # noqa: BLE001 - reported in the results, not raised
+            errors.append(str(exc)[:300])
+        finally:
+            conn.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    out = {"clients": clients, "jobs": sum(done), "seconds": round(elapsed, 3),
+           "jobs_per_s": round(sum(done) / elapsed, 1)}
+    if errors:
+        out["errors"] = errors[:3]
+    return out

@@ -1,0 +1,127 @@
+"""The readable table printed on stdout, and the goals of issue 4 checked against the figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Goal → (threshold, unit); reported, never asserted.
+REPLACEMENT_GOAL_MS = {"cpu": 50.0, "xla": 150.0}
+BATCH_GOAL_RATIO = 150.0
+HTTP_EMPTY_GOAL_MS = 10.0
+LIBRARY_EMPTY_GOAL_MS = 1.0
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per goal and backend: the figure, the target and met / missed."""
+    rows = []
+
+    def row(backend: str, goal: str, value: float | None, target: float,
+            higher_is_better: bool = False) -> None:
+        met = None if value is None else (value >= target if higher_is_better else value < target)
+        rows.append({"backend": backend, "goal": goal, "value": value, "target": target, "met": met})
+
+    for backend, s in results["backends"].items():
+        row(backend, f"batch of {s['batch']['size']}: cold ÷ warm ≥ {BATCH_GOAL_RATIO:g}×",
+            s["batch"].get("ratio"), BATCH_GOAL_RATIO, higher_is_better=True)
+        row(backend, f"empty job via HTTP p50 < {HTTP_EMPTY_GOAL_MS:g} ms",
+            s["dispatch"]["http"].get("p50_ms"), HTTP_EMPTY_GOAL_MS)
+        row(backend, f"empty job via library p50 < {LIBRARY_EMPTY_GOAL_MS:g} ms",
+            s["dispatch"]["library"].get("p50_ms"), LIBRARY_EMPTY_GOAL_MS)
+        target = REPLACEMENT_GOAL_MS.get(backend, 150.0)
+        row(backend, f"replacement ready p50 < {target:g} ms", s["replacement"].get("p50_ms"), target)
+    return rows
+
+
+def _f(value: Any, nd: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{nd}f}"
+    return str(value)
+
+
+def _lat(stats: dict[str, Any]) -> str:
+    return f"{_f(stats.get('min_ms'))} / {_f(stats.get('p50_ms'))} / {_f(stats.get('p95_ms'))}"
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def render(results: dict[str, Any]) -> str:
+    """Everything a reader needs from the run, as plain text."""
+    m = results["machine"]
+    out = [f"Trainium Executor benchmark ({results['mode']}) — {m['date_utc']}",
+           f"{m['cpu_model']}, {m['logical_cores']} logical cores, {m.get('memory_gb', '?')} GB; "
+           f"python {m['python']}, torch {m['torch_version']}, torch-xla {m['torch-xla_version']}",
+           f"pool size 2; cold = fresh `python main.py` per script; run took {results.get('duration_s')} s; "
+           f"load avg {m.get('load_avg_start')} → {m.get('load_avg_end')}"]
+    for backend, s in results["backends"].items():
+        out += ["", f"== backend {backend} (pool ready in {_f(s.get('pool_start_s'), 2)} s library, "
+                    f"{_f(s.get('service_start_s'), 2)} s service) =="]
+        rows = [[name, _lat(r["cold"]), _lat(r["warm_http"]), _lat(r["warm_library"]),
+                 f"{_f(r['ratio_cold_over_warm_http'])}×"] for name, r in s["latency"].items()]
+        out += _grid(["workload (ms)", "cold min/p50/p95", "warm HTTP min/p50/p95",
+                      "warm library min/p50/p95", "cold÷warm HTTP p50"], rows)
+        recycled = {n: r["warm_library"].get("respawns_during") for n, r in s["latency"].items()
+                    if r["warm_library"].get("respawns_during")}
+        if recycled:
+            out.append(f"workers replaced during warm library runs: {recycled}")
+        what_if = (s.get("diagnosis") or {}).get("train_warm_library_with_torch_dynamo_preloaded")
+        if what_if:
+            out.append(f"what-if: train on a pool preloading torch._dynamo too, library p50/p95 "
+                       f"{_f(what_if.get('p50_ms'))}/{_f(what_if.get('p95_ms'))} ms, workers replaced: "
+                       f"{what_if.get('respawns_during') or 'none'}")
+        b = s["batch"]
+        out.append(f"batch of {b['size']}: cold {_f(b.get('cold_s'), 2)} s sequential, warm POST "
+                   f"/execute_batch {_f(b.get('warm_http_s'), 3)} s → {_f(b.get('ratio'))}× "
+                   f"({(b.get('response') or {}).get('successful')} ok; scripts ran "
+                   f"{_f((b.get('response') or {}).get('sum_execution_s'), 3)} s in total)")
+        d = s["dispatch"]
+        out.append(f"empty job p50/p95: library {_f(d['library'].get('p50_ms'), 2)}/"
+                   f"{_f(d['library'].get('p95_ms'), 2)} ms (worker side "
+                   f"{_f(d['library']['execution'].get('p50_ms'), 2)} ms), HTTP "
+                   f"{_f(d['http'].get('p50_ms'), 2)}/{_f(d['http'].get('p95_ms'), 2)} ms")
+        r = s["replacement"]
+        out.append(f"replacement after SIGKILL p50/p95: {_f(r.get('p50_ms'))}/{_f(r.get('p95_ms'))} ms "
+                   f"(fork→ready in the worker p50 {_f(r['worker_fork_to_ready'].get('p50_ms'))} ms, "
+                   f"n={r.get('n')})")
+        t = s["timeout"]
+        parts = [f"{k} p50 {_f(v.get('p50_ms'))} ms (n={v.get('n')})" for k, v in t.items()]
+        out.append("timeout: deadline → caller has the result: " + "; ".join(parts)
+                   + f"; kill_grace_s={t['sigint'].get('kill_grace_s')}")
+        out += _memory_lines(s["memory"])
+        out += _throughput_lines(s["throughput"])
+    if results.get("errors"):
+        out += ["", "ERRORS:"] + [f"  {k}: {v}" for k, v in results["errors"].items()]
+    out += ["", "== goals (reported, not asserted) =="]
+    out += _grid(["backend", "goal", "value", "met"],
+                 [[g["backend"], g["goal"], _f(g["value"], 2),
+                   {True: "met", False: "MISSED", None: "-"}[g["met"]]] for g in results["goals"]])
+    return "\n".join(out)
+
+
+def _memory_lines(mem: dict[str, Any]) -> list[str]:
+    before = mem["before"]
+    lines = [f"memory (MiB): template RSS {_f(before.get('template_rss_mb'))}"]
+    for pid, w in before["workers"].items():
+        if "error" in w:
+            lines.append(f"  worker {pid}: {w['error']}")
+            continue
+        g = mem["growth"].get(pid)
+        grow = (f"after {mem['jobs']} jobs USS {g['uss_mb']:+.1f}, PSS {g['pss_mb']:+.1f}"
+                if isinstance(g, dict) else f"after {mem['jobs']} jobs: {g or 'recycled'}")
+        lines.append(f"  idle worker {pid}: RSS {_f(w['rss_mb'])}, USS {_f(w['uss_mb'])}, "
+                     f"PSS {_f(w['pss_mb'])} (shared {_f(w['shared_mb'])}); {grow}")
+    return lines
+
+
+def _throughput_lines(tp: dict[str, Any]) -> list[str]:
+    parts = []
+    for where in ("library", "http"):
+        for row in tp.get(where, []):
+            err = " (errors)" if row.get("errors") else ""
+            parts.append(f"{where} {row['clients']} clients {_f(row['jobs_per_s'])}/s{err}")
+    return ["empty-job throughput: " + ", ".join(parts)]

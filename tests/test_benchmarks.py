@@ -1,0 +1,35 @@
+"""`python -m benchmarks.run --quick` runs end to end and its JSON has every section."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("latency", "batch", "dispatch", "replacement", "timeout", "memory", "throughput")
+
+
+@pytest.mark.timeout(90)
+def test_quick_benchmark_writes_every_section(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--backends", "cpu",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=85)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "goals (reported, not asserted)" in proc.stdout
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert results["errors"] == {}
+    assert {"cpu_model", "logical_cores", "torch_version", "date_utc"} <= set(results["machine"])
+    cpu = results["backends"]["cpu"]
+    assert set(SECTIONS) <= set(cpu)
+    for row in cpu["latency"].values():
+        assert {"cold", "warm_library", "warm_http"} <= set(row)
+        assert row["cold"]["p50_ms"] > 0 and row["warm_http"]["p50_ms"] > 0
+    assert cpu["batch"]["cold_s"] > 0 and cpu["batch"]["warm_http_s"] > 0
+    assert {"library", "http"} <= set(cpu["dispatch"]) and {"library", "http"} <= set(cpu["throughput"])
+    assert cpu["memory"]["before"]["template_rss_mb"] > 0
+    assert cpu["replacement"]["n"] >= 1 and cpu["timeout"]["sigint"]["n"] >= 1
+    assert {g["backend"] for g in results["goals"]} == {"cpu"}
