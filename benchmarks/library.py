@@ -6,16 +6,16 @@ Every measure takes a started, ready WarmPool. Times are the caller's wall clock
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks import workloads
-from benchmarks.report import summarize
+from benchmarks.report import run_clients, summarize
 from warm_pool import JobSpec, PoolConfig, WarmPool
 
 _ids = itertools.count()
@@ -184,21 +184,7 @@ def _mb(n: int) -> float:
 
 def throughput(pool: WarmPool, clients: int, max_jobs: int, max_seconds: float) -> dict[str, Any]:
     """Empty jobs per second with `clients` threads each submitting and waiting in a loop."""
-    done = [0] * clients
-    stop_at = time.perf_counter() + max_seconds
-    per_client = max(1, max_jobs // clients)
+    def job() -> None:
+        _check(run_job(pool, workloads.EMPTY)[1])
 
-    def client(i: int) -> None:
-        while done[i] < per_client and time.perf_counter() < stop_at:
-            _check(run_job(pool, workloads.EMPTY)[1])
-            done[i] += 1
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    return {"clients": clients, "jobs": sum(done), "seconds": round(elapsed, 3),
-            "jobs_per_s": round(sum(done) / elapsed, 1)}
+    return run_clients(clients, max_jobs, max_seconds, lambda: contextlib.nullcontext(job))

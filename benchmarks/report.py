@@ -8,6 +8,10 @@ import math
 import os
 import platform
 import statistics
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,40 @@ def summarize(samples: list[float]) -> dict[str, Any]:
     return {"n": len(ms), "min_ms": round(ms[0], 3), "p50_ms": round(_pct(ms, 50), 3),
             "p95_ms": round(_pct(ms, 95), 3), "mean_ms": round(statistics.fmean(ms), 3),
             "max_ms": round(ms[-1], 3)}
+
+
+def run_clients(clients: int, max_jobs: int, max_seconds: float,
+                session: Callable[[], AbstractContextManager[Callable[[], None]]]) -> dict[str, Any]:
+    """Jobs per second with `clients` threads, each running jobs in a loop until it has
+    done its share of max_jobs or max_seconds are up. `session()` gives each thread its
+    job function (and whatever it holds open, e.g. a connection, for as long as it runs).
+    """
+    done = [0] * clients
+    errors: list[str] = []
+    stop_at = time.perf_counter() + max_seconds
+    per_client = max(1, max_jobs // clients)
+
+    def client(i: int) -> None:
+        try:
+            with session() as job:
+                while done[i] < per_client and time.perf_counter() < stop_at:
+                    job()
+                    done[i] += 1
+        except Exception as exc:  # noqa: BLE001 - reported in the results, not raised
+            errors.append(str(exc)[:300])
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    out: dict[str, Any] = {"clients": clients, "jobs": sum(done), "seconds": round(elapsed, 3),
+                           "jobs_per_s": round(sum(done) / elapsed, 1)}
+    if errors:
+        out["errors"] = errors[:3]
+    return out
 
 
 def _pct(sorted_ms: list[float], pct: float) -> float:

@@ -6,19 +6,19 @@ figures are the service's cost, not the cost of opening a TCP connection each ti
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks import workloads
-from benchmarks.report import summarize
+from benchmarks.report import run_clients, summarize
 
 
 class Service:
@@ -166,31 +166,12 @@ def batch_wall(svc: Service, batch: list[dict[str, str]]) -> tuple[float, dict[s
 
 def throughput(svc: Service, clients: int, max_jobs: int, max_seconds: float) -> dict[str, Any]:
     """Empty jobs per second through POST /execute with `clients` threads, one connection each."""
-    done = [0] * clients
-    errors: list[str] = []
-    stop_at = time.perf_counter() + max_seconds
-    per_client = max(1, max_jobs // clients)
-
-    def client(i: int) -> None:
+    @contextlib.contextmanager
+    def session():
         conn = svc.connect()
         try:
-            while done[i] < per_client and time.perf_counter() < stop_at:
-                svc.execute(workloads.EMPTY, conn)
-                done[i] += 1
-        except Exception as exc:  # noqa: BLE001 - reported in the results, not raised
-            errors.append(str(exc)[:300])
+            yield lambda: svc.execute(workloads.EMPTY, conn)
         finally:
             conn.close()
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    out = {"clients": clients, "jobs": sum(done), "seconds": round(elapsed, 3),
-           "jobs_per_s": round(sum(done) / elapsed, 1)}
-    if errors:
-        out["errors"] = errors[:3]
-    return out
+    return run_clients(clients, max_jobs, max_seconds, session)
