@@ -114,6 +114,13 @@ class Server:
         finally:
             self.log.close()
 
+    def close(self) -> None:
+        """Stop gracefully (SIGTERM), and in any case leave no process of it behind."""
+        try:
+            self.stop()
+        finally:
+            self.kill_tree()
+
     def kill_tree(self) -> None:
         """SIGKILL the server and everything under it (its pool's template and workers)."""
         procs = self.descendants()
@@ -207,10 +214,7 @@ def server(tmp_path_factory):
     """One unauthenticated server per test module, jobs limited to 1 GiB of memory."""
     srv = start_server(tmp_path_factory, "svc", args=["--max-memory-mb", "1024"])
     yield srv
-    try:
-        srv.stop()
-    finally:
-        srv.kill_tree()
+    srv.close()
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,7 @@ def small_queue(tmp_path_factory):
     """A server whose queue holds two jobs, to see 503s."""
     srv = start_server(tmp_path_factory, "client", args=["--max-queue", "2"])
     yield srv
-    try:
-        srv.stop()
-    finally:
-        srv.kill_tree()
+    srv.close()
 
 
 def _fill(srv) -> dict:

@@ -18,10 +18,7 @@ TOKEN = "s3cret-token-\u00e9-value"[:13] + "abc123XYZ"
 def secured(tmp_path_factory):
     srv = start_server(tmp_path_factory, "auth", env={"EXECUTOR_API_TOKEN": TOKEN}, token=TOKEN)
     yield srv
-    try:
-        srv.stop()
-    finally:
-        srv.kill_tree()
+    srv.close()
 
 
 def test_health_needs_no_token(secured):

@@ -80,8 +80,7 @@ def test_sigterm_drains_running_jobs_keeps_queued_and_leaves_no_process(tmp_path
             assert done["results"]["run1"]["stdout"] == "finished\n"
             assert done["results"]["waits"]["stdout"] == "after restart\n"
         finally:
-            srv2.stop()
-            srv2.kill_tree()
+            srv2.close()
     finally:
         srv.kill_tree()
 
@@ -118,8 +117,7 @@ def test_kill_9_then_restart_loses_no_job(tmp_path):
         old = srv2.get(f"/jobs/{before['job_ids']['before']}").json
         assert old["status"] == "completed" and old["stdout"] == "before\n"
     finally:
-        srv2.stop()
-        srv2.kill_tree()
+        srv2.close()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None,
@@ -146,5 +144,4 @@ def test_health_is_503_with_the_reason_when_the_pool_is_broken(tmp_path):
         assert refused.status == 503 and "pool is broken" in refused.json["error"]
         assert srv.post("/jobs", {"code": "print(1)"}).status == 503
     finally:
-        srv.stop()
-        srv.kill_tree()
+        srv.close()
