@@ -292,7 +292,7 @@ class WarmPool:
         with sup.lock:
             workers = [self._worker_stats(w) for w in sorted(sup.workers.values(), key=lambda w: w.slot)]
             states = [w.state for w in sup.workers.values()]
-            return {
+            out = {
                 "backend": sup.backend or (None if self.config.backend == "auto" else self.config.backend),
                 "requested_backend": self.config.backend,
                 "state": sup.state,
@@ -307,8 +307,13 @@ class WarmPool:
                 "workers": workers,
                 "respawns": {"total": sum(sup.respawns.values()), "by_reason": dict(sup.respawns)},
                 "idle_since": sup.idle_since,
-                "neuron": self._neuron_stats(),
             }
+        # Measured outside the lock: both walk /proc or the file system, and the
+        # supervisor's loop must not wait for a health check.
+        for worker in workers:
+            worker["rss_mb"] = round(tree_rss(worker["pid"]) / _MIB, 1) if worker["pid"] else None
+        out["neuron"] = self._neuron_stats()
+        return out
 
     def _neuron_stats(self) -> dict[str, Any] | None:
         if not self._neuron:
@@ -331,7 +336,6 @@ class WarmPool:
             "id": worker.id, "pid": worker.pid, "state": worker.state, "core": worker.core,
             "jobs_run": worker.jobs_run, "device": worker.device, "preloaded": list(worker.preloaded),
             "ready_seconds": round(worker.ready_seconds, 4) if worker.ready_seconds else None,
-            "rss_mb": round(tree_rss(worker.pid) / _MIB, 1) if worker.pid else None,
             "current_job": worker.job.spec.job_id if worker.job else None,
         }
 

@@ -33,8 +33,6 @@ from warm_pool import protocol
 from warm_pool.config import PoolConfig
 from warm_pool.result import JobSpec
 
-_MIB = 1024 * 1024
-
 
 @dataclass(eq=False)
 class Job:
@@ -101,6 +99,7 @@ class Supervisor:
         self.template_conn: Connection | None = None
         self.template_sock: socket.socket | None = None
         self.start_failures = 0
+        self.last_start_error: str | None = None  # a worker's device-init traceback
         self.next_start_mono = 0.0
         self.next_worker_id = 1
         self.pending_groups: dict[int, int] = {}  # slot -> pgid that must be empty first
@@ -147,7 +146,7 @@ class Supervisor:
                     worker = next((w for w in self.workers.values() if w.conn is obj), None)
                     if worker is not None:
                         self._read_worker(worker)
-            if self.state not in ("closed",):
+            if self.state != "closed":
                 self.murder_workers(now)
                 self.manage_workers(now)
                 self.dispatch(now)
@@ -333,7 +332,7 @@ class Supervisor:
         if isinstance(msg, protocol.WorkerReady):
             worker.pid, worker.preloaded, worker.device = msg.pid, msg.preloaded, msg.device
             worker.ready_seconds = time.monotonic() - worker.spawned_mono
-            self.start_failures = 0
+            self.start_failures, self.last_start_error = 0, None
             if worker.state == "starting":
                 worker.state = "idle"
         elif isinstance(msg, protocol.WorkerFailed):
@@ -405,7 +404,7 @@ class Supervisor:
         self.respawns["start_failed"] += 1
         self.start_failures += 1
         if self.start_failures >= self.config.max_start_failures:
-            detail = getattr(self, "last_start_error", None) or reason
+            detail = self.last_start_error or reason
             self.break_pool(f"{self.start_failures} worker starts failed in a row; last: {detail.strip()}")
             return
         self.next_start_mono = time.monotonic() + min(0.25 * 2 ** (self.start_failures - 1), 10.0)
