@@ -9,7 +9,7 @@ SERVE_ARGS ?=
 # `make run` keeps its jobs and job store in the checkout unless told otherwise.
 export EXECUTOR_WORK_DIR ?= $(CURDIR)/.work
 
-.PHONY: run test lint bench system-deps clean
+.PHONY: run test lint bench docs system-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ $(BENCH_STAMP): $(DEV_STAMP) requirements-bench.txt
 
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# The settings table in docs/configuration.md, from the settings' declarations.
+docs: $(RUN_STAMP)
+	$(PY) -m executor_service.config --write docs/configuration.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

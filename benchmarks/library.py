@@ -24,7 +24,7 @@ _ids = itertools.count()
 def start_pool(backend: str, work_dir: Path, size: int = 2, timeout: float = 180.0,
                preload: tuple[str, ...] | None = None) -> tuple[WarmPool, float]:
     """Start a pool and wait until all `size` workers are idle; return it and the seconds it took."""
-    pool = WarmPool(PoolConfig(backend=backend, size=size, work_dir=work_dir, preload=preload))
+    pool = WarmPool(PoolConfig(backend=backend, pool_size=size, work_dir=work_dir, preload=preload))
     start = time.perf_counter()
     pool.start()
     if not pool.wait_ready(timeout) or not wait_idle(pool, size, timeout):
@@ -55,7 +55,7 @@ def run_job(pool: WarmPool, code: str, timeout: float = 120.0):
 
 def latencies(pool: WarmPool, code: str, runs: int, warmup: int = 4) -> dict[str, Any]:
     """Submit→result wall times of one script, plus the pool's own execution and queue times."""
-    size = pool.config.size or 2
+    size = pool.config.pool_size or 2
     wait_idle(pool, size, 120)  # let replacements from earlier sections finish first
     for _ in range(warmup):  # first use of an op in a worker (lazy init, XLA compile)
         _check(run_job(pool, code)[1])
@@ -117,14 +117,14 @@ def timeout_delay(pool: WarmPool, code: str, runs: int, timeout: float = 0.5) ->
         delays.append(got - (result.started_at + timeout))
     out = summarize(delays)
     out["timeout_s"] = timeout
-    out["kill_grace_s"] = pool.config.kill_grace_s
+    out["kill_grace"] = pool.config.kill_grace
     return out
 
 
 def memory(pool: WarmPool, jobs: int, code: str) -> dict[str, Any]:
     """Template RSS and each idle worker's RSS/USS/PSS, before and after `jobs` jobs."""
-    wait_idle(pool, pool.config.size or 2, 60)
-    size = pool.config.size or 2
+    wait_idle(pool, pool.config.pool_size or 2, 60)
+    size = pool.config.pool_size or 2
     before = memory_snapshot(pool_pids(pool))
     # `size` at a time so every worker runs its share: one after another, the first idle
     # worker would take them all and reach max_jobs_per_worker (recycled) at 100.

@@ -90,7 +90,7 @@ def bench_backend(backend: str, plan: Plan, work: Path) -> dict[str, Any]:
             out["timeout"]["sigkill"] = library.timeout_delay(pool, workloads.STUBBORN, plan.timeouts_hard)
         kills = plan.kills_xla if backend == "xla" else plan.kills
         log(f"{backend}: replacement ×{kills}")
-        out["replacement"] = library.replacement(pool, kills, pool.config.size or 2)
+        out["replacement"] = library.replacement(pool, kills, pool.config.pool_size or 2)
     finally:
         pool.shutdown(grace=5)
 

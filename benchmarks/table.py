@@ -91,7 +91,7 @@ def render(results: dict[str, Any]) -> str:
         t = s["timeout"]
         parts = [f"{k} p50 {_f(v.get('p50_ms'))} ms (n={v.get('n')})" for k, v in t.items()]
         out.append("timeout: deadline → caller has the result: " + "; ".join(parts)
-                   + f"; kill_grace_s={t['sigint'].get('kill_grace_s')}")
+                   + f"; kill_grace={t['sigint'].get('kill_grace')}")
         out += _memory_lines(s["memory"])
         out += _throughput_lines(s["throughput"])
     if results.get("errors"):

@@ -50,7 +50,7 @@ print(y.item())
 
 # Sleeps past its timeout; SIGINT (the polite stop) ends it at once.
 SLEEPER = "import time\ntime.sleep(60)\n"
-# Ignores SIGINT, so the supervisor must wait out kill_grace_s and SIGKILL it.
+# Ignores SIGINT, so the supervisor must wait out kill_grace and SIGKILL it.
 STUBBORN = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)\n"
 
 

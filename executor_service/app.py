@@ -21,8 +21,7 @@ from executor_service.jobs import RETRY_AFTER_S, JobRunner
 from executor_service.metrics import CONTENT_TYPE, Metrics
 from executor_service.store import JobStore
 from executor_service.validation import ApiError
-from warm_pool import errors
-from warm_pool.result import TERMINAL_STATUSES
+from warm_pool import TERMINAL_STATUSES, PoolBroken, PoolClosed, QueueFull
 
 log = logging.getLogger("executor_service.app")
 
@@ -30,9 +29,9 @@ _RETRY = {"Retry-After": str(RETRY_AFTER_S)}
 
 # Exceptions of the library (and the API's own) → (HTTP status, message, headers).
 ERRORS: dict[type[BaseException], tuple[int, str, dict[str, str]]] = {
-    errors.QueueFull: (503, "queue is full; retry later", _RETRY),
-    errors.PoolClosed: (503, "service is shutting down; retry later", _RETRY),
-    errors.PoolBroken: (503, "pool is broken: {exc}", {}),
+    QueueFull: (503, "queue is full; retry later", _RETRY),
+    PoolClosed: (503, "service is shutting down; retry later", _RETRY),
+    PoolBroken: (503, "pool is broken: {exc}", {}),
 }
 
 # Werkzeug's HTTP errors → our stable messages.
@@ -49,7 +48,7 @@ def create_app(config: ServiceConfig, pool=None) -> Flask:
     if pool is None:
         from warm_pool import WarmPool
 
-        pool = WarmPool(config.pool_config())
+        pool = WarmPool(config.pool)
         pool.start()
     store = JobStore(config.store_path)
     metrics = Metrics(pool.stats, store.counts)
@@ -133,8 +132,8 @@ def _now_iso() -> str:
 
 
 def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metrics: Metrics) -> None:
-    max_t = config.max_execution_time
-    default_t = config.job_timeout_default
+    max_t = config.pool.max_timeout
+    default_t = config.pool.default_timeout
 
     def body() -> dict[str, Any]:
         return validation.parse_json_object(request.get_data(cache=False))
@@ -143,7 +142,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
         batch_id, ids = runner.accept(req, "sync")
         job_ids = [job_id for _, job_id in ids]
         # Bound: every job of the queue ahead could take its full timeout on one worker.
-        bound = max_t * (config.max_queue + len(job_ids)) + 60
+        bound = max_t * (config.pool.max_queue + len(job_ids)) + 60
         if not runner.wait(job_ids, bound):
             raise ApiError(503, "service stopped before the jobs finished; fetch them later",
                            _RETRY, batch_id=batch_id, job_ids=dict(ids))
@@ -162,7 +161,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
             "timestamp": _now_iso(),
             "neuron_available": stats.get("backend") == "neuron" and ok,
             "working_dir": str(config.work_dir),
-            "max_execution_time": max_t,
+            "max_execution_time": default_t,
             "pool": stats,
         }
         if not ok:

@@ -22,17 +22,20 @@ import uuid
 from concurrent.futures import Future
 from typing import Any
 
+from executor_service.analysis import result_document
 from executor_service.config import ServiceConfig
 from executor_service.metrics import Metrics
 from executor_service.store import JobRow, JobStore
 from executor_service.validation import ApiError, Request
-from warm_pool import errors
-from warm_pool.result import (
+from warm_pool import (
     STATUS_CANCELLED,
     STATUS_INTERRUPTED,
     TERMINAL_STATUSES,
     JobResult,
     JobSpec,
+    PoolBroken,
+    PoolClosed,
+    QueueFull,
 )
 
 log = logging.getLogger("executor_service.jobs")
@@ -58,10 +61,10 @@ def short_reason(reason: str | None) -> str:
 def synthetic_result(row: JobRow, status: str, error_type: str, message: str) -> dict[str, Any]:
     """A full result for a job that never ran to an outcome (cancelled, interrupted)."""
     now = time.time()
-    res = JobResult(job_id=row.job_id, paper_id=row.paper_id, code=row.code, status=status,
+    res = JobResult(job_id=row.job_id, paper_id=row.paper_id, status=status,
                     error_type=error_type, error_message=message, submitted_at=row.created_at,
                     started_at=row.started_at, finished_at=now)
-    return res.to_dict()
+    return result_document(res.to_dict(), row.code)
 
 
 class JobRunner:
@@ -155,8 +158,8 @@ class JobRunner:
             if idem_key and (earlier := self.store.batch_for_key(idem_key)):
                 return earlier, [(r.paper_id, r.job_id) for r in self.store.get_batch(earlier) or []]
             queued = self.store.counts().get("queued", 0)
-            if queued + len(jobs) > self.config.max_queue:
-                raise ApiError(503, f"queue is full ({queued} of {self.config.max_queue} jobs "
+            if queued + len(jobs) > self.config.pool.max_queue:
+                raise ApiError(503, f"queue is full ({queued} of {self.config.pool.max_queue} jobs "
                                     "waiting); retry later", {"Retry-After": str(RETRY_AFTER_S)})
             with self._lock:
                 for j in jobs:
@@ -172,7 +175,7 @@ class JobRunner:
             return 0
         n = 0
         with self._dispatch_lock:
-            for row in self.store.queued(limit=self.config.max_queue * 2):
+            for row in self.store.queued(limit=self.config.pool.max_queue * 2):
                 with self._lock:
                     if row.job_id in self._submitted:
                         continue
@@ -180,9 +183,9 @@ class JobRunner:
                                timeout=row.timeout)
                 try:
                     fut = self.pool.submit(spec, on_start=self._on_start)
-                except errors.QueueFull:
+                except QueueFull:
                     break  # the loop retries in a second
-                except (errors.PoolClosed, errors.PoolBroken):
+                except (PoolClosed, PoolBroken):
                     break
                 with self._lock:
                     self._submitted[row.job_id] = fut
@@ -203,9 +206,7 @@ class JobRunner:
                 return  # pool shut down before the job started: it stays queued
             try:
                 result: JobResult = fut.result()
-                if not result.code:
-                    result = dataclasses.replace(result, code=row.code)
-                data = result.to_dict()
+                data = result_document(result.to_dict(), row.code)
                 status = result.status if result.status in TERMINAL_STATUSES else "completed"
             except Exception as exc:  # noqa: BLE001 - the pool promised results, be safe anyway
                 log.exception("job future raised", extra={"job_id": row.job_id})

@@ -52,7 +52,7 @@ def serve(config: ServiceConfig) -> int:
         ident="trainium-executor", clear_untrusted_proxy_headers=True,
     )
     log.info("listening", extra={"host": config.host, "port": int(server.effective_port),
-                                 "backend": config.backend, "pool_size": config.pool_size,
+                                 "backend": config.pool.backend, "pool_size": config.pool.pool_size,
                                  "work_dir": str(config.work_dir), "auth": bool(config.api_token)})
     loop = threading.Thread(target=server.run, name="waitress", daemon=True)
     loop.start()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from warm_pool.result import (
+from warm_pool import (
     STATUS_CANCELLED,
     STATUS_INTERRUPTED,
     STATUS_QUEUED,

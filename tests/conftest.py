@@ -17,18 +17,6 @@ from warm_pool import JobSpec, PoolConfig, WarmPool
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 
-def descendants() -> set[int]:
-    """Pids of every live (non-zombie) process below this one."""
-    out = set()
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                out.add(p.pid)
-        except psutil.Error:
-            pass
-    return out
-
-
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01):
     """Poll predicate until it returns something truthy; fail the test on timeout."""
     deadline = time.monotonic() + timeout
@@ -73,7 +61,7 @@ class PoolHandle:
 
 def start_pool(tmp: Path, **kw) -> PoolHandle:
     kw.setdefault("backend", "cpu")
-    kw.setdefault("size", 1)
+    kw.setdefault("pool_size", 1)
     pool = WarmPool(PoolConfig(work_dir=tmp, **kw)).start()
     assert pool.wait_ready(120), pool.stats()
     handle = PoolHandle(pool)
@@ -81,10 +69,38 @@ def start_pool(tmp: Path, **kw) -> PoolHandle:
     return handle
 
 
+def pool_processes(pool: WarmPool) -> list[psutil.Process]:
+    """The pool's template and everything below it (the template is the subreaper of its
+    workers' orphans, so a job's daemons are below it too)."""
+    proc = pool.supervisor.template_proc
+    try:
+        root = psutil.Process(proc.pid)
+        return [root, *root.children(recursive=True)]
+    except (AttributeError, psutil.Error):
+        return []
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def shutdown_leaving_nothing(pool: WarmPool, grace: float = 5) -> None:
+    """Shut the pool down and check that none of its processes outlives it."""
+    procs = pool_processes(pool)
+    pool.shutdown(grace=grace)
+    wait_until(lambda: not alive(procs), timeout=15)
+
+
 @pytest.fixture
 def make_pool(tmp_path):
     """Factory for pools that are shut down (and checked for leftovers) after the test."""
-    before = descendants()
     pools: list[PoolHandle] = []
 
     def make(**kw) -> PoolHandle:
@@ -94,14 +110,13 @@ def make_pool(tmp_path):
 
     yield make
     for handle in pools:
-        handle.pool.shutdown(grace=5)
-    wait_until(lambda: descendants() <= before, timeout=15)
+        shutdown_leaving_nothing(handle.pool)
 
 
 @pytest.fixture(scope="module")
 def shared_pool(tmp_path_factory):
     """One cpu pool of two workers shared by a module's tests (they must leave it clean)."""
-    handle = start_pool(tmp_path_factory.mktemp("shared"), size=2)
+    handle = start_pool(tmp_path_factory.mktemp("shared"), pool_size=2)
     yield handle
     handle.pool.shutdown(grace=5)
 

@@ -19,7 +19,7 @@ XLA_JOB = (
 
 @pytest.fixture(scope="module")
 def xla_pool(tmp_path_factory):
-    handle = start_pool(tmp_path_factory.mktemp("xla"), backend="xla", size=2)
+    handle = start_pool(tmp_path_factory.mktemp("xla"), backend="xla", pool_size=2)
     yield handle
     handle.pool.shutdown(grace=5)
 
@@ -56,7 +56,7 @@ def test_auto_picks_xla_when_torch_xla_imports(make_pool):
 
 
 def test_template_import_failure_breaks_the_pool_without_respawning(tmp_path):
-    pool = WarmPool(PoolConfig(backend="cpu", size=2, work_dir=tmp_path,
+    pool = WarmPool(PoolConfig(backend="cpu", pool_size=2, work_dir=tmp_path,
                                preload=("torch", "no_such_module_anywhere"))).start()
     try:
         assert pool.wait_ready(60) is False
@@ -78,8 +78,8 @@ def test_bad_settings_are_rejected_by_name(tmp_path):
         PoolConfig(backend="gpu", work_dir=tmp_path).validate()
     with pytest.raises(ConfigError, match="max_memory_mb"):
         PoolConfig(max_memory_mb=-1, work_dir=tmp_path).validate()
-    with pytest.raises(ConfigError, match="default_timeout_s"):
-        PoolConfig(default_timeout_s=float("nan"), work_dir=tmp_path).validate()
+    with pytest.raises(ConfigError, match="default_timeout"):
+        PoolConfig(default_timeout=float("nan"), work_dir=tmp_path).validate()
 
 
 def test_submit_rejects_unsafe_job_ids(shared_pool):
@@ -89,7 +89,7 @@ def test_submit_rejects_unsafe_job_ids(shared_pool):
 
 
 def test_workers_dying_while_starting_break_the_pool_after_backoff(tmp_path):
-    pool = WarmPool(PoolConfig(backend="xla", size=1, work_dir=tmp_path, max_start_failures=3,
+    pool = WarmPool(PoolConfig(backend="xla", pool_size=1, work_dir=tmp_path, max_start_failures=3,
                                extra_env=(("PJRT_DEVICE", "NO_SUCH_DEVICE"),))).start()
     try:
         assert pool.wait_ready(60) is False
@@ -104,7 +104,7 @@ def test_workers_dying_while_starting_break_the_pool_after_backoff(tmp_path):
 def test_workers_share_the_cores_instead_of_oversubscribing_them(make_pool):
     import os
 
-    pool = make_pool(size=2, threads_per_worker=None)
+    pool = make_pool(pool_size=2, threads_per_worker=None)
     expected = max(1, (os.cpu_count() or 1) // 2)
     result = pool.run("import os, torch\nprint(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])")
     assert result.stdout.split() == [str(expected), str(expected)]
@@ -113,6 +113,6 @@ def test_workers_share_the_cores_instead_of_oversubscribing_them(make_pool):
 def test_threads_per_worker_zero_leaves_torch_default(make_pool):
     import os
 
-    pool = make_pool(size=2, threads_per_worker=0)
+    pool = make_pool(pool_size=2, threads_per_worker=0)
     result = pool.run("import torch\nprint(torch.get_num_threads())")
     assert int(result.stdout) == (os.cpu_count() or 1)

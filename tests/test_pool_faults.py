@@ -31,7 +31,7 @@ def test_crash_gives_a_result_and_a_fresh_worker(make_pool, name):
 
 
 def test_timeout_interrupts_then_replaces_and_keeps_output(make_pool):
-    pool = make_pool(kill_grace_s=1.0)
+    pool = make_pool(kill_grace=1.0)
     result = pool.run("import time\nprint('started', flush=True)\ntime.sleep(60)", timeout=0.5)
     assert result.timeout is True
     assert result.error_type == "timeout"
@@ -43,7 +43,7 @@ def test_timeout_interrupts_then_replaces_and_keeps_output(make_pool):
 
 
 def test_timeout_kills_a_job_that_ignores_sigint(make_pool):
-    pool = make_pool(kill_grace_s=0.3)
+    pool = make_pool(kill_grace=0.3)
     code = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: time.sleep(0.01)"
     result = pool.run(code, timeout=0.3)
     assert result.timeout is True
@@ -51,7 +51,7 @@ def test_timeout_kills_a_job_that_ignores_sigint(make_pool):
 
 
 def test_timeout_kills_grandchildren_too(make_pool, tmp_path):
-    pool = make_pool(kill_grace_s=0.2)
+    pool = make_pool(kill_grace=0.2)
     marker = tmp_path / "grandchild.pid"
     code = (f"import subprocess, time\np = subprocess.Popen(['sleep', '300'])\n"
             f"open({str(marker)!r}, 'w').write(str(p.pid))\ntime.sleep(300)")
@@ -96,7 +96,7 @@ def test_memory_limit_kills_the_job(make_pool):
 
 
 def test_worker_killed_from_outside_is_replaced(make_pool):
-    pool = make_pool(size=2)
+    pool = make_pool(pool_size=2)
     victim = pool.idle_workers()[0]["pid"]
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: victim not in [w["pid"] for w in pool.pool.stats()["workers"]])
@@ -116,7 +116,7 @@ def test_queue_full_is_a_clear_error(make_pool):
 
 
 def test_shutdown_interrupts_running_jobs_and_leaves_no_process(make_pool):
-    pool = make_pool(size=2)
+    pool = make_pool(pool_size=2)
     fut = pool.pool.submit(_spec("import time\ntime.sleep(60)", "long"))
     queued = [pool.pool.submit(_spec("pass", f"q{i}")) for i in range(3)]
     wait_until(lambda: pool.pool.stats()["busy"] >= 1)
@@ -145,7 +145,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_template_killed_from_outside_is_restarted_with_its_workers(make_pool):
-    pool = make_pool(size=2)
+    pool = make_pool(pool_size=2)
     template = pool.pool.supervisor.template_proc.pid
     old = {w["pid"] for w in pool.pool.stats()["workers"]}
     os.kill(template, signal.SIGKILL)

@@ -9,7 +9,7 @@ import pytest
 def one_worker(tmp_path_factory):
     from conftest import start_pool
 
-    handle = start_pool(tmp_path_factory.mktemp("iso"), size=1)
+    handle = start_pool(tmp_path_factory.mktemp("iso"), pool_size=1)
     yield handle
     handle.pool.shutdown(grace=5)
 

@@ -64,7 +64,7 @@ def neuron_pool(make_pool, tmp_path):
     stale.mkdir(parents=True)
     (stale / "model.hlo_module.pb.lock").write_text("")
     pool = make_pool(
-        backend="neuron", size=2, neuron_cores=(0, 1), neuron_sysfs_root=sysfs, neuron_cache_dir=cache,
+        backend="neuron", pool_size=2, neuron_cores=(0, 1), neuron_sysfs_root=sysfs, neuron_cache_dir=cache,
         extra_env=(("PYTHONPATH", str(site)), ("FAKE_NEURON_RECORD_DIR", str(records)),
                    ("NEURON_RT_NUM_CORES", "2")))
     pool.records, pool.sysfs, pool.cache = records, sysfs, cache

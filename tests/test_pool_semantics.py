@@ -105,17 +105,13 @@ def test_output_is_capped_keeping_head_and_tail(make_pool):
     assert result.stderr_truncated_bytes == 0
 
 
-def test_metrics_and_code_facts_are_in_the_result(shared_pool):
-    code = ("import json\nfor epoch in range(2):\n    loss = 1.0 / (epoch + 1)\n"
-            "print('METRICS: ' + json.dumps({'training_loss': 0.5, 'validation_accuracy': 0.9}))\n")
-    result = shared_pool.run(code).to_dict()
-    assert result["training_loss"] == 0.5
-    assert result["detailed_metrics"] == {"training_loss": 0.5, "validation_accuracy": 0.9}
-    assert result["lines_of_code"] == 4
-    for key in ("success", "execution_time", "return_code", "stdout", "stderr", "timeout",
-                "has_training_loop", "peak_memory_mb", "error_type", "error_message", "queue_time",
-                "started_at", "finished_at", "worker", "stdout_truncated_bytes"):
+def test_the_result_has_every_pool_field(shared_pool):
+    result = shared_pool.run("print('x')").to_dict()
+    for key in ("job_id", "paper_id", "status", "success", "execution_time", "return_code", "stdout",
+                "stderr", "timeout", "peak_memory_mb", "error_type", "error_message", "queue_time",
+                "started_at", "finished_at", "worker", "stdout_truncated_bytes", "stderr_truncated_bytes"):
         assert key in result
+    assert result["worker"]["pid"] > 0
 
 
 def test_peak_memory_is_the_jobs_own(shared_pool):

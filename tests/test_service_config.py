@@ -1,34 +1,62 @@
-"""executor_service.config: flags over environment over defaults, validated with names."""
+"""Settings: flags over environment over defaults, validated with names, documented once."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
-from executor_service.config import SETTINGS, ConfigError, add_arguments, from_sources
+from executor_service.config import ServiceConfig, add_arguments, from_sources, reference_markdown
+from warm_pool import ConfigError, PoolConfig, settings
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
-def parse(argv: list[str], env: dict[str, str] | None = None):
-    parser = argparse.ArgumentParser()
+def parse(argv: list[str], env: dict[str, str] | None = None) -> ServiceConfig:
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     add_arguments(parser)
     return from_sources(parser.parse_args(argv), env or {})
 
 
 def test_defaults_match_the_original_service():
     c = parse([])
-    assert (c.host, c.port, c.max_execution_time, c.max_batch_size) == ("127.0.0.1", 8000, 600.0, 10)
+    assert (c.host, c.port, c.pool.default_timeout, c.max_batch_size) == ("127.0.0.1", 8000, 600.0, 10)
 
 
 def test_environment_fills_in_and_flags_win():
     env = {"EXECUTOR_PORT": "9000", "EXECUTOR_POOL_SIZE": "3", "EXECUTOR_BACKEND": "xla"}
     c = parse(["--port", "9100"], env)
-    assert (c.port, c.pool_size, c.backend) == (9100, 3, "xla")
+    assert (c.port, c.pool.pool_size, c.pool.backend) == (9100, 3, "xla")
 
 
-def test_every_setting_has_an_executor_env_var():
-    assert all(s.env.startswith("EXECUTOR_") for s in SETTINGS)
-    assert len({s.env for s in SETTINGS}) == len(SETTINGS)
+def test_boolean_flags_turn_settings_on_and_off():
+    assert parse(["--keep-job-dirs"]).pool.keep_job_dirs is True
+    assert parse(["--no-neuron-retry-failed-compilation"]).pool.neuron_retry_failed_compilation is False
+    assert parse([], {"EXECUTOR_KEEP_JOB_DIRS": "yes"}).pool.keep_job_dirs is True
+
+
+def test_lists_are_comma_separated():
+    assert parse(["--neuron-cores", "0, 1"]).pool.neuron_cores == (0, 1)
+
+
+def test_every_setting_has_its_own_flag_and_variable():
+    every = settings.declared(ServiceConfig) + settings.declared(PoolConfig)
+    assert all(s.env.startswith("EXECUTOR_") for s in every)
+    assert len({s.env for s in every}) == len(every)
+    assert len({s.flag for s in every}) == len(every)
+    assert all(s.spec.help for s in every)
+
+
+def test_the_token_is_never_a_flag():
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--api-token", "x"])
+
+
+def test_the_token_never_shows_in_the_config_repr():
+    assert "sekrit" not in repr(parse([], {"EXECUTOR_API_TOKEN": "sekrit"}))
 
 
 def test_token_comes_from_a_file(tmp_path):
@@ -53,22 +81,28 @@ def test_non_loopback_needs_a_token_or_explicit_opt_out():
 
 
 @pytest.mark.parametrize("argv,env,name", [
-    (["--backend", "gpu"], {}, "backend"),
-    (["--pool-size", "0"], {}, "pool_size"),
-    ([], {"EXECUTOR_MAX_EXECUTION_TIME": "inf"}, "max_execution_time"),
+    (["--backend", "gpu"], {}, r"backend \(--backend / EXECUTOR_BACKEND\)"),
+    (["--pool-size", "0"], {}, r"pool_size \(--pool-size / EXECUTOR_POOL_SIZE\) must be between 1 and 64"),
+    ([], {"EXECUTOR_MAX_TIMEOUT": "inf"}, "max_timeout"),
     ([], {"EXECUTOR_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
     ([], {"EXECUTOR_MAX_BODY_BYTES": "ten"}, "EXECUTOR_MAX_BODY_BYTES"),
     (["--default-timeout", "700"], {}, "default_timeout"),
     ([], {"EXECUTOR_ALLOW_UNAUTHENTICATED": "maybe"}, "EXECUTOR_ALLOW_UNAUTHENTICATED"),
     ([], {"EXECUTOR_RETENTION_HOURS": "-1"}, "retention_hours"),
+    ([], {"EXECUTOR_LOG_LEVEL": "LOUD"}, "log_level"),
+    (["--neuron-cores", "0,x"], {}, "neuron_cores"),
 ])
 def test_bad_values_name_the_setting(argv, env, name):
     with pytest.raises(ConfigError, match=name):
         parse(argv, env)
 
 
-def test_pool_config_carries_the_limits(tmp_path):
+def test_pool_settings_reach_the_pool(tmp_path):
     c = parse(["--work-dir", str(tmp_path), "--max-memory-mb", "512", "--max-queue", "7"])
-    pc = c.pool_config()
-    assert (pc.max_memory_mb, pc.max_queue, pc.work_dir) == (512, 7, tmp_path)
-    assert "EXECUTOR_API_TOKEN" in pc.scrub_env
+    assert (c.pool.max_memory_mb, c.pool.max_queue, c.pool.work_dir) == (512, 7, tmp_path)
+    assert c.store_path == tmp_path / "jobs.sqlite3"
+
+
+def test_the_docs_table_is_generated_from_the_declaration():
+    text = DOCS.read_text()
+    assert reference_markdown() in text, "docs/configuration.md is stale: run `make docs`"

@@ -1,11 +1,10 @@
 """Warm pool: workers forked from a pre-importing template, one device each.
 
-Public API (the only names the HTTP service uses)::
+Public API (everything the HTTP service uses comes from here)::
 
     from warm_pool import WarmPool, PoolConfig, JobSpec, JobResult
-    from warm_pool import errors
 
-    pool = WarmPool(PoolConfig(backend="cpu", size=2, work_dir=Path("/tmp/w")))
+    pool = WarmPool(PoolConfig(backend="cpu", pool_size=2, work_dir=Path("/tmp/w")))
     pool.start()                       # template + workers start in the background
     pool.wait_ready(timeout=60)        # True once at least one worker is ready
     fut = pool.submit(JobSpec(code="print('hi')", job_id="j1", paper_id="p1",
@@ -15,12 +14,29 @@ Public API (the only names the HTTP service uses)::
     pool.stats()                       # dict for /health: backend, size, idle, busy, ...
     pool.shutdown(grace=30.0)          # drain running jobs up to grace, then kill
 
-``submit`` raises ``errors.QueueFull``, ``errors.PoolClosed`` or
-``errors.PoolBroken``; nothing else about a job ever raises.
+``submit`` raises ``QueueFull``, ``PoolClosed`` or ``PoolBroken``; nothing else about a
+job ever raises.
 """
 
-from warm_pool.config import PoolConfig
+from warm_pool import settings
+from warm_pool.config import BACKENDS, PoolConfig
+from warm_pool.errors import PoolBroken, PoolClosed, PoolError, QueueFull
 from warm_pool.pool import WarmPool
-from warm_pool.result import JobResult, JobSpec
+from warm_pool.result import (
+    STATUS_CANCELLED,
+    STATUS_COMPLETED,
+    STATUS_INTERRUPTED,
+    STATUS_QUEUED,
+    STATUS_RUNNING,
+    TERMINAL_STATUSES,
+    JobResult,
+    JobSpec,
+    WorkerRef,
+)
+from warm_pool.settings import ConfigError
 
-__all__ = ["JobResult", "JobSpec", "PoolConfig", "WarmPool"]
+__all__ = [
+    "BACKENDS", "STATUS_CANCELLED", "STATUS_COMPLETED", "STATUS_INTERRUPTED", "STATUS_QUEUED",
+    "STATUS_RUNNING", "TERMINAL_STATUSES", "ConfigError", "JobResult", "JobSpec", "PoolBroken",
+    "PoolClosed", "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef", "settings",
+]

@@ -66,13 +66,13 @@ class WarmPool:
     def _plan_cores(self) -> list[int | None]:
         """One slot per worker; on neuron each slot owns one NeuronCore."""
         if not self._neuron:
-            return [None] * (self.config.size or 2)
+            return [None] * (self.config.pool_size or 2)
         cores = list(self.config.neuron_cores or ())
         if not cores and self._neuron_info is not None:
             cores = list(range(self._neuron_info.core_count))
         if not cores:
             cores = [0]
-        return cores[: self.config.size] if self.config.size else cores
+        return cores[: self.config.pool_size] if self.config.pool_size else cores
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -163,9 +163,9 @@ class WarmPool:
         """Queue a job; the Future's result is a JobResult (never raises for the job)."""
         if not JOB_ID_RE.match(spec.job_id):
             raise ValueError(f"job_id must match {JOB_ID_RE.pattern}: {spec.job_id!r}")
-        timeout = self.config.default_timeout_s if spec.timeout is None else float(spec.timeout)
-        if not (0 < timeout <= self.config.max_timeout_s):
-            raise ValueError(f"timeout must be in (0, {self.config.max_timeout_s}] seconds")
+        timeout = self.config.default_timeout if spec.timeout is None else float(spec.timeout)
+        if not (0 < timeout <= self.config.max_timeout):
+            raise ValueError(f"timeout must be in (0, {self.config.max_timeout}] seconds")
         sup = self.supervisor
         with sup.lock:
             if sup.state == "broken":
@@ -204,7 +204,7 @@ class WarmPool:
 
     def _syntax_result(self, spec: JobSpec, stderr: str, message: str) -> JobResult:
         now = time.time()
-        return JobResult(job_id=spec.job_id, paper_id=spec.paper_id, code=spec.code,
+        return JobResult(job_id=spec.job_id, paper_id=spec.paper_id,
                          return_code=1, stderr=stderr, error_type="syntax_error",
                          error_message=message, submitted_at=now, started_at=now, finished_at=now)
 
@@ -271,7 +271,7 @@ class WarmPool:
         device_peak = job.peak_device_bytes
         started = job.started_mono
         return JobResult(
-            job_id=job.spec.job_id, paper_id=job.spec.paper_id, code=job.spec.code, status=status,
+            job_id=job.spec.job_id, paper_id=job.spec.paper_id, status=status,
             return_code=return_code, stdout=stdout, stderr=stderr,
             stdout_truncated_bytes=out_cut, stderr_truncated_bytes=err_cut,
             timeout=job.stop_reason == "timeout", error_type=error_type, error_message=message,

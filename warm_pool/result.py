@@ -1,33 +1,17 @@
 """What goes into the pool (JobSpec) and what comes out (JobResult).
 
-JobResult.to_dict() is the result schema of DESIGN.md: every field of the original
-service's response (success, execution_time, return_code, stdout, stderr, timeout,
-lines_of_code, has_training_loop, peak_memory_mb, METRICS: values spread at top level
-and in detailed_metrics) plus error_type, error_message, truncation counts, queue and
-run times and the worker that ran it.
+JobResult.to_dict() gives the pool's part of a result as JSON-ready values: how the
+job ended (status, success, return_code, error_type and error_message), its output and
+truncation counts, its times, memory peaks and the worker that ran it. What the HTTP
+callers' format adds from the code and the output (lines_of_code, has_training_loop,
+the METRICS: values) is the service's business (executor_service/analysis.py).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
-
-from warm_pool import analysis
-
-# error_type words (DESIGN.md "Names that callers and checks rely on").
-ERROR_TYPES = (
-    "exception",
-    "syntax_error",
-    "exit",
-    "signal",
-    "timeout",
-    "memory_limit",
-    "worker_crashed",
-    "cancelled",
-    "interrupted",
-    "internal",
-)
 
 # Job status words.
 STATUS_QUEUED = "queued"
@@ -74,7 +58,6 @@ class JobResult:
 
     job_id: str
     paper_id: str | None
-    code: str = field(repr=False, default="")
     status: str = STATUS_COMPLETED
     return_code: int | None = None
     stdout: str = ""
@@ -101,37 +84,25 @@ class JobResult:
         return self.status == STATUS_COMPLETED and self.return_code == 0 and not self.error_type
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready result: the original fields, metrics spread, and ours."""
-        metrics = analysis.parse_metrics(self.stdout)
-        code_facts = analysis.analyze_code(self.code)
-        out: dict[str, Any] = {}
-        # Metrics first so that no script can overwrite a schema field by naming a
-        # metric "success" or "stdout": the schema fields below win.
-        out.update(metrics)
-        out.update(
-            {
-                "job_id": self.job_id,
-                "paper_id": self.paper_id,
-                "status": self.status,
-                "success": self.success,
-                "execution_time": round(self.execution_time, 6),
-                "return_code": self.return_code,
-                "stdout": self.stdout,
-                "stderr": self.stderr,
-                "timeout": self.timeout,
-                "lines_of_code": code_facts["lines_of_code"],
-                "has_training_loop": code_facts["has_training_loop"],
-                "peak_memory_mb": self.peak_memory_mb,
-                "peak_device_memory_mb": self.peak_device_memory_mb,
-                "detailed_metrics": metrics,
-                "error_type": self.error_type,
-                "error_message": self.error_message,
-                "stdout_truncated_bytes": self.stdout_truncated_bytes,
-                "stderr_truncated_bytes": self.stderr_truncated_bytes,
-                "queue_time": round(self.queue_time, 6),
-                "started_at": utc_iso(self.started_at),
-                "finished_at": utc_iso(self.finished_at),
-                "worker": asdict(self.worker) if self.worker else None,
-            }
-        )
-        return out
+        """The JSON-ready result: how the job ended, its output, times and worker."""
+        return {
+            "job_id": self.job_id,
+            "paper_id": self.paper_id,
+            "status": self.status,
+            "success": self.success,
+            "execution_time": round(self.execution_time, 6),
+            "return_code": self.return_code,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "timeout": self.timeout,
+            "peak_memory_mb": self.peak_memory_mb,
+            "peak_device_memory_mb": self.peak_device_memory_mb,
+            "error_type": self.error_type,
+            "error_message": self.error_message,
+            "stdout_truncated_bytes": self.stdout_truncated_bytes,
+            "stderr_truncated_bytes": self.stderr_truncated_bytes,
+            "queue_time": round(self.queue_time, 6),
+            "started_at": utc_iso(self.started_at),
+            "finished_at": utc_iso(self.finished_at),
+            "worker": asdict(self.worker) if self.worker else None,
+        }

@@ -157,10 +157,10 @@ class Supervisor:
         wakeups = [now + 1.0]
         for w in self.workers.values():
             if w.job is not None:
-                wakeups.append(now + self.config.monitor_interval_s)
+                wakeups.append(now + self.config.monitor_interval)
                 wakeups.extend(t for t in (w.job.deadline, w.job.kill_at) if t is not None)
             if w.state == "starting":
-                wakeups.append(w.spawned_mono + self.config.worker_start_timeout_s)
+                wakeups.append(w.spawned_mono + self.config.worker_start_timeout)
         if self.next_start_mono > now:
             wakeups.append(self.next_start_mono)
         if self.pending_groups:
@@ -279,7 +279,7 @@ class Supervisor:
         """Stop overdue jobs (soft, then hard), jobs over memory, workers slow to start."""
         for worker in list(self.workers.values()):
             job = worker.job
-            if worker.state == "starting" and now - worker.spawned_mono > self.config.worker_start_timeout_s:
+            if worker.state == "starting" and now - worker.spawned_mono > self.config.worker_start_timeout:
                 self.kill_worker(worker, "start_timeout")
             if job is None:
                 continue
@@ -287,7 +287,7 @@ class Supervisor:
                 self.kill_worker(worker, job.stop_reason or "timeout")
             elif job.deadline is not None and now >= job.deadline and job.stop_reason is None:
                 self.stop_job(job, worker, "timeout", now)
-        if now - self.last_monitor >= self.config.monitor_interval_s:
+        if now - self.last_monitor >= self.config.monitor_interval:
             self.last_monitor = now
             self._measure_memory()
 
@@ -297,7 +297,7 @@ class Supervisor:
         if hard:
             self.kill_worker(worker, reason)
             return
-        job.kill_at = now + self.config.kill_grace_s
+        job.kill_at = now + self.config.kill_grace
         if worker.pid is not None:
             try:
                 os.kill(worker.pid, signal.SIGINT)

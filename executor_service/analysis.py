@@ -2,6 +2,12 @@
 
 analyze_code(code)    -> {"lines_of_code": int, "has_training_loop": bool}
 parse_metrics(stdout) -> dict of metrics the script printed
+result_document(pool_result, code) -> the result as the callers see it
+
+The document is the original service's response for one script (success,
+execution_time, return_code, stdout, stderr, timeout, lines_of_code, has_training_loop,
+peak_memory_mb, and the METRICS: values both at top level and in detailed_metrics)
+plus the pool's own fields (error_type, truncation counts, times, worker).
 
 Training loop (AST): a ``for``/``while`` loop whose body (nested code included, but not
 functions defined inside it) calls ``.backward()``, an optimizer's ``.step()`` or
@@ -209,3 +215,17 @@ def _parse_metrics(stdout: str) -> dict[str, Any]:
                 continue
             metrics[name] = value / 100.0 if pct else value
     return metrics
+
+
+def result_document(pool_result: dict[str, Any], code: str) -> dict[str, Any]:
+    """The callers' result: metrics spread first, then the schema fields, which win.
+
+    Metrics go first so that no script can overwrite a schema field by naming a metric
+    "success" or "stdout".
+    """
+    metrics = parse_metrics(pool_result.get("stdout") or "")
+    out: dict[str, Any] = dict(metrics)
+    out.update(pool_result)
+    out.update(analyze_code(code))
+    out["detailed_metrics"] = metrics
+    return out

@@ -1,4 +1,4 @@
-"""warm_pool.analysis: code facts and printed metrics, pure functions that never raise."""
+"""executor_service.analysis: code facts and printed metrics, pure functions that never raise."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from warm_pool.analysis import analyze_code, parse_metrics
+from executor_service.analysis import analyze_code, parse_metrics, result_document
 
 TRAINING = """
 import torch
@@ -112,3 +112,14 @@ def test_parse_metrics_is_fast_on_large_output():
     assert parse_metrics(big) == {"a": 1}
     assert parse_metrics(big.replace("METRICS", "X"))["training_loss"] == 0.5
     assert time.perf_counter() - t0 < 2.0
+
+
+def test_the_document_spreads_metrics_and_adds_code_facts():
+    code = ("import json\nfor epoch in range(2):\n    loss = 1.0 / (epoch + 1)\n"
+            "print('METRICS: ' + json.dumps({'training_loss': 0.5, 'validation_accuracy': 0.9}))\n")
+    stdout = 'METRICS: {"training_loss": 0.5, "validation_accuracy": 0.9, "success": false}\n'
+    doc = result_document({"success": True, "stdout": stdout, "return_code": 0}, code)
+    assert doc["training_loss"] == 0.5 and doc["validation_accuracy"] == 0.9
+    assert doc["detailed_metrics"] == {"training_loss": 0.5, "validation_accuracy": 0.9, "success": False}
+    assert doc["success"] is True  # a metric never overwrites a schema field
+    assert (doc["lines_of_code"], doc["has_training_loop"]) == (4, False)
