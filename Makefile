@@ -32,7 +32,7 @@ run: $(RUN_STAMP)
 
 # Tools the tests call that are not Python packages (shellcheck, systemd-analyze).
 system-deps:
-	@bash deployment/system-deps.sh
+	@bash deployment/system-deps.sh $(PY)
 
 test: $(DEV_STAMP) system-deps
 	$(VENV)/bin/ruff check .

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": report.machine(), "mode": "quick" if args.quick else "full",
                                "plan": asdict(plan), "backends": {}, "errors": {}}
     work = Path(tempfile.mkdtemp(prefix="bench-"))
+    work.chmod(0o711)  # jobs run under their own uids and must reach their dirs below it
     try:
         for backend in backends:
             try:

@@ -147,6 +147,7 @@ def latencies(svc: Service, code: str, runs: int, warmup: int = 4) -> dict[str, 
 
 def batch_wall(svc: Service, batch: list[dict[str, str]]) -> tuple[float, dict[str, Any]]:
     """POST /execute_batch wall time (s) and a summary of the response."""
+    respawns_before = _respawns(svc)
     start = time.perf_counter()
     status, body = svc.request("POST", "/execute_batch", {"batch": batch})
     elapsed = time.perf_counter() - start
@@ -157,7 +158,7 @@ def batch_wall(svc: Service, batch: list[dict[str, str]]) -> tuple[float, dict[s
     # Where the wall time went: in the scripts, or waiting for one of the workers.
     summary["sum_execution_s"] = round(sum(r.get("execution_time") or 0 for r in results), 4)
     summary["max_queue_s"] = round(max((r.get("queue_time") or 0 for r in results), default=0), 4)
-    summary["workers_replaced"] = sum(1 for r in results if r.get("worker_replaced"))
+    summary["workers_replaced"] = _respawns(svc) - respawns_before
     if body.get("failed"):
         bad = [r.get("stderr", "")[-300:] for r in body.get("results", {}).values() if not r.get("success")]
         summary["first_failure"] = bad[0] if bad else None
@@ -175,3 +176,9 @@ def throughput(svc: Service, clients: int, max_jobs: int, max_seconds: float) ->
             conn.close()
 
     return run_clients(clients, max_jobs, max_seconds, session)
+
+
+def _respawns(svc) -> int:
+    """Workers the pool replaced so far (GET /health)."""
+    _, body = svc.request("GET", "/health")
+    return int(((body or {}).get("pool") or {}).get("respawns", {}).get("total", 0))

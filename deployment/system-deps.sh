@@ -1,16 +1,44 @@
 #!/usr/bin/env bash
-# Installs the non-Python tools the test suite calls, when they are missing and we may:
-# the shellcheck linter (tests/test_deployment.py lints the scripts) and systemd-analyze
-# (it verifies the unit). Never fails the build: without them those tests skip, and this says so.
+# Prepares this machine for the test suite, when we may (as root):
+# - installs the non-Python tools the tests call when they are missing: the shellcheck
+#   linter (tests/test_deployment.py lints the scripts), systemd-analyze (it verifies the
+#   units) and nft (it checks the job network rules);
+# - lets job uids reach the interpreter: jobs run under their own unprivileged uids and
+#   must read Python's standard library and the venv. Where those live below a directory
+#   closed to other users (pyenv under /root on some machines), that directory is opened
+#   for traversal only (o+x: no listing, no reading of anything not already readable).
+# Never fails the build over a tool: without one those tests skip, and this says so.
+# Usage: system-deps.sh [PYTHON]   (PYTHON: the venv's interpreter, default python3)
 set -euo pipefail
+python=${1:-python3}
+
 missing=()
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+if [ "$(id -u)" -ne 0 ]; then
+    [ ${#missing[@]} -eq 0 ] || echo "system-deps: missing ${missing[*]}; install them to run every test (those tests skip)" >&2
+    exit 0
+fi
+
+# Python and the venv must be reachable by job uids (see above).
+for dir in $("$python" -c 'import sys, sysconfig; print(sysconfig.get_paths()["stdlib"], sys.prefix)'); do
+    path=""
+    IFS=/ read -r -a parts <<<"${dir#/}"
+    for part in "${parts[@]}"; do
+        path="$path/$part"
+        if [ -d "$path" ] && ! su -s /bin/sh nobody -c "test -x '$path'" 2>/dev/null; then
+            echo "system-deps: opening $path for traversal: job uids must reach $dir" >&2
+            chmod o+x "$path"
+        fi
+    done
+done
+
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
-if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "system-deps: missing ${missing[*]}; install them to run every test (those tests skip)" >&2
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "system-deps: missing ${missing[*]} and no apt-get; those tests skip" >&2
     exit 0
 fi
 echo "system-deps: installing ${missing[*]}" >&2

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +18,37 @@ import pytest
 from warm_pool import JobSpec, PoolConfig, WarmPool
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
+
+
+_BASE = None
+
+
+def pytest_configure(config):
+    """Jobs run under their own uids and must traverse to their dirs, but pytest keeps
+    its temporary directories in /tmp/pytest-of-<user>, which it closes (0700) at every
+    run. So the suite's temporary directories go below one of ours, open for traversal
+    (not listing); several runs at once each get their own."""
+    global _BASE
+    if config.option.basetemp is None:
+        _BASE = tempfile.mkdtemp(prefix="te-")  # short: socket paths below it must fit 107 bytes
+        os.chmod(_BASE, 0o711)
+        config.option.basetemp = os.path.join(_BASE, "t")
+
+
+def pytest_unconfigure(config):
+    if _BASE is not None:
+        shutil.rmtree(_BASE, ignore_errors=True)
+
+
+def reachable_by_jobs(path: Path) -> Path:
+    """Open a temporary directory and its parents up to /tmp for traversal by job uids
+    (pytest makes each one 0700); create it if needed."""
+    path.mkdir(parents=True, exist_ok=True)
+    for p in (path, *path.parents):
+        if p == Path(tempfile.gettempdir()) or p == p.parent:
+            break
+        p.chmod(p.stat().st_mode | 0o111)
+    return path
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01):
@@ -59,10 +93,20 @@ class PoolHandle:
         wait_until(lambda: len(self.idle_workers()) == size, timeout)
 
 
+# Each pool (and each test server) gets uids of its own, so that pools of this run, and
+# of other runs on the machine, never share one (the pool refuses a uid in use).
+_UID_BASES = itertools.count(200_000 + (os.getpid() % 20_000) * 100, 4)
+
+
+def job_uid_base() -> int:
+    return next(_UID_BASES)
+
+
 def start_pool(tmp: Path, **kw) -> PoolHandle:
     kw.setdefault("backend", "cpu")
+    kw.setdefault("job_uid_base", job_uid_base())
     kw.setdefault("pool_size", 1)
-    pool = WarmPool(PoolConfig(work_dir=tmp, **kw)).start()
+    pool = WarmPool(PoolConfig(work_dir=reachable_by_jobs(tmp), **kw)).start()
     assert pool.wait_ready(120), pool.stats()
     handle = PoolHandle(pool)
     handle.wait_full()

@@ -56,6 +56,9 @@ class Server:
         self.extra_env = env or {}
         self.token = token
         self.port = free_port()
+        from conftest import job_uid_base
+
+        self.uid_base = job_uid_base()
         self.proc: subprocess.Popen | None = None
         self.log_path = work_dir.parent / f"server-{self.port}.log"
 
@@ -67,7 +70,8 @@ class Server:
         env["PYTHONPATH"] = str(REPO)
         cmd = [sys.executable, "-m", "executor_service", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--backend", "cpu", "--pool-size", "2",
-               "--work-dir", str(self.work_dir), "--shutdown-grace", "5", *self.args]
+               "--work-dir", str(self.work_dir), "--shutdown-grace", "5",
+               "--job-uid-base", str(self.uid_base), *self.args]
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=self.log)
         if wait:
@@ -204,8 +208,9 @@ class OpenApi:
 
 
 def start_server(tmp_path_factory, name: str, **kw) -> Server:
-    work = tmp_path_factory.mktemp(name) / "work"
-    work.mkdir()
+    from conftest import reachable_by_jobs
+
+    work = reachable_by_jobs(tmp_path_factory.mktemp(name) / "work")
     return Server(work, **kw).start()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import start_pool
+from conftest import reachable_by_jobs, start_pool
 
 from warm_pool import JobSpec, PoolConfig, WarmPool, errors
 
@@ -89,8 +89,8 @@ def test_submit_rejects_unsafe_job_ids(shared_pool):
 
 
 def test_workers_dying_while_starting_break_the_pool_after_backoff(tmp_path):
-    pool = WarmPool(PoolConfig(backend="xla", pool_size=1, work_dir=tmp_path, max_start_failures=3,
-                               extra_env=(("PJRT_DEVICE", "NO_SUCH_DEVICE"),))).start()
+    pool = WarmPool(PoolConfig(backend="xla", pool_size=1, work_dir=reachable_by_jobs(tmp_path),
+                               max_start_failures=3, extra_env=(("PJRT_DEVICE", "NO_SUCH_DEVICE"),))).start()
     try:
         assert pool.wait_ready(60) is False
         stats = pool.stats()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import psutil
 import pytest
+from conftest import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,6 @@ CASES = {
 def test_state_does_not_leak_to_next_job(one_worker, name):
     change, probe, expected = CASES[name]
     first = one_worker.run(change)
-    assert first.worker_replaced is False, first.stderr
     second = one_worker.run(probe)
     assert second.worker.pid == first.worker.pid, "both jobs must run on the same worker"
     if expected is None:
@@ -67,14 +68,14 @@ def test_state_does_not_leak_to_next_job(one_worker, name):
 @pytest.mark.parametrize("code, reason", [
     ("import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()",
      "threads still running"),
-    ("import subprocess\nsubprocess.Popen(['sleep', '30'])", "child processes still running"),
-    ("import torch\ntorch.matmul = lambda *a: None", "module torch patched"),
-    ("import json\njson.dumps = str", "module json patched"),
+    ("import torch\ntorch.matmul = lambda *a: None", "module torch patched: matmul"),
+    ("import json\njson.dumps = str", "module json patched: dumps"),
 ])
 def test_unrestorable_leftovers_replace_the_worker(make_pool, code, reason):
     pool = make_pool()
     first = pool.run(code)
-    assert first.worker_replaced is True
+    wait_until(lambda: pool.pool.stats()["respawns"]["recent"])
+    assert reason in " ".join(pool.pool.stats()["respawns"]["recent"][0]["detail"])
     pool.wait_full()
     second = pool.run("print('clean')")
     assert second.worker.pid != first.worker.pid
@@ -101,5 +102,28 @@ def test_a_typical_training_script_leaves_the_worker_clean(one_worker):
     )
     first = one_worker.run(code)
     assert first.success, first.stderr
-    assert first.worker_replaced is False
     assert one_worker.run(code).worker.pid == first.worker.pid
+    assert one_worker.pool.stats()["respawns"]["total"] == 0, one_worker.pool.stats()["respawns"]
+
+
+def test_processes_a_job_leaves_are_killed_and_the_worker_stays(one_worker):
+    code = ("import os, subprocess, time\n"
+            "child = subprocess.Popen(['sleep', '300'])\n"
+            "r, w = os.pipe()\n"
+            "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            "        os.write(w, str(os.getpid()).encode())\n        time.sleep(300)\n    os._exit(0)\n"
+            "print(child.pid, os.read(r, 20).decode(), flush=True)\n")
+    first = one_worker.run(code)
+    leftovers = [int(pid) for pid in first.stdout.split()]
+    wait_until(lambda: not any(_alive(pid) for pid in leftovers))
+    uid = psutil.Process(first.worker.pid).uids().real
+    assert [p.pid for p in psutil.process_iter(["uids"])
+            if p.info["uids"].real == uid and _alive(p.pid)] == [first.worker.pid]
+    assert one_worker.run("print(1)").worker.pid == first.worker.pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -51,8 +51,11 @@ def neuron_pool(make_pool, tmp_path):
     site = tmp_path / "site"
     (site / "torch_neuronx").mkdir(parents=True)
     (site / "torch_neuronx" / "__init__.py").write_text(FAKE_TORCH_NEURONX)
-    records = tmp_path / "records"
-    records.mkdir()
+    # Where the fake runtime writes: workers are confined to the pool's jobs dir (the
+    # pool's first work dir is tmp_path/pool0).
+    records = tmp_path / "pool0" / "jobs" / "fake-neuron-records"
+    records.mkdir(parents=True)
+    records.chmod(0o1777)
     sysfs = tmp_path / "sys"
     for core in (0, 1):
         counters = _counter_dir(sysfs, core)
@@ -101,15 +104,12 @@ def test_stale_compile_locks_are_cleared_and_cache_reported(neuron_pool):
 
 
 def test_job_reports_its_cores_device_memory_peak(neuron_pool):
-    code = textwrap.dedent(f'''
-        import os
-        core = int(os.environ["NEURON_RT_VISIBLE_CORES"])
-        base = {str(neuron_pool.sysfs)!r} + f"/devices/virtual/neuron_device/neuron0/neuron_core{{core}}"
+    def device_in_use(job_id, worker):  # the driver's counters while the job runs
         for name in ("peak", "present"):
-            open(base + "/stats/memory_usage/device_mem/" + name, "w").write(str(300 * 1024 * 1024))
-        print(core)
-    ''')
-    result = neuron_pool.run(code)
+            (_counter_dir(neuron_pool.sysfs, worker.core) / name).write_text(str(300 * 1024 * 1024))
+
+    code = "import os\nprint(os.environ['NEURON_RT_VISIBLE_CORES'])\n"
+    result = neuron_pool.run(code, on_start=device_in_use)
     assert result.stdout.strip() == str(result.worker.core)
     assert result.peak_device_memory_mb == pytest.approx(300)
     assert result.to_dict()["peak_device_memory_mb"] == pytest.approx(300)

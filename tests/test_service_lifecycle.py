@@ -11,6 +11,7 @@ import time
 
 import psutil
 import pytest
+from conftest import reachable_by_jobs
 from service_fixtures import Server
 
 pytestmark = pytest.mark.timeout(150)
@@ -43,7 +44,7 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def test_sigterm_drains_running_jobs_keeps_queued_and_leaves_no_process(tmp_path):
-    work = tmp_path / "work"
+    work = reachable_by_jobs(tmp_path / "work")
     srv = Server(work).start()
     try:
         batch = [{"paper_id": "run1", "code": "import time; time.sleep(1.5); print('finished')"},
@@ -86,7 +87,7 @@ def test_sigterm_drains_running_jobs_keeps_queued_and_leaves_no_process(tmp_path
 
 
 def test_kill_9_then_restart_loses_no_job(tmp_path):
-    work = tmp_path / "work"
+    work = reachable_by_jobs(tmp_path / "work")
     srv = Server(work).start()
     try:
         before = srv.post("/jobs", {"code": "print('before')", "paper_id": "before"}).json
@@ -123,7 +124,8 @@ def test_kill_9_then_restart_loses_no_job(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None,
                     reason="needs a machine without torch_neuronx")
 def test_health_is_503_with_the_reason_when_the_pool_is_broken(tmp_path):
-    srv = Server(tmp_path / "work", args=["--backend", "neuron", "--pool-size", "1"]).start(wait=False)
+    work = reachable_by_jobs(tmp_path / "work")
+    srv = Server(work, args=["--backend", "neuron", "--pool-size", "1"]).start(wait=False)
     try:
         deadline = time.monotonic() + 60
         while True:

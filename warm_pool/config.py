@@ -16,6 +16,7 @@ from warm_pool.neuron import LOG_LEVELS as NEURON_LOG_LEVELS
 from warm_pool.settings import ConfigError, check_all, setting
 
 BACKENDS = ("auto", "cpu", "xla", "neuron")
+ISOLATIONS = ("auto", "uid", "none")
 
 # Modules each backend's template imports before any worker is forked.
 PRELOAD = {
@@ -60,6 +61,29 @@ class PoolConfig:
         "SIGKILL this much later", unit="s", minimum=0.001)
     max_jobs_per_worker: int = setting(
         100, "replace a worker after this many jobs even if it looks clean", minimum=0, zero="never")
+    output_limit_mb: int = setting(
+        256, "hard cap on what a job may write to each of stdout and stderr; beyond it the job is "
+        "stopped (error_type output_limit) and what was kept is returned", unit="MiB", minimum=1,
+        maximum=1024)
+    max_disk_mb: int = setting(
+        10_240, "most disk a job's files may take (its dir, its TMPDIR, its /dev/shm files); at it "
+        "the job is stopped (error_type disk_limit); also the largest single file it may write",
+        unit="MiB", minimum=1)
+    max_job_files: int = setting(
+        100_000, "most files and directories a job may create (error_type disk_limit beyond)",
+        minimum=1)
+    isolation: str = setting(
+        "auto", "how jobs are kept from the service and from each other: uid (each worker slot its "
+        "own unprivileged uid; needs root or CAP_SETUID, CAP_SETGID, CAP_KILL, CAP_CHOWN, "
+        "CAP_DAC_OVERRIDE, CAP_FOWNER), none (the service's uid: development only), auto (uid when "
+        "possible)", choices=ISOLATIONS)
+    job_uid_base: int = setting(
+        61_000, "worker slot k runs its jobs as uid and gid job_uid_base + k (no passwd entry needed)",
+        minimum=1000, maximum=2**31 - 1000)
+    job_groups: tuple[str, ...] = setting(
+        (), "supplementary groups of the job uids, comma-separated names or gids (the Neuron "
+        "devices' and the compile cache's group)",
+        none="none; on neuron the group owning /dev/neuron0 when it is not root's")
     max_output_bytes: int = setting(
         1_000_000, "captured output kept per stream per job; beyond it the head and tail halves "
         "are kept and *_truncated_bytes says how much was cut", unit="bytes", minimum=1024)

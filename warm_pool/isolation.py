@@ -1,10 +1,14 @@
-"""What one job changes must not be seen by the next.
+"""What one job changes must not be seen by the next: the state a worker puts back.
 
 `Baseline.take()` records, once per worker after its device is ready, every piece of
-interpreter state a script can change cheaply; `Baseline.restore()` puts it back after
-each job and returns the reasons the worker cannot be trusted again (dirty): threads or
-child processes still alive, preloaded library modules whose attributes were replaced.
-A dirty worker is replaced, never reused.
+interpreter and process state a script commonly changes: cwd, environment, sys.path and
+argv, modules imported from the job dir, logging (every logger's level, handlers,
+filters), warnings, builtins, signal handlers, std streams and hooks, recursion and
+int-to-str limits, resource limits, umask, CPU affinity, torch's global settings and
+print options. `Baseline.restore()` puts it back after each job and returns what it
+could not (dirty): threads or child processes still alive, atexit handlers, a resource
+limit the job lowered for good. What a job does to library code and global registries
+is the fingerprint's business (integrity.py). A dirty worker is replaced, never reused.
 """
 
 from __future__ import annotations
@@ -12,23 +16,16 @@ from __future__ import annotations
 import atexit
 import builtins
 import logging
-import operator
 import os
 import random
+import resource
 import signal
 import sys
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
-
-# Library modules whose attributes a script might monkey-patch; a replaced attribute
-# makes the worker dirty. New attributes are fine (lazy submodule imports add them).
-WATCHED_MODULES = (
-    "torch", "torch.nn", "torch.nn.functional", "torch.optim", "torch.utils.data",
-    "torch_xla", "torch_neuronx", "numpy", "os", "sys", "time", "random", "json",
-    "math", "logging", "warnings", "subprocess", "threading", "multiprocessing",
-)
 
 _SIGNALS = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
 
@@ -107,7 +104,9 @@ class Baseline:
     threads: set[threading.Thread]
     atexit_count: int
     torch: dict[str, Any] | None
-    watched: dict[str, tuple[list[str], list[Any]]] = field(repr=False, default_factory=dict)
+    loggers: dict[str, tuple[Any, ...]] = field(repr=False, default_factory=dict)
+    process: dict[str, Any] = field(repr=False, default_factory=dict)
+    print_options: dict[str, Any] = field(repr=False, default_factory=dict)
     path_obj: list[str] = field(repr=False, default_factory=list)
     argv_obj: list[str] = field(repr=False, default_factory=list)
     filters_obj: list[Any] = field(repr=False, default_factory=list)
@@ -134,7 +133,9 @@ class Baseline:
             threads=set(threading.enumerate()),
             atexit_count=atexit._ncallbacks(),
             torch=_torch_state(),
-            watched={n: _public(vars(sys.modules[n])) for n in WATCHED_MODULES if n in sys.modules},
+            loggers={name: _logger_state(lg) for name, lg in _loggers()},
+            process=_process_state(),
+            print_options=_print_options(),
             path_obj=sys.path,
             argv_obj=sys.argv,
             filters_obj=warnings.filters,
@@ -160,6 +161,7 @@ class Baseline:
         sys.modules["__main__"] = self.main_module
         logging.root.handlers[:] = self.root_handlers
         logging.root.setLevel(self.root_level)
+        self._restore_loggers()
         warnings.filters[:] = self.warning_filters
         warnings._filters_mutated()
         warnings.showwarning = self.showwarning
@@ -168,6 +170,9 @@ class Baseline:
         (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__) = self.streams
         sys.excepthook, sys.displayhook, sys.breakpointhook, threading.excepthook = self.hooks
         sys.setrecursionlimit(self.recursion_limit)
+        tempfile.tempdir = None
+        dirty.extend(_restore_process(self.process))
+        _restore_print_options(self.print_options)
         random.seed()
         try:
             with warnings.catch_warnings():
@@ -177,6 +182,33 @@ class Baseline:
             dirty.append(f"torch settings could not be restored: {exc}")
         dirty.extend(self.leftovers())
         return dirty
+
+    def _restore_loggers(self) -> None:
+        for name, lg in _loggers():
+            saved = self.loggers.get(name)
+            if saved is None:  # created by the job: it keeps nothing of the job's
+                lg.setLevel(logging.NOTSET)
+                lg.handlers.clear()
+                lg.filters.clear()
+                lg.propagate, lg.disabled = True, False
+            elif _logger_state(lg) != saved:
+                level, handlers, filters, lg.propagate, lg.disabled = saved
+                lg.setLevel(level)
+                lg.handlers[:] = handlers
+                lg.filters[:] = filters
+
+    def new_modules(self) -> list[str]:
+        """Why the worker must go if the job imported library modules it did not have.
+
+        The fingerprint cannot vouch for a module first loaded by a job (the job could
+        have changed it before anyone looked), so such a worker is replaced. Keep
+        workers warm by preloading what jobs commonly import.
+        """
+        new = sorted(set(sys.modules) - self.modules)
+        if not new:
+            return []
+        return [f"imported modules that were not preloaded: {', '.join(new[:8])}"
+                + (f" and {len(new) - 8} more" if len(new) > 8 else "")]
 
     def restore_builtins(self) -> None:
         """Builtins first: everything after the job (ours included) relies on them."""
@@ -203,26 +235,7 @@ class Baseline:
             reasons.append("child processes still running")
         if atexit._ncallbacks() != self.atexit_count:
             reasons.append("atexit handlers registered")
-        for name, (keys, values) in self.watched.items():
-            module = sys.modules.get(name)
-            if module is None:
-                reasons.append(f"module {name} removed")
-                continue
-            now = list(map(vars(module).get, keys))
-            if not any(map(operator.is_not, now, values)):  # the fast path, all in C
-                continue
-            changed = [k for k, a, b in zip(keys, now, values, strict=True) if a is not b]
-            if changed:
-                reasons.append(f"module {name} patched: {', '.join(sorted(changed)[:5])}")
         return reasons
-
-
-# Module attributes that restore() itself puts back (or that CPython updates).
-_RESTORED_ATTRS = frozenset({
-    "stdin", "stdout", "stderr", "__stdin__", "__stdout__", "__stderr__", "argv", "path",
-    "excepthook", "displayhook", "breakpointhook", "last_type", "last_value", "last_traceback",
-    "last_exc", "filters", "showwarning",
-})
 
 
 def _handler(handler: Any) -> Any:
@@ -230,13 +243,79 @@ def _handler(handler: Any) -> Any:
     return signal.Handlers(handler) if isinstance(handler, int) else handler
 
 
-def _public(namespace: dict[str, Any]) -> tuple[list[str], list[Any]]:
-    """A module's public attributes that restore() does not reset, as keys and values.
+def _loggers() -> list[tuple[str, logging.Logger]]:
+    return [(name, lg) for name, lg in list(logging.Logger.manager.loggerDict.items())
+            if isinstance(lg, logging.Logger)]
 
-    Private ones are the module's own business (caches, counters).
-    """
-    keys = [k for k in namespace if not k.startswith("_") and k not in _RESTORED_ATTRS]
-    return keys, [namespace[k] for k in keys]
+
+def _logger_state(lg: logging.Logger) -> tuple[Any, ...]:
+    return lg.level, list(lg.handlers), list(lg.filters), lg.propagate, lg.disabled
+
+
+# Soft resource limits a job may change for itself (and so for the next job).
+_RLIMITS = ("RLIMIT_NOFILE", "RLIMIT_STACK", "RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_NPROC",
+            "RLIMIT_FSIZE", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_MEMLOCK")
+
+
+def _process_state() -> dict[str, Any]:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    state: dict[str, Any] = {"umask": umask, "affinity": os.sched_getaffinity(0),
+                             "int_max_str_digits": sys.get_int_max_str_digits(),
+                             "switch_interval": sys.getswitchinterval(), "nice": os.nice(0)}
+    for name in _RLIMITS:
+        if hasattr(resource, name):
+            state[name] = resource.getrlimit(getattr(resource, name))
+    return state
+
+
+def _restore_process(state: dict[str, Any]) -> list[str]:
+    """Put back umask, CPU affinity, interpreter knobs and soft limits; dirty when it cannot."""
+    dirty = []
+    os.umask(state["umask"])
+    if os.sched_getaffinity(0) != state["affinity"]:
+        try:
+            os.sched_setaffinity(0, state["affinity"])
+        except OSError:
+            dirty.append("CPU affinity could not be restored")
+    sys.set_int_max_str_digits(state["int_max_str_digits"])
+    sys.setswitchinterval(state["switch_interval"])
+    if os.nice(0) != state["nice"]:
+        dirty.append("niceness raised (cannot be lowered again)")
+    for name in _RLIMITS:
+        if name not in state:
+            continue
+        which = getattr(resource, name)
+        if resource.getrlimit(which) != state[name]:
+            try:
+                resource.setrlimit(which, state[name])
+            except (OSError, ValueError):
+                dirty.append(f"{name} lowered (cannot be raised again)")
+    return dirty
+
+
+def _print_options() -> dict[str, Any]:
+    """torch's and numpy's print options: they change what later jobs print."""
+    out: dict[str, Any] = {}
+    torch_str = sys.modules.get("torch._tensor_str")
+    if torch_str is not None:
+        out["torch"] = dict(vars(torch_str.PRINT_OPTS))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        out["numpy"] = numpy.get_printoptions()
+    return out
+
+
+def _restore_print_options(saved: dict[str, Any]) -> None:
+    if "torch" in saved:
+        opts = sys.modules["torch._tensor_str"].PRINT_OPTS
+        if vars(opts) != saved["torch"]:
+            vars(opts).clear()
+            vars(opts).update(saved["torch"])
+    if "numpy" in saved:
+        numpy = sys.modules["numpy"]
+        if numpy.get_printoptions() != saved["numpy"]:
+            numpy.set_printoptions(**saved["numpy"])
 
 
 def live_children() -> bool:

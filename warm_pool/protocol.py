@@ -1,65 +1,113 @@
-"""The messages on the pool's pipes, as frozen dataclasses.
+"""The messages on the pool's sockets, and how they are framed and checked.
 
-Two channels, both AF_UNIX stream sockets wrapped in multiprocessing Connections
-(framing: a 4-byte big-endian length, then the pickled message; see
-multiprocessing.connection.Connection.send_bytes):
+Two channels, both AF_UNIX stream sockets::
 
-    supervisor ──Spawn (+ one fd by SCM_RIGHTS)──▶ template
-    supervisor ◀──TemplateReady | TemplateFailed | Spawned | Exited── template
+    supervisor ──spawn (+ the worker's socket, by SCM_RIGHTS)──▶ template
+    supervisor ◀──template_ready | template_failed | spawned | exited── template
 
-    supervisor ──RunJob | Stop──▶ worker
-    supervisor ◀──WorkerReady | WorkerFailed | JobDone── worker
+    supervisor ──run_job (+ the job's stdout and stderr pipes, by SCM_RIGHTS)──▶ worker
+    supervisor ◀──worker_ready | worker_failed | job_done | worker_idle── worker
 
-Only these classes and builtin values are ever pickled: a job's exception crosses as
-its type name, message and formatted traceback (text), never as an object, so a
-script's own classes can never fail to unpickle in the supervisor.
+Framing: a 4-byte big-endian length, then a UTF-8 JSON object (the framing of
+multiprocessing.connection.Connection.send_bytes): ``{"v": 1, "type": "job_done",
+...fields}``. File descriptors travel beside a message with SCM_RIGHTS.
+
+Why JSON and not pickle: a job runs *inside* its worker, so it owns the worker's end of
+the socket and can write anything on it. Unpickling what it wrote would run its code in
+the service. So everything received is decoded as untrusted data (`decode`): at most
+`MAX_FRAME` bytes, valid JSON, the protocol version, a message type expected on that
+channel, exactly the fields of that type with their types. Anything else is a
+`ProtocolError`, and the supervisor kills the worker that sent it (never itself). A
+job's exception crosses as its type name, message and formatted traceback (text).
+
+Lifecycle of a worker: worker_ready once; then per job: run_job → job_done (the result
+can be built) → worker_idle (the worker restored itself and lists what it could not:
+`dirty`; only then may it get another job).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import typing
 from dataclasses import dataclass
+from typing import Any, ClassVar
+
+# Bound once: a job that replaces json.dumps must not break its worker's next message.
+_dumps = json.dumps
+_loads = json.loads
+
+VERSION = 1
+# Largest frame the supervisor reads from a worker or the template; a longer one is a
+# protocol error (checked from the length prefix, before anything is read).
+MAX_FRAME = 64 * 1024
+# Longest text field a worker sends (tracebacks, messages); the sender cuts to it.
+MAX_TEXT = 16 * 1024
+
+
+class ProtocolError(Exception):
+    """A message broke the protocol; the text says how (never echoing much of it)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every message: `type` is its name on the wire."""
+
+    type: ClassVar[str] = ""
+
+    def encode(self) -> bytes:
+        body = {"v": VERSION, "type": self.type}
+        body.update(dataclasses.asdict(self))
+        return _dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
 
 # --- template channel ------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Spawn:
-    """Fork a worker; the worker's end of its socket follows as an fd."""
+class Spawn(Message):
+    """Fork a worker for a slot; its end of the worker socket follows as an fd."""
 
+    type: ClassVar[str] = "spawn"
     worker_id: int
-    env: tuple[tuple[str, str], ...]
+    slot: int
+    env: dict[str, str]
     core: int | None
 
 
 @dataclass(frozen=True)
-class TemplateReady:
-    """The template imported its modules and waits for Spawn messages."""
+class TemplateReady(Message):
+    """The template imported its modules and waits for spawn messages."""
 
+    type: ClassVar[str] = "template_ready"
     pid: int
     backend: str
     preloaded: tuple[str, ...]
     import_seconds: float
-    optional_failures: tuple[tuple[str, str], ...] = ()
+    fingerprint_items: int
 
 
 @dataclass(frozen=True)
-class TemplateFailed:
+class TemplateFailed(Message):
     """The template cannot serve: a required import failed (the text says which)."""
 
+    type: ClassVar[str] = "template_failed"
     error: str
 
 
 @dataclass(frozen=True)
-class Spawned:
-    """A worker was forked with this pid (also its process group id)."""
+class Spawned(Message):
+    """A worker was forked with this pid (also its process group and session id)."""
 
+    type: ClassVar[str] = "spawned"
     worker_id: int
     pid: int
 
 
 @dataclass(frozen=True)
-class Exited:
+class Exited(Message):
     """A worker ended; return_code as CPython reports it (negative: killed by signal)."""
 
+    type: ClassVar[str] = "exited"
     worker_id: int
     pid: int
     return_code: int
@@ -68,48 +116,124 @@ class Exited:
 # --- worker channel --------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class WorkerReady:
-    """The worker initialised its device and waits for jobs."""
+class WorkerReady(Message):
+    """The worker confined itself, initialised its device, and waits for jobs."""
 
+    type: ClassVar[str] = "worker_ready"
     worker_id: int
-    pid: int
     preloaded: tuple[str, ...]
     device: str | None
     init_seconds: float
+    confinement: dict[str, str]
 
 
 @dataclass(frozen=True)
-class WorkerFailed:
-    """The worker could not initialise its device; it exits after sending this."""
+class WorkerFailed(Message):
+    """The worker could not start (confinement or device); it exits after sending this."""
 
+    type: ClassVar[str] = "worker_failed"
     worker_id: int
     error: str
 
 
 @dataclass(frozen=True)
-class RunJob:
-    """Run main_path as `python main.py` in job_dir, output appended to the two files."""
+class RunJob(Message):
+    """Run main_path as `python main.py` in job_dir; stdout and stderr pipes follow as fds."""
 
+    type: ClassVar[str] = "run_job"
     job_id: str
     main_path: str
     job_dir: str
-    stdout_path: str
-    stderr_path: str
+    tmp_dir: str
 
 
 @dataclass(frozen=True)
-class JobDone:
-    """How the job ended, and what it left behind that could not be reset (dirty)."""
+class JobDone(Message):
+    """How the job ended (its exit status as CPython gives it)."""
 
+    type: ClassVar[str] = "job_done"
     job_id: str
     return_code: int
     error_type: str | None
     error_message: str | None
     run_seconds: float
     peak_rss_bytes: int
-    dirty: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class Stop:
-    """Exit cleanly (used at shutdown and to recycle a worker)."""
+class WorkerIdle(Message):
+    """The worker restored itself after a job; `dirty` lists what it could not undo."""
+
+    type: ClassVar[str] = "worker_idle"
+    dirty: tuple[str, ...]
+    check_seconds: float
+
+
+FROM_TEMPLATE = (TemplateReady, TemplateFailed, Spawned, Exited)
+FROM_WORKER = (WorkerReady, WorkerFailed, JobDone, WorkerIdle)
+TO_TEMPLATE = (Spawn,)
+TO_WORKER = (RunJob,)
+
+
+def decode(frame: bytes, expected: tuple[type[Message], ...]) -> Message:
+    """The message in a frame, checked against the protocol; ProtocolError otherwise."""
+    if len(frame) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME}")
+    try:
+        body = _loads(frame.decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"not a JSON message: {str(exc)[:100]}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("a message must be a JSON object")
+    if body.pop("v", None) != VERSION:
+        raise ProtocolError(f"protocol version must be {VERSION}")
+    kind = body.pop("type", None)
+    cls = next((c for c in expected if c.type == kind), None)
+    if cls is None:
+        raise ProtocolError(f"unexpected message type {str(kind)[:40]!r}")
+    hints = _hints(cls)
+    if set(body) != set(hints):
+        extra, missing = sorted(set(body) - set(hints))[:3], sorted(set(hints) - set(body))[:3]
+        raise ProtocolError(f"{kind}: wrong fields (unexpected {extra}, missing {missing})")
+    values = {name: _check(kind, name, body[name], hint) for name, hint in hints.items()}
+    return cls(**values)
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check(kind: str, name: str, value: Any, hint: Any) -> Any:
+    """The value if it has the field's type (tuples arrive as lists); ProtocolError if not."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    ok = False
+    if hint is int:
+        ok = type(value) is int
+    elif hint is float:
+        ok = type(value) in (int, float)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = type(value) is str and len(value) <= MAX_TEXT
+    elif origin is tuple:
+        ok = type(value) is list and all(type(v) is str and len(v) <= MAX_TEXT for v in value)
+        value = tuple(value) if ok else value
+    elif origin is dict:
+        ok = type(value) is dict and all(type(k) is str and type(v) is str for k, v in value.items())
+    if not ok:
+        raise ProtocolError(f"{kind}.{name} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    """Text cut to what a message may carry (keeping its end, where tracebacks say most)."""
+    return text if len(text) <= limit else "...\n" + text[-(limit - 4):]

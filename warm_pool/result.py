@@ -76,7 +76,6 @@ class JobResult:
     # The job's device-memory peak on its NeuronCore (neuron backend only).
     peak_device_memory_mb: float | None = None
     worker: WorkerRef | None = None
-    worker_replaced: bool = False
 
     @property
     def success(self) -> bool:

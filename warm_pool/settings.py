@@ -139,7 +139,7 @@ class Setting:
         if isinstance(self.default, bool):
             return "true" if self.default else "false"
         if isinstance(self.default, tuple):
-            return ",".join(map(str, self.default)) or "(empty)"
+            return ",".join(map(str, self.default)) or self.spec.none or "(empty)"
         if isinstance(self.default, float) and self.default.is_integer():
             text = str(int(self.default))
         else:

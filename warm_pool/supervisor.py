@@ -1,37 +1,57 @@
-"""The supervisor: spawns, watches, kills, reaps and replaces workers; dispatches jobs.
+"""The supervisor: spawns, watches, kills, reaps and replaces workers; runs the queue.
 
-Data flow (one loop thread owns every connection; callers only queue and wake it)::
+Data flow (one loop thread owns the sockets; callers only queue work and wake it)::
 
-    submit() ─▶ queue ─▶ dispatch ─RunJob─▶ worker ─JobDone─▶ finish ─▶ Future
-                                   template ─Exited─▶ reap_workers ─▶ finish (crash)
-    each pass: handle ready connections, murder_workers (overdue, over memory),
-               reap_workers, manage_workers (restore the count), dispatch
+    submit() ─▶ queue ─▶ dispatch ─run_job + pipes─▶ worker ─job_done─▶ finishing
+                                    capture ◀─ the job's stdout/stderr ─┘      │ pipes drained
+                                    worker ─worker_idle─▶ idle, or replaced    ▼
+                                    template ─exited─▶ reap_workers ─▶ result ─▶ Future
+    each pass: read what arrived, murder_workers (overdue, over a limit, mute),
+               manage_workers (restore the count), dispatch, finish_jobs
 
-Every mutation happens under `lock`; futures and callbacks run after it is released,
-so a slow callback can never stall the loop.
+The supervisor alone owns its state (workers, queue, template, capture), under `lock`;
+`WarmPool` and everyone else call `submit`, `cancel`, `snapshot`, `wait_ready` and
+`shutdown`. Futures are completed after the lock is released, so no caller's callback
+can stall the loop.
+
+Everything a worker sends is untrusted (its job owns the socket): it is decoded by
+protocol.decode, must fit the worker's state (worker_ready once, job_done for its own
+job, worker_idle after job_done), and anything else kills the worker with
+error_type ``protocol_error`` for its job.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing import connection, reduction
 from multiprocessing.connection import Connection
+from typing import Any
 
-import psutil
-
-from warm_pool import protocol
+from warm_pool import outcome, protocol, sandbox, usage
+from warm_pool.capture import Capture
 from warm_pool.config import PoolConfig
-from warm_pool.result import JobSpec
+from warm_pool.errors import PoolBroken, PoolClosed, QueueFull
+from warm_pool.placement import Placement
+from warm_pool.result import JobSpec, WorkerRef
+
+# After a worker's channel closes, how long its exit may take to be reported before the
+# supervisor concludes the job closed the channel itself and kills the worker.
+_CHANNEL_GRACE_S = 0.5
+# After a job's process ended, how long its pipes may stay open (a grandchild holding
+# them is being killed) before the result is built from what arrived.
+_DRAIN_GRACE_S = 2.0
 
 
 @dataclass(eq=False)
@@ -41,18 +61,24 @@ class Job:
     spec: JobSpec
     future: Future
     on_start: Callable | None
-    paths: protocol.RunJob
+    main_path: str
+    job_dir: str
     timeout: float
+    tmp_dir: str = ""  # the slot's, set when a worker takes the job
     submitted_mono: float = field(default_factory=time.monotonic)
     submitted_at: float = field(default_factory=time.time)
     started_mono: float | None = None
     started_at: float | None = None
+    ended_mono: float | None = None
     deadline: float | None = None
     kill_at: float | None = None
-    stop_reason: str | None = None  # timeout | cancelled | memory_limit | interrupted
-    peak_tree_bytes: int = 0
+    stop_reason: str | None = None  # a key of outcome.STOP_OUTCOMES
+    stop_detail: str | None = None
+    peak_memory_bytes: int = 0
     done: protocol.JobDone | None = None
-    device: object | None = None  # neuron.PeakTracker of the job's NeuronCore
+    exit_status: int | None = None  # of a worker that died without job_done
+    worker: WorkerRef | None = None
+    device: Any = None  # neuron.PeakTracker of the job's NeuronCore
     peak_device_bytes: int | None = None
 
 
@@ -63,34 +89,38 @@ class Worker:
     id: int
     slot: int
     core: int | None
+    uid: int | None
     conn: Connection
-    state: str = "starting"  # starting | idle | busy | stopping
+    state: str = "starting"  # starting | idle | busy | checking | stopping
     pid: int | None = None
     spawned_mono: float = field(default_factory=time.monotonic)
     ready_seconds: float | None = None
     preloaded: tuple[str, ...] = ()
     device: str | None = None
+    confinement: dict[str, str] = field(default_factory=dict)
+    threads_at_ready: int | None = None
     jobs_run: int = 0
     job: Job | None = None
     retire_reason: str | None = None
-    growth: object | None = None  # neuron.IdleGrowth of its core's idle device memory
+    channel_closed_mono: float | None = None
+    growth: Any = None  # neuron.IdleGrowth of its core's idle device memory
 
 
 class Supervisor:
-    """Owns the template and workers; `step` runs one pass of the loop."""
+    """Owns the template, the workers and the queue; `step` runs one pass of the loop."""
 
-    def __init__(self, config: PoolConfig, size: int, cores: list[int | None],
-                 finish: Callable[[Job, Worker | None, int | None], None],
-                 notify: Callable[[list[Callable[[], None]]], None]):
+    def __init__(self, config: PoolConfig, placement: Placement):
         self.config = config
-        self.size = size
-        self.cores = cores
-        self.finish = finish  # builds and delivers a Job's result (called under lock)
-        self.notify = notify
+        self.placement = placement
+        self.size = len(placement.cores)
         self.lock = threading.RLock()
+        self._changed = threading.Condition(self.lock)
         self.queue: deque[Job] = deque()
+        self.jobs: dict[str, Job] = {}
+        self.finishing: list[tuple[Job, Worker | None]] = []
         self.workers: dict[int, Worker] = {}
         self.respawns: Counter[str] = Counter()
+        self.replacements: deque[dict[str, Any]] = deque(maxlen=20)  # the latest, with details
         self.state = "starting"  # starting | ready | broken | closing | closed
         self.broken_reason: str | None = None
         self.backend: str | None = None
@@ -99,22 +129,124 @@ class Supervisor:
         self.template_conn: Connection | None = None
         self.template_sock: socket.socket | None = None
         self.start_failures = 0
-        self.last_start_error: str | None = None  # a worker's device-init traceback
+        self.last_start_error: str | None = None  # a worker's start-up traceback
         self.next_start_mono = 0.0
         self.next_worker_id = 1
-        self.pending_groups: dict[int, int] = {}  # slot -> pgid that must be empty first
+        self.dirty_slots: dict[int, int] = {}  # slot -> pgid (or uid) that must be empty first
         self.callbacks: list[Callable[[], None]] = []
         self.last_monitor = 0.0
         self.idle_since: float | None = None
-        self.neuron = False  # set by the pool: Neuron env, core reclaim, device memory
-        self.cores_per_device = 2
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        self.capture = Capture(os.path.join(config.work_dir, "capture"), placement.output_limit_bytes,
+                               self.wake)
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    # --- what callers may do --------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the loop thread (it starts the template and the workers)."""
+        self._thread = threading.Thread(target=self.run, name="warm-pool-supervisor", daemon=True)
+        self._thread.start()
+        self.wake()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; QueueFull, PoolClosed or PoolBroken when it cannot be taken."""
+        with self.lock:
+            if self.state == "broken":
+                raise PoolBroken(self.broken_reason or "pool is broken")
+            if self.state in ("closing", "closed"):
+                raise PoolClosed("the pool is shutting down")
+            if len(self.queue) >= self.config.max_queue:
+                raise QueueFull(f"{len(self.queue)} jobs are queued (max_queue)")
+            self.jobs[job.spec.job_id] = job
+            self.queue.append(job)
+        self.wake()
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job; False if it is unknown or already ending."""
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None or job.ended_mono is not None or job.future.done():
+                return False
+            if job in self.queue:
+                self.queue.remove(job)
+                job.stop_reason = "cancelled"
+                self.finishing.append((job, None))
+            else:
+                worker = next((w for w in self.workers.values() if w.job is job), None)
+                if worker is None:
+                    return False
+                self.stop_job(job, worker, "cancelled", time.monotonic())
+        self.wake()
+        return True
+
+    def wait_ready(self, timeout: float | None) -> bool:
+        """Wait until at least one worker is ready; False on timeout or a broken pool."""
+        def settled() -> bool:
+            return (any(w.state in ("idle", "busy", "checking") for w in self.workers.values())
+                    or self.state in ("broken", "closed"))
+
+        with self._changed:
+            self._changed.wait_for(settled, timeout)
+            return any(w.state in ("idle", "busy", "checking") for w in self.workers.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The pool's state as plain data (for /health); cheap, taken under the lock."""
+        with self.lock:
+            states = [w.state for w in self.workers.values()]
+            return {
+                "backend": self.backend,
+                "state": self.state,
+                "broken_reason": self.broken_reason,
+                "size": self.size,
+                "idle": states.count("idle"),
+                "busy": states.count("busy") + states.count("checking"),
+                "starting": states.count("starting") + max(0, self.size - len(states)),
+                "queued": len(self.queue),
+                "preloaded": list(self.preloaded),
+                "workers": [_worker_stats(w) for w in sorted(self.workers.values(), key=lambda w: w.slot)],
+                "respawns": {"total": sum(self.respawns.values()), "by_reason": dict(self.respawns),
+                             "recent": list(self.replacements)},
+                "idle_since": self.idle_since,
+            }
+
+    def shutdown(self, grace: float) -> None:
+        """Take no more jobs, give running ones `grace` seconds, then kill; no orphans."""
+        with self._changed:
+            if self.state == "closed":
+                return
+            if self.state != "broken":
+                self.state = "closing"
+            while self.queue:  # never started: the caller may submit them again later
+                job = self.queue.popleft()
+                self.jobs.pop(job.spec.job_id, None)
+                job.future.cancel()
+                _remove_job_dir(job)
+            self._changed.wait_for(lambda: not self._running(), grace)
+            now = time.monotonic()
+            for worker in self.workers.values():
+                if worker.job is not None:
+                    self.stop_job(worker.job, worker, "interrupted", now, hard=True)
+            self.wake()
+            self._changed.wait_for(lambda: not self._running() and not self.finishing, 10)
+            self.state = "closed"
+            self._close_template()  # EOF: the template kills and reaps every worker
+            for worker in self.workers.values():
+                self.kill_worker(worker, "shutdown")
+            for slot in range(self.size):
+                self._clean_slot(slot)
+        self.wake()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.capture.close()
+
+    def _running(self) -> bool:
+        return any(w.job is not None for w in self.workers.values())
 
     # --- the loop ---------------------------------------------------------------------
 
     def wake(self) -> None:
-        """Make the loop run a pass now (called after an API call changed state)."""
+        """Make the loop run a pass now."""
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:  # already awake
@@ -125,8 +257,12 @@ class Supervisor:
         while True:
             with self.lock:
                 if self.state == "closed":
+                    self._deliver_finished(time.monotonic(), force=True)
+                    callbacks, self.callbacks = self.callbacks, []
+                    _run_callbacks(callbacks)
                     return
-                objects = [self._wake_r] + [w.conn for w in self.workers.values()]
+                objects = [self._wake_r] + [w.conn for w in self.workers.values()
+                                            if w.channel_closed_mono is None]
                 if self.template_conn is not None:
                     objects.append(self.template_conn)
                 timeout = self._next_timeout(time.monotonic())
@@ -134,9 +270,9 @@ class Supervisor:
             self.step(ready)
 
     def step(self, ready: list, now: float | None = None) -> None:
-        """One pass: handle ready connections, then murder, reap, manage, dispatch."""
+        """One pass: read, then murder, manage, dispatch, finish (gunicorn's order)."""
         now = time.monotonic() if now is None else now
-        with self.lock:
+        with self._changed:
             for obj in ready:
                 if obj == self._wake_r:
                     os.read(self._wake_r, 4096)
@@ -145,13 +281,15 @@ class Supervisor:
                 else:
                     worker = next((w for w in self.workers.values() if w.conn is obj), None)
                     if worker is not None:
-                        self._read_worker(worker)
+                        self._read_worker(worker, now)
             if self.state != "closed":
                 self.murder_workers(now)
                 self.manage_workers(now)
                 self.dispatch(now)
+            self._deliver_finished(now)
+            self._changed.notify_all()
             callbacks, self.callbacks = self.callbacks, []
-        self.notify(callbacks)
+        _run_callbacks(callbacks)
 
     def _next_timeout(self, now: float) -> float:
         wakeups = [now + 1.0]
@@ -161,23 +299,29 @@ class Supervisor:
                 wakeups.extend(t for t in (w.job.deadline, w.job.kill_at) if t is not None)
             if w.state == "starting":
                 wakeups.append(w.spawned_mono + self.config.worker_start_timeout)
+            if w.channel_closed_mono is not None:
+                wakeups.append(w.channel_closed_mono + _CHANNEL_GRACE_S)
+        if self.finishing:
+            wakeups.append(now + 0.05)
         if self.next_start_mono > now:
             wakeups.append(self.next_start_mono)
-        if self.pending_groups:
+        if self.dirty_slots:
             wakeups.append(now + 0.02)
         return max(0.0, min(wakeups) - now)
 
-    # --- template -----------------------------------------------------------------------
+    # --- the template -----------------------------------------------------------------
 
     def start_template(self) -> None:
-        """Start the template process (not a fork of this multi-threaded process)."""
+        """Start the template process (a fresh interpreter, not a fork of this one)."""
         ours, theirs = socket.socketpair()
         settings = {"backend": self.config.backend,
-                    "preload": list(self.config.preload) if self.config.preload is not None else None}
+                    "preload": list(self.config.preload) if self.config.preload is not None else None,
+                    "confinement": self.placement.confinement_settings(),
+                    "needed": list(self.placement.needed_paths())}
         self.template_proc = subprocess.Popen(
             [self.config.python_executable(), "-P", "-m", "warm_pool.template",
              str(theirs.fileno()), json.dumps(settings)],
-            pass_fds=[theirs.fileno()], env=self.config.template_env(neuron=self.neuron),
+            pass_fds=[theirs.fileno()], env=self.placement.template_env(),
             stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
         self.template_sock = ours
@@ -185,8 +329,8 @@ class Supervisor:
 
     def _read_template(self) -> None:
         try:
-            msg = self.template_conn.recv()
-        except (EOFError, OSError):
+            msg = protocol.decode(self.template_conn.recv_bytes(protocol.MAX_FRAME), protocol.FROM_TEMPLATE)
+        except (EOFError, OSError, protocol.ProtocolError):
             self._template_lost()
             return
         if isinstance(msg, protocol.TemplateReady):
@@ -205,7 +349,7 @@ class Supervisor:
             self.reap_workers(msg.worker_id, msg.return_code)
 
     def _template_lost(self) -> None:
-        """The template died: its workers died with it (PDEATHSIG); start over."""
+        """The template died: its workers died with it (parent-death signal); start over."""
         self._close_template()
         for worker in list(self.workers.values()):
             self.reap_workers(worker.id, None)
@@ -228,11 +372,11 @@ class Supervisor:
 
     def break_pool(self, reason: str) -> None:
         """Stop respawning: the pool cannot work. Queued jobs fail with the reason."""
-        from warm_pool.errors import PoolBroken
-
         self.state, self.broken_reason = "broken", reason
         while self.queue:
             job = self.queue.popleft()
+            self.jobs.pop(job.spec.job_id, None)
+            _remove_job_dir(job)
             self.callbacks.append(lambda job=job: job.future.set_exception(PoolBroken(reason)))
 
     # --- workers ----------------------------------------------------------------------
@@ -240,60 +384,32 @@ class Supervisor:
     def spawn_worker(self, slot: int) -> Worker:
         """Ask the template for a new worker in this slot."""
         ours, theirs = socket.socketpair()
-        worker = Worker(self.next_worker_id, slot, self.cores[slot], Connection(ours.detach()))
+        worker = Worker(self.next_worker_id, slot, self.placement.cores[slot], self.placement.uid(slot),
+                        Connection(ours.detach()))
         self.next_worker_id += 1
         self.workers[worker.id] = worker
-        env = self._worker_env(worker)
-        self.template_conn.send(protocol.Spawn(worker.id, tuple(env.items()), worker.core))
+        env = self.placement.worker_env(worker.id, worker.core, self.backend)
+        self.template_conn.send_bytes(protocol.Spawn(worker.id, slot, env, worker.core).encode())
         reduction.sendfds(self.template_sock, [theirs.fileno()])
         theirs.close()
         return worker
 
-    def _worker_env(self, worker: Worker) -> dict[str, str]:
-        env = {}
-        threads = self.config.threads_per_worker
-        if threads is None and "OMP_NUM_THREADS" not in os.environ:  # an operator's choice wins
-            threads = max(1, (os.cpu_count() or 1) // self.size)
-        if threads:
-            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        if self.backend != "neuron" or worker.core is None:
-            return env
-        from warm_pool import neuron
-
-        env.update(neuron.worker_env(worker.core, tag=f"trainium-executor-w{worker.id}",
-                                     log_level=self.config.neuron_log_level))
-        return env
-
     def kill_worker(self, worker: Worker, reason: str) -> None:
-        """SIGKILL the worker's whole process group; reap_workers finishes the job."""
+        """SIGKILL the worker and its process group; reap_workers finishes its job."""
         if worker.state != "stopping":
             worker.state, worker.retire_reason = "stopping", reason
         if worker.pid is not None:
-            kill_group(worker.pid, signal.SIGKILL)
+            usage.kill_group(worker.pid, signal.SIGKILL)
             try:  # it may not have called setsid() yet
                 os.kill(worker.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
-    def murder_workers(self, now: float) -> None:
-        """Stop overdue jobs (soft, then hard), jobs over memory, workers slow to start."""
-        for worker in list(self.workers.values()):
-            job = worker.job
-            if worker.state == "starting" and now - worker.spawned_mono > self.config.worker_start_timeout:
-                self.kill_worker(worker, "start_timeout")
-            if job is None:
-                continue
-            if job.kill_at is not None and now >= job.kill_at:
-                self.kill_worker(worker, job.stop_reason or "timeout")
-            elif job.deadline is not None and now >= job.deadline and job.stop_reason is None:
-                self.stop_job(job, worker, "timeout", now)
-        if now - self.last_monitor >= self.config.monitor_interval:
-            self.last_monitor = now
-            self._measure_memory()
-
-    def stop_job(self, job: Job, worker: Worker, reason: str, now: float, hard: bool = False) -> None:
-        """Interrupt a running job: SIGINT now, SIGKILL of its group after the grace."""
-        job.stop_reason = job.stop_reason or reason
+    def stop_job(self, job: Job, worker: Worker, reason: str, now: float, hard: bool = False,
+                 detail: str | None = None) -> None:
+        """Interrupt a running job: SIGINT now, SIGKILL after the grace (at once if hard)."""
+        if job.stop_reason is None:
+            job.stop_reason, job.stop_detail = reason, detail
         if hard:
             self.kill_worker(worker, reason)
             return
@@ -304,97 +420,161 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
-    def _measure_memory(self) -> None:
-        limit = self.config.memory_limit_bytes
-        for worker in self.workers.values():
+    def murder_workers(self, now: float) -> None:
+        """Stop what is overdue, over a limit, slow to start, or gone mute."""
+        for worker in list(self.workers.values()):
             job = worker.job
-            if job is None or worker.pid is None or worker.state != "busy":
+            if worker.state == "starting" and now - worker.spawned_mono > self.config.worker_start_timeout:
+                self.kill_worker(worker, "start_timeout")
+            if worker.channel_closed_mono is not None and worker.state != "stopping" and \
+                    now - worker.channel_closed_mono > _CHANNEL_GRACE_S:
+                if job is not None:  # alive, yet its channel is gone: the job closed it
+                    job.stop_reason = job.stop_reason or "protocol_error"
+                    job.stop_detail = job.stop_detail or (
+                        "the job closed its worker's channel to the service (e.g. os.closerange); "
+                        "the job was stopped")
+                self.kill_worker(worker, "channel_closed")
+            if job is None:
                 continue
-            rss = tree_rss(worker.pid)
-            job.peak_tree_bytes = max(job.peak_tree_bytes, rss)
+            over = self.capture.over_limit(job.spec.job_id)
+            if over and job.stop_reason is None:
+                self.stop_job(job, worker, "output_limit", now, hard=True, detail=(
+                    f"{over} exceeded output_limit_mb={self.config.output_limit_mb}"))
+            elif job.kill_at is not None and now >= job.kill_at:
+                self.kill_worker(worker, job.stop_reason or "timeout")
+            elif job.deadline is not None and now >= job.deadline and job.stop_reason is None:
+                self.stop_job(job, worker, "timeout", now)
+        if now - self.last_monitor >= self.config.monitor_interval:
+            self.last_monitor = now
+            self._measure(now)
+
+    def _measure(self, now: float) -> None:
+        """Memory of every process of each busy slot; disk of each running job."""
+        running = [w for w in self.workers.values() if w.state == "busy" and w.job and w.pid]
+        if not running:
+            return
+        by_uid = usage.uid_usage({w.uid for w in running if w.uid is not None})
+        limit, disk_limit = self.config.memory_limit_bytes, self.config.max_disk_mb * 1024 * 1024
+        for worker in running:
+            job = worker.job
+            rss = by_uid[worker.uid].rss_bytes if worker.uid is not None else usage.tree_rss(worker.pid)
+            job.peak_memory_bytes = max(job.peak_memory_bytes, rss)
             if job.device is not None:
                 job.device.sample()
             if limit and rss > limit:
-                self.stop_job(job, worker, "memory_limit", time.monotonic(), hard=True)
+                self.stop_job(job, worker, "memory_limit", now, hard=True)
+                continue
+            used, files = usage.disk_usage((job.job_dir, job.tmp_dir), worker.uid, self.config.max_job_files)
+            if used >= disk_limit:
+                self.stop_job(job, worker, "disk_limit", now, hard=True, detail=(
+                    f"the job's files reached max_disk_mb={self.config.max_disk_mb}"))
+            elif files > self.config.max_job_files:
+                self.stop_job(job, worker, "disk_limit", now, hard=True, detail=(
+                    f"the job created more than max_job_files={self.config.max_job_files} files"))
 
-    def _read_worker(self, worker: Worker) -> None:
+    def _read_worker(self, worker: Worker, now: float) -> bool:
+        """Handle one message from a worker; False when its channel is closed or broken."""
         try:
-            msg = worker.conn.recv()
-        except (EOFError, OSError):
-            # The process is gone or going; the template's Exited gives the status.
-            if worker.state != "stopping":
-                worker.state = "stopping"
-                worker.retire_reason = worker.retire_reason or "crashed"
-            return
-        self._handle_worker_msg(worker, msg)
+            frame = worker.conn.recv_bytes(protocol.MAX_FRAME)
+        except (EOFError, OSError) as exc:
+            if isinstance(exc, OSError) and "bad message length" in str(exc):
+                self._protocol_error(worker, f"a message longer than {protocol.MAX_FRAME} bytes")
+            else:  # gone, or going: the template's exited gives the status
+                worker.channel_closed_mono = now
+            return False
+        try:
+            msg = protocol.decode(frame, protocol.FROM_WORKER)
+        except protocol.ProtocolError as exc:
+            self._protocol_error(worker, str(exc))
+            return False
+        self._handle_worker_msg(worker, msg, now)
+        return True
 
-    def _handle_worker_msg(self, worker: Worker, msg: object) -> None:
-        if isinstance(msg, protocol.WorkerReady):
-            worker.pid, worker.preloaded, worker.device = msg.pid, msg.preloaded, msg.device
-            worker.ready_seconds = time.monotonic() - worker.spawned_mono
+    def _handle_worker_msg(self, worker: Worker, msg: protocol.Message, now: float) -> None:
+        job, state = worker.job, worker.state
+        if isinstance(msg, protocol.WorkerReady) and state == "starting" and msg.worker_id == worker.id:
+            worker.preloaded, worker.device, worker.confinement = msg.preloaded, msg.device, msg.confinement
+            worker.ready_seconds = now - worker.spawned_mono
+            worker.threads_at_ready = usage.thread_count(worker.pid) if worker.pid else None
             self.start_failures, self.last_start_error = 0, None
-            if worker.state == "starting":
-                worker.state = "idle"
-        elif isinstance(msg, protocol.WorkerFailed):
+            worker.state = "idle"
+        elif isinstance(msg, protocol.WorkerFailed) and worker.state == "starting":
             worker.state, worker.retire_reason = "stopping", "start_failed"
             self.last_start_error = msg.error
-        elif isinstance(msg, protocol.JobDone) and worker.job is not None:
-            worker.job.done = msg
-            self._job_finished(worker, msg.return_code)
+        elif isinstance(msg, protocol.JobDone) and worker.state == "busy" and job is not None \
+                and job.done is None and msg.job_id == job.spec.job_id:
+            job.done = msg
+            worker.state = "checking"
+            self._job_ended(worker, now)
+        elif isinstance(msg, protocol.WorkerIdle) and worker.state == "checking":
+            self._after_job(worker, list(msg.dirty))
+        else:
+            self._protocol_error(worker, f"{msg.type} is not expected from a worker that is {worker.state}")
 
-    def _job_finished(self, worker: Worker, return_code: int | None) -> None:
+    def _protocol_error(self, worker: Worker, what: str) -> None:
+        """A worker broke the protocol: it is killed; its job says why."""
+        if worker.job is not None and worker.job.stop_reason is None:
+            worker.job.stop_reason = "protocol_error"
+            worker.job.stop_detail = f"the worker broke the protocol ({what}); it was replaced"
+        self.kill_worker(worker, "protocol_error")
+
+    def _job_ended(self, worker: Worker, now: float) -> None:
+        """The job's process is done: its result waits only for its output to drain."""
         job, worker.job = worker.job, None
         worker.jobs_run += 1
+        job.ended_mono = now
         if job.device is not None:
             job.peak_device_bytes = job.device.finish()
+        self.finishing.append((job, worker))
+        if job.stop_reason and worker.state != "stopping":
+            # Interrupted mid-way (SIGINT can land inside library code): never reused.
+            self.kill_worker(worker, job.stop_reason)
+
+    def _after_job(self, worker: Worker, dirty: list[str]) -> None:
+        """The worker restored itself: check it from outside, then reuse or replace it."""
+        if worker.uid is not None:
+            others = [p for p in usage.uid_usage({worker.uid})[worker.uid].pids if p != worker.pid]
+            if others:
+                usage.kill_pids(others)
+                dirty.append(f"{len(others)} processes of the job outlived it")
+            usage.remove_shm(worker.uid)
+        threads = usage.thread_count(worker.pid) if worker.pid else None
+        if threads is not None and worker.threads_at_ready is not None and threads > worker.threads_at_ready:
+            dirty.append(f"threads still running ({threads} > {worker.threads_at_ready})")
         reason = None
-        if job.stop_reason:
-            reason = job.stop_reason
-        elif job.done is None:
-            reason = "crashed"
-        elif job.done.dirty:
+        if dirty:
             reason = "dirty"
         elif self.config.max_jobs_per_worker and worker.jobs_run >= self.config.max_jobs_per_worker:
             reason = "recycled"
-        elif self._device_memory_growing(worker):
+        elif self.placement.device_memory_growing(worker):
             reason = "device_memory_growth"
         if reason is not None:
+            worker.retire_reason = reason
+            self.replacements.append({"worker": worker.id, "reason": reason, "detail": dirty[:5],
+                                      "at": time.time()})
             self.kill_worker(worker, reason)
-        elif worker.state == "busy":
+        else:
             worker.state = "idle"
-        self.finish(job, worker, return_code)
-
-    def _device_memory_growing(self, worker: Worker) -> bool:
-        """True when this worker's idle NeuronCore memory grew after several jobs in a row."""
-        if self.backend != "neuron" or worker.core is None or not self.config.neuron_idle_growth_jobs:
-            return False
-        from warm_pool import neuron
-
-        mem = neuron.core_memory(worker.core, self.config.neuron_sysfs_root, self.cores_per_device)
-        if mem is None:
-            return False
-        if worker.growth is None:
-            worker.growth = neuron.IdleGrowth(jobs=self.config.neuron_idle_growth_jobs)
-        return worker.growth.observe(mem.used_bytes)
 
     def reap_workers(self, worker_id: int, return_code: int | None) -> None:
-        """A worker process is gone: finish its job, free its slot, count the respawn."""
+        """A worker process is gone: end its job, mark its slot for cleaning, count it."""
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return
-        # Anything the worker sent before dying is still in the socket: read it first.
-        try:
-            while worker.job is not None and worker.conn.poll(0):
-                self._handle_worker_msg(worker, worker.conn.recv())
-        except (EOFError, OSError):
+        try:  # what the worker sent before dying is still in the socket: read it first
+            now = time.monotonic()
+            while worker.job is not None and worker.conn.poll(0) and self._read_worker(worker, now):
+                pass
+        except OSError:
             pass
         worker.conn.close()
         if worker.pid is not None:
-            kill_group(worker.pid, signal.SIGKILL)  # orphaned grandchildren in its group
-            self.pending_groups[worker.slot] = worker.pid
+            usage.kill_group(worker.pid, signal.SIGKILL)  # orphaned grandchildren in its group
+            self.dirty_slots[worker.slot] = worker.pid
         if worker.job is not None:
+            worker.job.exit_status = return_code
             worker.retire_reason = worker.job.stop_reason or "crashed"
-            self._job_finished(worker, return_code)
+            self._job_ended(worker, time.monotonic())
         if worker.ready_seconds is None and self.state not in ("closing", "closed"):
             self._start_failed(worker.retire_reason or "died while starting")
         elif self.state not in ("closing", "closed"):
@@ -420,19 +600,25 @@ class Supervisor:
             return  # the template is still importing
         used = {w.slot for w in self.workers.values()}
         for slot in range(self.size):
-            if slot in used or not self._slot_free(slot):
-                continue
-            self.spawn_worker(slot)
+            if slot not in used and self._clean_slot(slot):
+                self.spawn_worker(slot)
 
-    def _slot_free(self, slot: int) -> bool:
-        """On neuron a NeuronCore is free only when the last holder's group is gone."""
-        pgid = self.pending_groups.get(slot)
+    def _clean_slot(self, slot: int) -> bool:
+        """True when nothing of the slot's last worker is left: no process of its uid (or
+        its process group), so its NeuronCore and its uid are free for a new worker."""
+        pgid = self.dirty_slots.get(slot)
         if pgid is None:
             return True
-        if self.neuron and _group_alive(pgid):
-            kill_group(pgid, signal.SIGKILL)
+        uid = self.placement.uid(slot)
+        if uid is not None:
+            if usage.uid_usage({uid})[uid].pids:
+                sandbox.kill_uid(uid)
+                return False
+            usage.remove_shm(uid)
+        elif usage.group_alive(pgid):
+            usage.kill_group(pgid, signal.SIGKILL)
             return False
-        del self.pending_groups[slot]
+        del self.dirty_slots[slot]
         return True
 
     def dispatch(self, now: float) -> None:
@@ -444,64 +630,88 @@ class Supervisor:
                 continue
             job = self.queue.popleft()
             if not job.future.set_running_or_notify_cancel():
+                self.jobs.pop(job.spec.job_id, None)
                 continue
-            worker.state, worker.job = "busy", job
-            job.started_mono, job.started_at = now, time.time()
-            if self.backend == "neuron" and worker.core is not None:
-                from warm_pool import neuron
+            self._start_job(job, worker, now)
+        busy = self.queue or any(w.job is not None for w in self.workers.values())
+        self.idle_since = None if busy else (self.idle_since or time.time())
 
-                job.device = neuron.PeakTracker(worker.core, self.config.neuron_sysfs_root,
-                                                self.cores_per_device)
-                job.device.start()
-            job.deadline = now + job.timeout
-            worker.conn.send(job.paths)
-            if job.on_start is not None:
-                ref = worker_ref(worker)
-                self.callbacks.append(lambda job=job, ref=ref: job.on_start(job.spec.job_id, ref))
-        if not self.queue and all(w.job is None for w in self.workers.values()):
-            self.idle_since = self.idle_since or time.time()
-        else:
-            self.idle_since = None
-
-
-def worker_ref(worker: Worker):
-    """The result's `worker` field for this worker."""
-    from warm_pool.result import WorkerRef
-
-    return WorkerRef(worker.id, worker.pid or 0, worker.core)
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (0 if it is gone)."""
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc] + proc.children(recursive=True)
-    except psutil.Error:
-        return 0
-    total = 0
-    for p in procs:
+    def _start_job(self, job: Job, worker: Worker, now: float) -> None:
+        worker.state, worker.job = "busy", job
+        job.started_mono, job.started_at = now, time.time()
+        job.worker = WorkerRef(worker.id, worker.pid or 0, worker.core)
+        job.device = self.placement.device_tracker(worker.core, self.backend)
+        job.deadline = now + job.timeout
+        job.tmp_dir = self.placement.tmp_dir(worker.slot)
+        self.placement.hand_over(job.job_dir, job.tmp_dir, job.main_path, worker.uid)
+        if job.on_start is not None:  # before the job runs: the caller records it as running
+            try:
+                job.on_start(job.spec.job_id, job.worker)
+            except Exception:  # noqa: BLE001 - a caller's bug must not stop the loop
+                pass
+        out, err = self.capture.open(job.spec.job_id)
         try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+            worker.conn.send_bytes(protocol.RunJob(job.spec.job_id, job.main_path, job.job_dir,
+                                                   job.tmp_dir).encode())
+            with socket.socket(fileno=os.dup(worker.conn.fileno())) as sock:
+                reduction.sendfds(sock, [out, err])
+        except OSError:  # the worker is gone: reap_workers ends the job
+            worker.channel_closed_mono = now
+        finally:
+            os.close(out)
+            os.close(err)
+
+    def _deliver_finished(self, now: float, force: bool = False) -> None:
+        """Build the results of jobs whose output has drained, and complete their futures."""
+        still = []
+        for job, worker in self.finishing:
+            job_id = job.spec.job_id
+            drained = self.capture.finished(job_id) or force or (
+                job.ended_mono is not None and now - job.ended_mono > _DRAIN_GRACE_S)
+            if not drained:
+                still.append((job, worker))
+                continue
+            self.capture.stop(job_id)
+            result = outcome.build_result(job, job.worker, self.config, self.capture.path(job_id, "stdout"),
+                                          self.capture.path(job_id, "stderr"))
+            self.capture.release(job_id)
+            self.jobs.pop(job_id, None)
+            if not self.config.keep_job_dirs:
+                _remove_job_dir(job)
+            self.callbacks.append(lambda job=job, result=result: _complete(job.future, result))
+        self.finishing = still
 
 
-def kill_group(pgid: int, sig: int) -> None:
-    """Signal a whole process group; a group that is already gone is not an error."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError:  # the group id was reused by someone else's process
-        pass
+def _complete(future: Future, result: Any) -> None:
+    if not future.done():
+        if not future.running():
+            future.set_running_or_notify_cancel()
+        future.set_result(result)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False
-    return True
+def _remove_job_dir(job: Job) -> None:
+    try:  # the common case, cheaply: the script wrote nothing beside main.py
+        os.unlink(job.main_path)
+        os.rmdir(job.job_dir)
+    except OSError:
+        shutil.rmtree(job.job_dir, ignore_errors=True)
+    if job.tmp_dir:
+        shutil.rmtree(job.tmp_dir, ignore_errors=True)
+
+
+def _worker_stats(worker: Worker) -> dict[str, Any]:
+    return {
+        "id": worker.id, "pid": worker.pid, "state": worker.state, "core": worker.core,
+        "uid": worker.uid, "jobs_run": worker.jobs_run, "device": worker.device,
+        "preloaded": list(worker.preloaded), "confinement": dict(worker.confinement),
+        "ready_seconds": round(worker.ready_seconds, 4) if worker.ready_seconds else None,
+        "current_job": worker.job.spec.job_id if worker.job else None,
+    }
+
+
+def _run_callbacks(callbacks: list[Callable[[], None]]) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - a caller's callback must not kill the loop
+            traceback.print_exc()

@@ -1,12 +1,18 @@
 """The template: a separately started process that imports the heavy modules once and
 forks workers on request.
 
-It is started with `python -P -m warm_pool.template FD CONFIG_JSON` (never forked from
+It is started with `python -P -m warm_pool.template FD SETTINGS_JSON` (never forked from
 the multi-threaded service: fork copies one thread and every lock the others held).
 It imports the backend's modules and does nothing else with them: no device, no torch
 operation, because neither the XLA/Neuron runtime nor OpenMP thread pools survive a
-fork (DESIGN.md, "Facts"). Before each fork it checks the XLA runtime is still
-uninitialised, the same check torch-xla's own fork-based spawner makes.
+fork (a child of a parent that started them hangs). Before each fork it checks the XLA
+runtime is still uninitialised, the same check torch-xla's own fork-based spawner
+makes. Having imported everything, it takes the interpreter's fingerprint once
+(integrity.py); every worker inherits it and checks it after each job.
+
+Each worker is confined right after the fork (sandbox.py: its slot's uid, no
+privileges, writes only where jobs may write), with /dev/null as fds 0-2, before it
+touches its device or a job.
 
 It is the children's subreaper, so a job's orphaned grandchildren are reparented here
 and reaped, and it reports every worker's exit status to the supervisor (which is not
@@ -29,13 +35,21 @@ import traceback
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 
-from warm_pool import protocol
+from warm_pool import protocol, sandbox
+from warm_pool.integrity import Fingerprint
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
-# Modules a worker needs that are cheap but better imported once, here.
-_SUPPORT_MODULES = ("warm_pool.worker", "warm_pool.isolation", "psutil")
+# Modules a worker needs that are cheap but better imported once, here; and standard
+# modules that training scripts import lazily (a DataLoader with workers, a checkpoint):
+# loaded here they are warm and watched by the fingerprint, so a job importing them does
+# not cost its worker.
+_SUPPORT_MODULES = (
+    "warm_pool.worker", "warm_pool.isolation", "csv", "argparse", "pickle", "json", "logging.handlers",
+    "multiprocessing.popen_fork", "multiprocessing.queues", "multiprocessing.synchronize",
+    "multiprocessing.pool", "concurrent.futures",
+)
 
 
 def _prctl(option: int, value: int) -> None:
@@ -84,10 +98,13 @@ def xla_runtime_initialized() -> bool:
 class Template:
     """The template's state: its control connection and the workers it forked."""
 
-    def __init__(self, control: socket.socket, backend: str):
+    def __init__(self, control: socket.socket, backend: str, confinement: sandbox.Confinement,
+                 needed: tuple[str, ...]):
         self.sock = control
         self.conn = Connection(os.dup(control.fileno()))
         self.backend = backend
+        self.confinement = confinement
+        self.needed = needed
         self.workers: dict[int, int] = {}  # pid -> worker_id
         self.child_r, self.child_w = os.pipe()
 
@@ -114,13 +131,19 @@ class Template:
     def handle_control(self) -> bool:
         """Handle one control message; False when the supervisor closed the socket."""
         try:
-            msg = self.conn.recv()
-        except (EOFError, OSError):
+            msg = protocol.decode(self.conn.recv_bytes(), protocol.TO_TEMPLATE)
+        except (EOFError, OSError, protocol.ProtocolError):
             return False
         if isinstance(msg, protocol.Spawn):
             fds = reduction.recvfds(self.sock, 1)
             self.spawn(msg, fds[0])
         return True
+
+    def send(self, msg: protocol.Message) -> None:
+        try:
+            self.conn.send_bytes(msg.encode())
+        except OSError:  # the supervisor is gone; serve() notices EOF next
+            pass
 
     def spawn(self, msg: protocol.Spawn, fd: int) -> None:
         """Fork one worker that talks over fd; report its pid."""
@@ -131,34 +154,41 @@ class Template:
             code = 1
             try:
                 code = self.child(msg, fd)
-            except BaseException:  # noqa: BLE001 - a bug in the worker: say where, then die
-                # os.write, not print: a job may have replaced builtins.print.
-                os.write(2, f"warm_pool worker {msg.worker_id} failed:\n{traceback.format_exc()}".encode())
+            except BaseException:  # noqa: BLE001 - the worker could not start: say why, then die
+                _report_failure(fd, msg.worker_id, traceback.format_exc())
             finally:
                 os._exit(code)
         os.close(fd)
         self.workers[pid] = msg.worker_id
-        try:
-            self.conn.send(protocol.Spawned(msg.worker_id, pid))
-        except OSError:  # the supervisor is gone; serve() notices EOF next
-            pass
+        self.send(protocol.Spawned(msg.worker_id, pid))
 
     def child(self, msg: protocol.Spawn, fd: int) -> int:
-        """In the new worker: detach from the template's state, then run the worker."""
-        # Own session and process group, so a kill of the group takes the job's
-        # children too and terminal signals aimed at the service do not reach us.
+        """In the new worker: drop the template's state, confine, then run the worker."""
+        # Own session and process group: terminal signals aimed at the service do not
+        # reach us, and a kill of the group takes the job's children too.
         os.setsid()
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         for keep_closed in (self.child_r, self.child_w, self.conn.fileno(), self.sock.fileno()):
             os.close(keep_closed)
-        os.environ.update(dict(msg.env))
+        # fds 0-2 were the service's (its log): a job must not hold them.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(devnull, target)
+        os.close(devnull)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as in any Python program
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        applied = sandbox.enter(self.confinement, msg.slot)
+        # After the credential change: it clears the parent-death signal.
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the template died before we set it
+            return 1
+        os.environ.update(msg.env)
         from warm_pool import worker
 
-        return worker.main(Connection(fd), msg.worker_id, self.backend, msg.core, _PRELOADED)
+        return worker.main(fd, msg.worker_id, self.backend, msg.core, _PRELOADED, _FINGERPRINT,
+                           applied, self.needed)
 
     def reap(self) -> None:
         """Wait for every exited child; report workers, silently reap adopted orphans."""
@@ -171,34 +201,48 @@ class Template:
                 return
             worker_id = self.workers.pop(pid, None)
             if worker_id is not None:
-                rc = os.waitstatus_to_exitcode(status)
-                try:
-                    self.conn.send(protocol.Exited(worker_id, pid, rc))
-                except OSError:
-                    return
+                self.send(protocol.Exited(worker_id, pid, os.waitstatus_to_exitcode(status)))
 
     def kill_all(self) -> None:
-        """Kill every worker's process group and reap them (supervisor is gone)."""
-        for pid in list(self.workers):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        """Kill every worker and its group, and reap them (the supervisor is gone).
+
+        A worker forked a moment ago may not have called setsid() yet, so its group
+        does not exist: it is killed by pid too, and again until it is reaped.
+        """
         deadline = time.monotonic() + 5
         while self.workers and time.monotonic() < deadline:
-            try:
-                pid, _ = os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
-            self.workers.pop(pid, None)
+            for pid in list(self.workers):
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+            time.sleep(0.01)
+            while True:
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return
+                if pid == 0:
+                    break
+                self.workers.pop(pid, None)
+
+
+def _report_failure(fd: int, worker_id: int, text: str) -> None:
+    """Tell the supervisor why a worker could not start, on the worker's own channel."""
+    try:
+        Connection(fd).send_bytes(protocol.WorkerFailed(worker_id, protocol.clip(text)).encode())
+    except Exception:  # noqa: BLE001 - the channel is gone too: the exit status says enough
+        pass
 
 
 _PRELOADED: tuple[str, ...] = ()
+_FINGERPRINT: Fingerprint | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: python -P -m warm_pool.template FD CONFIG_JSON."""
-    global _PRELOADED
+    """Entry point: python -P -m warm_pool.template FD SETTINGS_JSON."""
+    global _PRELOADED, _FINGERPRINT
     argv = sys.argv[1:] if argv is None else argv
     control = socket.socket(fileno=int(argv[0]))
     settings = json.loads(argv[1])
@@ -216,15 +260,21 @@ def main(argv: list[str] | None = None) -> int:
         imported, error = import_modules(preload)
         if error is None:
             _, error = import_modules(_SUPPORT_MODULES)
+        if error is None:
+            _FINGERPRINT = Fingerprint.take()
     except BaseException:  # noqa: BLE001
         imported, error, backend = [], traceback.format_exc(), settings["backend"]
     if error is not None:
-        conn.send(protocol.TemplateFailed(error))
+        conn.send_bytes(protocol.TemplateFailed(protocol.clip(error)).encode())
         return 1
     _PRELOADED = tuple(imported)
-    conn.send(protocol.TemplateReady(os.getpid(), backend, _PRELOADED, time.perf_counter() - started))
+    conn.send_bytes(protocol.TemplateReady(os.getpid(), backend, _PRELOADED, time.perf_counter() - started,
+                                           len(_FINGERPRINT)).encode())
     conn.close()
-    Template(control, backend).serve()
+    c = settings["confinement"]
+    confinement = sandbox.Confinement(c["uid_base"], tuple(c["groups"]), tuple(c["writable"]),
+                                      c["max_file_bytes"])
+    Template(control, backend, confinement, tuple(settings["needed"])).serve()
     return 0
 
 

@@ -1,28 +1,44 @@
-"""The worker: a child of the template that owns one device and runs jobs one at a time.
+"""The worker: a confined child of the template that owns one device and runs jobs.
 
-After the fork it initialises its own device (never the template's: runtime state does
-not survive fork), reports ready, then loops: receive RunJob, execute main.py exactly as
-`python main.py` would, reply JobDone, restore the interpreter for the next job. Its
-stdout and stderr file descriptors point at the job's capture files while a job runs, so
-output of C code and child processes is captured too.
+After the fork the template confines it (sandbox.enter: its own uid, no privileges,
+writes only where jobs may write), then it initialises its own device (never the
+template's: runtime state does not survive fork), warms up, records its clean state,
+reports ready, and loops::
+
+    run_job (+ stdout, stderr pipes) ─▶ execute main.py as `python main.py` would
+                                        end every process the job started
+                                     ◀─ job_done       (the result can be built)
+                                        restore the interpreter, check the fingerprint
+                                     ◀─ worker_idle    (dirty: what could not be undone)
+
+Only fds 0-2 and the channel to the supervisor are open here: 0-2 are /dev/null between
+jobs and the job's pipes during one.
 """
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import types
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
+from typing import Any
 
 from warm_pool import protocol
+from warm_pool.integrity import Fingerprint
 from warm_pool.isolation import Baseline
 
 _BUFFER_SIZE = io.DEFAULT_BUFFER_SIZE
+# Exit status of a worker whose job cut its channel to the supervisor.
+EXIT_CHANNEL_LOST = 70
 
 
 def init_device(backend: str) -> str | None:
@@ -47,84 +63,171 @@ def init_device(backend: str) -> str | None:
     return str(device)
 
 
-def main(conn: Connection, worker_id: int, backend: str, core: int | None,
-         preload: tuple[str, ...]) -> int:
-    """The worker's life: init, ready, jobs until Stop or EOF. Returns the exit code."""
+def warm_up() -> None:
+    """Do once what a job's first training step would do to shared library state.
+
+    Instantiating an optimizer wraps its class's step() (torch.optim patches the class
+    on first use); done here, before the fingerprint's baseline, a job doing it does not
+    look like a job patching torch. CPU tensors only: the device is the job's.
+    """
+    import torch
+
+    param = torch.zeros(1, requires_grad=True)
+    base = torch.optim.Optimizer
+    for name in getattr(torch.optim, "__all__", ()):
+        cls = getattr(torch.optim, name, None)
+        if isinstance(cls, type) and issubclass(cls, base) and cls is not base:
+            try:
+                cls([param])
+            except Exception:  # noqa: BLE001 - an optimizer needing other arguments stays cold
+                pass
+
+
+def check_job_access(paths: tuple[str, ...]) -> None:
+    """Fail with a clear message when this worker's uid cannot reach what jobs need."""
+    for path in paths:
+        parts = os.path.abspath(path).split(os.sep)
+        for depth in range(2, len(parts) + 1):
+            probe = os.sep.join(parts[:depth])
+            if not os.access(probe, os.X_OK):
+                raise PermissionError(
+                    f"jobs run as uid {os.getuid()} and cannot reach {path}: {probe} is closed to "
+                    f"other users. Open it for traversal (chmod o+x {probe}) or put Python and the "
+                    "work dir where other users can read them")
+
+
+def main(fd: int, worker_id: int, backend: str, core: int | None, preloaded: tuple[str, ...],
+         fingerprint: Fingerprint | None, confinement: dict[str, str], needed: tuple[str, ...]) -> int:
+    """The worker's life: init, ready, jobs until the supervisor closes the channel."""
     started = time.perf_counter()
-    # What was really imported before the fork (the template's report could be stale).
-    preloaded = tuple(name for name in preload if name in sys.modules)
+    conn = Connection(fd)
+    preloaded = tuple(name for name in preloaded if name in sys.modules)
     try:
+        check_job_access(needed)
         device = init_device(backend)
+        warm_up()
+        if fingerprint is not None:
+            fingerprint.rebase()
+        baseline = Baseline.take()
     except BaseException:  # noqa: BLE001 - reported, then this worker ends
-        conn.send(protocol.WorkerFailed(worker_id, traceback.format_exc()))
+        _send(conn, protocol.WorkerFailed(worker_id, protocol.clip(traceback.format_exc())))
         return 3
-    baseline = Baseline.take()
-    conn.send(protocol.WorkerReady(worker_id, os.getpid(), preloaded, device,
-                                   time.perf_counter() - started))
-    runner = JobRunner(baseline)
+    if not _send(conn, protocol.WorkerReady(worker_id, preloaded, device, time.perf_counter() - started,
+                                            confinement)):
+        return 0
+    runner = ScriptRunner(baseline, fingerprint, isolated="uid" in confinement)
     while True:
         try:
-            msg = conn.recv()
-        except (EOFError, OSError):  # the supervisor is gone
+            msg = protocol.decode(conn.recv_bytes(), protocol.TO_WORKER)
+            pipes = _receive_fds(conn, 2)
+        except (EOFError, OSError, protocol.ProtocolError):  # the supervisor is gone
             return 0
         except KeyboardInterrupt:  # a late soft-kill for a job that already ended
             continue
-        if isinstance(msg, protocol.Stop):
-            return 0
-        if isinstance(msg, protocol.RunJob):
-            done = runner.run(msg)
-            conn.send(done)
+        done = runner.run(msg, pipes)
+        if not _send(conn, done):
+            return EXIT_CHANNEL_LOST
+        if not _send(conn, runner.restore(msg)):
+            return EXIT_CHANNEL_LOST
 
 
-class JobRunner:
-    """Runs one job at a time inside this worker, then restores the baseline."""
+def _receive_fds(conn: Connection, count: int) -> list[int]:
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        return reduction.recvfds(sock, count)
+    finally:
+        sock.detach()
 
-    def __init__(self, baseline: Baseline):
+
+def _send(conn: Connection, msg: protocol.Message) -> bool:
+    """Send a message; False when the channel is gone (a job may have closed it)."""
+    try:
+        conn.send_bytes(msg.encode())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+class ScriptRunner:
+    """Runs one job at a time inside this worker, then restores the clean state."""
+
+    def __init__(self, baseline: Baseline, fingerprint: Fingerprint | None, isolated: bool):
         self.baseline = baseline
-        # Private copies of the worker's own fds 0-2, to put back after each job.
-        self.saved_fds = [os.dup(fd) for fd in (0, 1, 2)]
-        for fd in self.saved_fds:
-            os.set_inheritable(fd, False)
+        self.fingerprint = fingerprint
+        self.isolated = isolated
 
-    def run(self, msg: protocol.RunJob) -> protocol.JobDone:
-        """Execute msg.main_path as __main__ with fds 0-2 redirected; never raises."""
-        self._redirect(msg)
+    def run(self, msg: protocol.RunJob, pipes: list[int]) -> protocol.JobDone:
+        """Execute msg.main_path as __main__ with fds 1 and 2 on the pipes; never raises."""
+        _redirect(pipes)
         _reset_peak_rss()
+        os.environ["TMPDIR"] = msg.tmp_dir
+        os.environ["HOME"] = msg.job_dir
+        tempfile.tempdir = None  # cached by whoever asked before: recomputed from TMPDIR
         started = time.perf_counter()
+        handlers = JobAtexit()
         try:
-            return_code, error_type, error_message = execute_main(msg.main_path, msg.job_dir)
-            _finish_like_python(self.baseline)
+            with handlers:
+                return_code, error_type, error_message = execute_main(msg.main_path, msg.job_dir)
+            _finish_like_python(self.baseline, handlers)
         except KeyboardInterrupt:  # arrived while we were finishing up: still a stop
             return_code, error_type, error_message = -signal.SIGINT, "exception", "KeyboardInterrupt"
         run_seconds = time.perf_counter() - started
         self.baseline.restore_builtins()
         _flush_std_streams()
         peak = _peak_rss()
-        self._restore_fds()
+        _redirect_to_devnull()  # the job's pipes close here: its output ends
+        if self.isolated:
+            _kill_the_rest()
+        return protocol.JobDone(msg.job_id, return_code, error_type,
+                                protocol.clip(error_message) if error_message else None,
+                                run_seconds, peak)
+
+    def restore(self, msg: protocol.RunJob) -> protocol.WorkerIdle:
+        """Put the clean state back; say what could not be (the worker is then replaced)."""
+        started = time.perf_counter()
         dirty = self.baseline.restore(msg.job_dir)
-        return protocol.JobDone(msg.job_id, return_code, error_type, error_message,
-                                run_seconds, peak, tuple(dirty))
+        if self.fingerprint is not None:
+            dirty.extend(self.fingerprint.changes())
+        dirty.extend(self.baseline.new_modules())
+        return protocol.WorkerIdle(tuple(protocol.clip(d, 500) for d in dirty[:20]),
+                                   time.perf_counter() - started)
 
-    def _redirect(self, msg: protocol.RunJob) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(msg.stdout_path, flags, 0o644)
-        err = os.open(msg.stderr_path, flags, 0o644)
-        for src, dst in ((devnull, 0), (out, 1), (err, 2)):
-            os.dup2(src, dst)
-            os.close(src)
-        # Fresh stream objects per job, as a new interpreter would have: stdout fully
-        # buffered (not a tty), stderr line-buffered with backslashreplace (3.9+), both
-        # unbuffered under PYTHONUNBUFFERED.
-        unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
-        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-        sys.stdout = _text_stream(1, "strict", unbuffered, line_buffering=False)
-        sys.stderr = _text_stream(2, "backslashreplace", unbuffered, line_buffering=True)
-        sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
 
-    def _restore_fds(self) -> None:
-        for saved, fd in zip(self.saved_fds, (0, 1, 2), strict=True):
-            os.dup2(saved, fd)
+def _redirect(pipes: list[int]) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    for src, dst in ((devnull, 0), (pipes[0], 1), (pipes[1], 2)):
+        os.dup2(src, dst)
+        os.close(src)
+    # Fresh stream objects per job, as a new interpreter would have: stdout fully
+    # buffered (not a tty), stderr line-buffered with backslashreplace (3.9+), both
+    # unbuffered under PYTHONUNBUFFERED.
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.stdout = _text_stream(1, "strict", unbuffered, line_buffering=False)
+    sys.stderr = _text_stream(2, "backslashreplace", unbuffered, line_buffering=True)
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+
+
+def _redirect_to_devnull() -> None:
+    """fds 0-2 onto /dev/null, whatever the job closed or replaced."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        if fd != devnull:
+            os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
+
+
+def _kill_the_rest() -> None:
+    """SIGKILL every other process of this uid: what the job started, daemons included.
+
+    kill(-1) reaches every process we may signal except ourselves, under the kernel's
+    task list lock, so nothing escapes by forking. The supervisor checks from outside.
+    """
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:  # ESRCH: there was nothing else
+        pass
 
 
 def _text_stream(fd: int, errors: str, unbuffered: bool, line_buffering: bool) -> io.TextIOWrapper:
@@ -181,15 +284,54 @@ def _system_exit_status(exc: SystemExit) -> tuple[int, str | None, str | None]:
     return 1, "exit", f"exit status 1: {code}"
 
 
-def _finish_like_python(baseline: Baseline) -> None:
+class JobAtexit:
+    """The job's atexit handlers, kept apart from the worker's own.
+
+    While the job runs, atexit.register and atexit.unregister record into this list; the
+    handlers that libraries registered before (cleanups of the worker's own state) are
+    not the job's to run. `run` calls the job's last-registered first, reporting a
+    failing one as CPython does at exit. A handler registered around this (through a
+    reference taken earlier) shows in atexit._ncallbacks() and makes the worker dirty.
+    """
+
+    def __init__(self) -> None:
+        self.handlers: list[tuple[Any, tuple, dict]] = []
+        self._saved: tuple[Any, Any] | None = None
+
+    def register(self, func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self.handlers.append((func, args, kwargs))
+        return func
+
+    def unregister(self, func: Any, /) -> None:
+        self.handlers = [h for h in self.handlers if h[0] != func]
+
+    def __enter__(self) -> JobAtexit:
+        self._saved = (atexit.register, atexit.unregister)
+        atexit.register, atexit.unregister = self.register, self.unregister
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        atexit.register, atexit.unregister = self._saved
+
+    def run(self) -> None:
+        while self.handlers:
+            func, args, kwargs = self.handlers.pop()
+            try:
+                func(*args, **kwargs)
+            except SystemExit:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - reported like CPython, then the next
+                sys.unraisablehook(types.SimpleNamespace(
+                    exc_type=type(exc), exc_value=exc, exc_traceback=exc.__traceback__,
+                    err_msg="Exception ignored in atexit callback", object=func))
+
+
+def _finish_like_python(baseline: Baseline, handlers: JobAtexit) -> None:
     """What the interpreter does at exit: join non-daemon threads, run atexit handlers."""
     for thread in threading.enumerate():
         if thread not in baseline.threads and not thread.daemon and thread.is_alive():
             thread.join()
-    import atexit
-
-    if atexit._ncallbacks() != baseline.atexit_count:
-        atexit._run_exitfuncs()
+    handlers.run()
 
 
 def _one_line(exc: BaseException) -> str:

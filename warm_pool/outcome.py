@@ -1,0 +1,109 @@
+"""Turning what the supervisor saw of a job into its JobResult (pure functions).
+
+What decides a result, in order: why the supervisor stopped the job, if it did
+(timeout, a limit, a cancel, a protocol violation, shutdown); else what the worker
+reported (exit status as CPython gives it, the job's exception); else how the worker
+process ended when it died without reporting (a signal, an exit status).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import TYPE_CHECKING
+
+from warm_pool import capture, errors
+from warm_pool.config import PoolConfig
+from warm_pool.result import (
+    STATUS_CANCELLED,
+    STATUS_COMPLETED,
+    STATUS_INTERRUPTED,
+    JobResult,
+    JobSpec,
+    WorkerRef,
+)
+
+if TYPE_CHECKING:
+    from warm_pool.supervisor import Job
+
+_MIB = 1024 * 1024
+
+# Why a job was stopped → its status and error_type.
+STOP_OUTCOMES = {
+    "timeout": (STATUS_COMPLETED, "timeout"),
+    "memory_limit": (STATUS_COMPLETED, "memory_limit"),
+    "output_limit": (STATUS_COMPLETED, "output_limit"),
+    "disk_limit": (STATUS_COMPLETED, "disk_limit"),
+    "protocol_error": (STATUS_COMPLETED, "protocol_error"),
+    "cancelled": (STATUS_CANCELLED, "cancelled"),
+    "interrupted": (STATUS_INTERRUPTED, "interrupted"),
+}
+
+
+def build_result(job: Job, worker: WorkerRef | None, config: PoolConfig,
+                 stdout_path: str, stderr_path: str) -> JobResult:
+    """The result of a job that was handed to a worker (or cancelled before)."""
+    now, now_mono = time.time(), time.monotonic()
+    cap = config.max_output_bytes
+    stdout, out_cut = capture.read_capped(stdout_path, cap)
+    stderr, err_cut = capture.read_capped(stderr_path, cap)
+    done, return_code = job.done, job.exit_status
+    status, error_type, message = STATUS_COMPLETED, None, None
+    if done is not None:
+        return_code, error_type, message = done.return_code, done.error_type, done.error_message
+    elif return_code is not None and return_code != 0:
+        error_type = "signal" if return_code < 0 else "exit"
+        message = f"worker {errors.describe_exit(return_code)}"
+    elif job.started_mono is not None:
+        error_type, message = "worker_crashed", "the worker died and its exit status is unknown"
+    if job.stop_reason:
+        status, error_type = STOP_OUTCOMES[job.stop_reason]
+        message = stop_message(job, config)
+    peak = max(job.peak_memory_bytes, done.peak_rss_bytes if done else 0)
+    started = job.started_mono
+    ended = job.ended_mono or now_mono
+    return JobResult(
+        job_id=job.spec.job_id, paper_id=job.spec.paper_id, status=status,
+        return_code=return_code, stdout=stdout, stderr=stderr,
+        stdout_truncated_bytes=out_cut, stderr_truncated_bytes=err_cut,
+        timeout=job.stop_reason == "timeout", error_type=error_type, error_message=message,
+        execution_time=(ended - started) if started is not None else 0.0,
+        queue_time=((started if started is not None else now_mono) - job.submitted_mono),
+        submitted_at=job.submitted_at, started_at=job.started_at, finished_at=now,
+        peak_memory_mb=round(peak / _MIB, 3) if peak else None,
+        peak_device_memory_mb=(round(job.peak_device_bytes / _MIB, 3)
+                               if job.peak_device_bytes is not None else None),
+        worker=worker if started is not None else None,
+    )
+
+
+def stop_message(job: Job, config: PoolConfig) -> str:
+    """The error_message of a job the supervisor stopped."""
+    reason = job.stop_reason
+    if job.stop_detail:
+        return job.stop_detail
+    if reason == "timeout":
+        return f"timed out after {job.timeout:g} s"
+    if reason == "memory_limit":
+        return f"the job's processes exceeded max_memory_mb={config.max_memory_mb}"
+    if reason == "cancelled":
+        return "cancelled"
+    return "the pool shut down while the job ran"
+
+
+def syntax_error(code: str, path: str) -> tuple[str, str] | None:
+    """CPython's report of a syntax error in main.py, or None if the code compiles."""
+    try:
+        compile(code, path, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:
+        text = "".join(traceback.format_exception_only(type(exc), exc))
+        return text, text.strip().splitlines()[-1]
+    return None
+
+
+def syntax_result(spec: JobSpec, stderr: str, message: str) -> JobResult:
+    """The result of a script that does not compile: no worker is spent on it."""
+    now = time.time()
+    return JobResult(job_id=spec.job_id, paper_id=spec.paper_id, return_code=1, stderr=stderr,
+                     error_type="syntax_error", error_message=message, submitted_at=now,
+                     started_at=now, finished_at=now)
