@@ -268,6 +268,15 @@ ELEVEN = [{"paper_id": f"p{i}", "code": "x"} for i in range(11)]
     ("/execute_batch", json.dumps({"batch": ELEVEN}).encode(), "maximum is 10"),
     ("/jobs", b'{"batch": [{"paper_id": "a b", "code": "x"}]}', "invalid"),
     ("/jobs", b'{"code": ""}', "code is empty"),
+    ("/execute", b'{"code": "print(1)", "code": "print(2)"}', "key 'code' twice"),
+    ("/execute_batch", b'{"batch": [{"paper_id": "a", "paper_id": "b", "code": "x"}]}', "key 'paper_id' twice"),
+    ("/jobs", b'{"batch": [], "batch": [{"paper_id": "a", "code": "x"}]}', "key 'batch' twice"),
+    ("/execute", b'{"code": "print(1)\\ud800"}', "code contains U+D800"),
+    ("/execute", b'{"code": "print(1)", "paper_title": "\\udfff title"}', "paper_title contains U+DFFF"),
+    ("/execute_batch", b'{"batch": [{"paper_id": "a", "code": "x\\udc80"}]}', "batch[0].code contains U+DC80"),
+    ("/jobs", b'{"batch": [{"paper_id": "a", "code": "x", "paper_title": "\\ud83d"}]}',
+     "batch[0].paper_title contains U+D83D"),
+    ("/jobs", b'{"code": "x", "s3_code_key": "k\\ud800"}', "s3_code_key contains U+D800"),
 ])
 def test_bad_requests_get_a_clear_json_400(server, openapi, path, raw, fragment):  # noqa: F811
     resp = server.post(path, raw=raw)
