@@ -35,16 +35,30 @@ ERRORS: dict[type[BaseException], tuple[int, str, dict[str, str]]] = {
     errors.PoolBroken: (503, "pool is broken: {exc}", {}),
 }
 
-# Werkzeug's HTTP errors → our stable messages.
+# HTTP errors → our stable messages: Werkzeug's, and those the WSGI server raises before
+# Flask sees the request (http_server.JsonErrorTask), with the input they echo cut short.
 HTTP_MESSAGES = {
     400: "bad request",
     404: "not found",
     405: "method not allowed",
-    413: "request body too large",
+    413: "request body too large (limit {limit} bytes)",
+    431: "request header fields too large (limit {limit} bytes)",
+    500: "internal error",
+    501: "not implemented",
 }
 
 # What an unauthenticated GET /health shows of the pool: what a probe needs, no more.
 PUBLIC_POOL_FIELDS = ("size", "idle", "busy", "state")
+
+
+def server_error_message(status: int, detail: str, max_body: int, max_header: int) -> str:
+    """The message of an error the WSGI server raised itself, before Flask saw the request."""
+    message = HTTP_MESSAGES.get(status, "error")
+    if status in (413, 431):
+        return message.format(limit=max_body if status == 413 else max_header)
+    if status == 500:  # its detail may be a traceback: never shown
+        return message
+    return f"{message}: {validation.cut(detail)}"
 
 
 def create_app(config: ServiceConfig, pool=None) -> Flask:
@@ -85,6 +99,12 @@ def _register_hooks(app: Flask, config: ServiceConfig, metrics: Metrics) -> None
         return None
 
     @app.after_request
+    def no_sniffing(resp: Response) -> Response:
+        # Every answer is JSON or Prometheus text; never let a browser guess otherwise.
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        return resp
+
+    @app.after_request
     def count(resp: Response) -> Response:
         rule = request.url_rule.rule if request.url_rule else "unmatched"
         metrics.requests.labels(endpoint=rule, status=str(resp.status_code)).inc()
@@ -112,7 +132,7 @@ def _register_errors(app: Flask, config: ServiceConfig) -> None:
     def http_error(exc: HTTPException):
         message = HTTP_MESSAGES.get(exc.code or 500, exc.description or "error")
         if exc.code == 413:
-            message = f"request body too large (limit {config.max_body_bytes} bytes)"
+            message = message.format(limit=config.max_body_bytes)
         elif exc.code == 404:
             message = f"not found: {validation.echo(request.path)}"
         elif exc.code == 405:

@@ -51,7 +51,8 @@ SETTINGS: tuple[Setting, ...] = (
             "timeout of a job whose request names none (seconds; default: max_execution_time)"),
     Setting("max_batch_size", "EXECUTOR_MAX_BATCH_SIZE", int, 10, "most scripts in one batch"),
     Setting("max_body_bytes", "EXECUTOR_MAX_BODY_BYTES", int, 10 * 1024 * 1024,
-            "largest request body; larger gets 413 (bytes)"),
+            "largest request body; larger gets 413, refused from its Content-Length before it is read "
+            "(bytes)"),
     Setting("max_queue", "EXECUTOR_MAX_QUEUE", int, 100,
             "most accepted jobs waiting for a worker; beyond it 503 with Retry-After"),
     Setting("max_output_bytes", "EXECUTOR_MAX_OUTPUT_BYTES", int, 1_000_000,
@@ -71,6 +72,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Neuron compile cache cap; oldest compiled modules pruned at start beyond it (MiB; 0: no cap)"),
     Setting("threads", "EXECUTOR_THREADS", int, 32,
             "HTTP worker threads (each synchronous request holds one while its jobs run)"),
+    Setting("connection_limit", "EXECUTOR_CONNECTION_LIMIT", int, 10_000,
+            "most open client connections; beyond it new ones wait in the listen backlog "
+            "(lowered to fit the open-files limit, with a warning)"),
+    Setting("channel_timeout", "EXECUTOR_CHANNEL_TIMEOUT", int, 30,
+            "close a connection that has sent nothing for this long, unless its request is being "
+            "served (seconds)"),
+    Setting("lingering_time", "EXECUTOR_LINGERING_TIME", float, 30.0,
+            "after refusing a body as too large, read and discard what still arrives for at most "
+            "this long, so the client reads the 413 instead of a reset (seconds; 0: close at once)"),
     Setting("api_token", "EXECUTOR_API_TOKEN", str, None,
             "bearer token required on every endpoint but /health"),
     Setting("api_token_file", "EXECUTOR_API_TOKEN_FILE", Path, None,
@@ -105,6 +115,9 @@ class ServiceConfig:
     threads_per_worker: int | None = None
     neuron_cache_max_mb: int = 50_000
     threads: int = 32
+    connection_limit: int = 10_000
+    channel_timeout: int = 30
+    lingering_time: float = 30.0
     api_token: str | None = field(default=None, repr=False)
     api_token_file: Path | None = None
     allow_unauthenticated: bool = False
@@ -152,10 +165,14 @@ class ServiceConfig:
                                   "(--max-execution-time / EXECUTOR_MAX_EXECUTION_TIME)")
         for name, low in (("max_batch_size", 1), ("max_body_bytes", 1024), ("max_queue", 1),
                           ("max_output_bytes", 1024), ("threads", 2), ("max_jobs_per_worker", 0),
-                          ("neuron_cache_max_mb", 0), ("threads_per_worker", 0)):
+                          ("neuron_cache_max_mb", 0), ("threads_per_worker", 0),
+                          ("connection_limit", 64), ("channel_timeout", 1)):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ConfigError(f"{name} ({_env(name)}) must be at least {low}, not {value}")
+        if not math.isfinite(self.lingering_time) or self.lingering_time < 0:
+            raise ConfigError(f"lingering_time ({_env('lingering_time')}) must be >= 0, "
+                              f"not {self.lingering_time!r}")
         if not math.isfinite(self.retention_hours) or self.retention_hours < 0:
             raise ConfigError("retention_hours (--retention-hours / EXECUTOR_RETENTION_HOURS) must be >= 0")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

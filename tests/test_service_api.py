@@ -281,11 +281,13 @@ ELEVEN = [{"paper_id": f"p{i}", "code": "x"} for i in range(11)]
     ("/jobs", b'{"batch": [{"paper_id": "a b", "code": "x"}]}', "invalid"),
     ("/jobs", b'{"code": ""}', "code is empty"),
     ("/execute", b'{"code": "print(1)", "code": "print(2)"}', "key 'code' twice"),
-    ("/execute_batch", b'{"batch": [{"paper_id": "a", "paper_id": "b", "code": "x"}]}', "key 'paper_id' twice"),
+    ("/execute_batch", b'{"batch": [{"paper_id": "a", "paper_id": "b", "code": "x"}]}',
+     "key 'paper_id' twice"),
     ("/jobs", b'{"batch": [], "batch": [{"paper_id": "a", "code": "x"}]}', "key 'batch' twice"),
     ("/execute", b'{"code": "print(1)\\ud800"}', "code contains U+D800"),
     ("/execute", b'{"code": "print(1)", "paper_title": "\\udfff title"}', "paper_title contains U+DFFF"),
-    ("/execute_batch", b'{"batch": [{"paper_id": "a", "code": "x\\udc80"}]}', "batch[0].code contains U+DC80"),
+    ("/execute_batch", b'{"batch": [{"paper_id": "a", "code": "x\\udc80"}]}',
+     "batch[0].code contains U+DC80"),
     ("/jobs", b'{"batch": [{"paper_id": "a", "code": "x", "paper_title": "\\ud83d"}]}',
      "batch[0].paper_title contains U+D83D"),
     ("/jobs", b'{"code": "x", "s3_code_key": "k\\ud800"}', "s3_code_key contains U+D800"),
@@ -317,6 +319,13 @@ def test_error_messages_quote_only_a_short_prefix_of_long_input(server):  # noqa
         assert len(resp.raw) < 300 and resp.json["error"].endswith("xxxx'...")
     resp = server.post("/execute", {"code": "x", "paper_id": "/" * 5000})
     assert resp.status == 400 and len(resp.json["error"]) < 300
+
+
+def test_every_response_says_nosniff(server):  # noqa: F811
+    for resp in (server.get("/health"), server.get("/nope"), server.post("/execute", raw=b"{"),
+                 server.post("/execute", {"code": "print(1)"}), server.get("/metrics"),
+                 server.request("PUT", "/health")):
+        assert resp.headers["x-content-type-options"] == "nosniff", resp.status
 
 
 def test_service_stays_healthy_after_bad_requests(server):  # noqa: F811

@@ -20,6 +20,11 @@ def test_defaults_match_the_original_service():
     assert (c.host, c.port, c.max_execution_time, c.max_batch_size) == ("127.0.0.1", 8000, 600.0, 10)
 
 
+def test_front_door_defaults_are_far_from_waitress_defaults():
+    c = parse([])  # waitress: 100 connections, 120 s idle timeout, lingering close absent
+    assert (c.connection_limit, c.channel_timeout, c.lingering_time) == (10_000, 30, 30.0)
+
+
 def test_environment_fills_in_and_flags_win():
     env = {"EXECUTOR_PORT": "9000", "EXECUTOR_POOL_SIZE": "3", "EXECUTOR_BACKEND": "xla"}
     c = parse(["--port", "9100"], env)
@@ -61,6 +66,10 @@ def test_non_loopback_needs_a_token_or_explicit_opt_out():
     (["--default-timeout", "700"], {}, "default_timeout"),
     ([], {"EXECUTOR_ALLOW_UNAUTHENTICATED": "maybe"}, "EXECUTOR_ALLOW_UNAUTHENTICATED"),
     ([], {"EXECUTOR_RETENTION_HOURS": "-1"}, "retention_hours"),
+    ([], {"EXECUTOR_CONNECTION_LIMIT": "10"}, "connection_limit"),
+    (["--channel-timeout", "0"], {}, "channel_timeout"),
+    (["--lingering-time", "-1"], {}, "lingering_time"),
+    ([], {"EXECUTOR_LINGERING_TIME": "nan"}, "lingering_time"),
 ])
 def test_bad_values_name_the_setting(argv, env, name):
     with pytest.raises(ConfigError, match=name):
