@@ -79,8 +79,9 @@ SETTINGS: tuple[Setting, ...] = (
             "close a connection that has sent nothing for this long, unless its request is being "
             "served (seconds)"),
     Setting("lingering_time", "EXECUTOR_LINGERING_TIME", float, 30.0,
-            "after refusing a body as too large, read and discard what still arrives for at most "
-            "this long, so the client reads the 413 instead of a reset (seconds; 0: close at once)"),
+            "after the HTTP server refuses a request itself (413, 431, 400), read and discard what the "
+            "client still sends for at most this long, so it reads the answer instead of a reset "
+            "(seconds; 0: close at once)"),
     Setting("api_token", "EXECUTOR_API_TOKEN", str, None,
             "bearer token required on every endpoint but /health"),
     Setting("api_token_file", "EXECUTOR_API_TOKEN_FILE", Path, None,
@@ -263,6 +264,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(s.flag, default=None, metavar=s.name.upper(),
                                 help=f"{s.help} [env {s.env}, default {s.default}]")
+
+
+def settings_table(names: tuple[str, ...] | None = None) -> str:
+    """The settings (all, or those named) as a Markdown table, for the docs."""
+    rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        if names is None or s.name in names:
+            flag = "(environment only)" if s.name == "api_token" else f"`{s.flag}`"
+            default = "unset" if s.default is None else f"`{s.default}`"
+            rows.append(f"| {flag} | `{s.env}` | {default} | {s.help} |")
+    return "\n".join(rows)
 
 
 def from_sources(args: argparse.Namespace | None = None,

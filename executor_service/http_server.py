@@ -51,8 +51,13 @@ log = logging.getLogger("executor_service.http_server")
 # Descriptors the process needs besides client connections: the pool's pipes, the job
 # store, logs, the trigger pipe, the listening socket.
 FD_RESERVE = 1024
+# Descriptors per connection, at most: its socket, and the temporary file waitress
+# spools a body into once it passes 512 KiB (inbuf_overflow).
+FDS_PER_CONNECTION = 2
 # Connections accepted in one pass of the event loop, at most (nginx: multi_accept).
 ACCEPT_BATCH = 256
+# Bytes read per pass while discarding a refused request: few passes for a large body.
+DISCARD_CHUNK = 1 << 18
 
 
 class JsonErrorTask(ErrorTask):
@@ -96,18 +101,22 @@ class Channel(HTTPChannel):
         if self.discard_until is None:
             super().handle_read()
             return
-        if self.recv(self.adj.recv_bytes):  # recv() itself closes on EOF or reset
+        if self.recv(DISCARD_CHUNK):  # recv() itself closes on EOF or reset
             self.last_activity = time.time()
         if self.connected and time.monotonic() > self.discard_until:
             self.handle_close()
 
     def handle_write(self) -> None:
         lingering_time = self.server.lingering_time
-        if not (self.linger_after_close and self.close_when_flushed and lingering_time > 0):
+        lingers = self.linger_after_close and self.close_when_flushed and lingering_time > 0
+        if self.will_close or not lingers:
             super().handle_write()
             return
         self._flush_exception(self._flush_some)
-        if self.total_outbufs_len or not self.connected:
+        if self.will_close:  # the client is gone
+            self.handle_close()
+            return
+        if self.total_outbufs_len:
             return
         # The answer is out: half-close, then read and drop what the client still sends.
         self.close_when_flushed = False
@@ -152,8 +161,8 @@ def raise_open_files_limit(wanted: int) -> int:
 
 def create(app, config: ServiceConfig):
     """The waitress server for `app` with our limits, errors and lingering close."""
-    open_files = raise_open_files_limit(config.connection_limit + FD_RESERVE)
-    connection_limit = min(config.connection_limit, open_files - FD_RESERVE)
+    open_files = raise_open_files_limit(config.connection_limit * FDS_PER_CONNECTION + FD_RESERVE)
+    connection_limit = min(config.connection_limit, (open_files - FD_RESERVE) // FDS_PER_CONNECTION)
     if connection_limit < config.connection_limit:
         log.warning("connection limit lowered to fit the open-files limit",
                     extra={"connection_limit": connection_limit, "configured": config.connection_limit,
