@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
-from executor_service.config import SETTINGS, ConfigError, add_arguments, from_sources
+from executor_service.config import SETTINGS, ConfigError, add_arguments, from_sources, settings_table
+
+FRONT_DOOR_DOC = Path(__file__).resolve().parent.parent / "docs" / "front-door.md"
+FRONT_DOOR_SETTINGS = ("host", "port", "threads", "max_body_bytes", "connection_limit", "channel_timeout",
+                       "lingering_time")
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None):
@@ -81,3 +86,10 @@ def test_pool_config_carries_the_limits(tmp_path):
     pc = c.pool_config()
     assert (pc.max_memory_mb, pc.max_queue, pc.work_dir) == (512, 7, tmp_path)
     assert "EXECUTOR_API_TOKEN" in pc.scrub_env
+
+
+def test_front_door_doc_shows_its_settings_as_declared():
+    text = FRONT_DOOR_DOC.read_text()
+    start = text.index("\n", text.index("<!-- settings-table")) + 1
+    end = text.index("<!-- /settings-table -->")
+    assert text[start:end].strip() == settings_table(FRONT_DOOR_SETTINGS)
