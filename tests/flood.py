@@ -7,7 +7,8 @@ connections that send a request line and then one more header line every
 client being measured, which comes from 127.0.0.1). Everything is closed on exit; the
 drip thread stops by itself after `max_hold` seconds in any case.
 
-`timed_request` measures what a new client sees meanwhile.
+`timed_request` measures what a new client sees meanwhile; `raw_exchange` and
+`parse_response` send bytes no HTTP library would.
 """
 
 from __future__ import annotations
@@ -121,3 +122,21 @@ def timed_request(port: int, method: str, path: str, body: dict | None = None,
     finally:
         conn.close()
     return Timed(resp.status, time.perf_counter() - start, json.loads(raw))
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send `data` on a new connection, then read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers with lower-case names, body) of one raw HTTP response."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from flood import Flood, timed_request
+from flood import Flood, parse_response, raw_exchange, timed_request
 from service_fixtures import REPO, openapi, start_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(180)
@@ -30,23 +30,6 @@ def service(tmp_path_factory):
     srv = start_server(tmp_path_factory, "front", env={"EXECUTOR_API_TOKEN": TOKEN}, token=TOKEN)
     yield srv
     srv.close()
-
-
-def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
-    """Send `data` on a new connection, then read until the server closes it."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        out = b""
-        while chunk := sock.recv(65536):
-            out += chunk
-    return out
-
-
-def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
 # --- floods ---------------------------------------------------------------------------

@@ -13,10 +13,9 @@ import socket
 import time
 
 import pytest
-from flood import Flood, timed_request
+from flood import Flood, parse_response, raw_exchange, timed_request
 from nginx_fixtures import Nginx, nginx_binary
 from service_fixtures import free_port, openapi, start_server  # noqa: F401
-from test_front_door import SIXTY_MIB, parse_response, raw_exchange
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(nginx_binary() is None, reason="nginx not installed (make system-deps)")]
@@ -25,6 +24,7 @@ TOKEN = "nginx-front-door-token-0123"
 IDLE, SLOWLORIS = 1000, 200
 HEADER_TIMEOUT_S = 10  # client_header_timeout in the shipped config
 PER_ADDRESS = 16  # limit_conn per_address in the shipped config
+SIXTY_MIB = 60 << 20
 
 
 @pytest.fixture(scope="module")
