@@ -50,7 +50,7 @@ def new_id() -> str:
 
 
 def short_reason(reason: str | None) -> str:
-    """A traceback cut to its first and last lines (the whole one is in /health)."""
+    """A traceback cut to its first and last lines (the whole one is in /health?verbose=1)."""
     lines = [line for line in (reason or "unknown").splitlines() if line.strip()]
     return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1].strip()}"
 
