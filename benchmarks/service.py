@@ -114,12 +114,12 @@ class Service:
         return elapsed
 
     def pool_pids(self) -> tuple[int | None, list[int]]:
-        """(template pid, idle worker pids) from /health; the template is the workers' parent."""
+        """(template pid, idle worker pids) from /health?verbose=1; the template is the workers' parent."""
         import psutil
 
         deadline = time.monotonic() + 60  # replacements of dirty workers may still be starting
         while True:
-            _, body = self.request("GET", "/health")
+            _, body = self.request("GET", "/health?verbose=1")
             workers = [w["pid"] for w in body["pool"]["workers"] if w["state"] == "idle"]
             if len(workers) >= self.pool_size or time.monotonic() > deadline:
                 break

@@ -17,10 +17,17 @@
 #     torch/torch-xla/torch-neuronx/neuronx-cc/libneuronxla pinned by a constraints file
 #     so they are never touched, and checks afterwards that they were not.
 #  4. Creates the system user trainium-executor, /etc/trainium-executor, the API token
-#     (/etc/trainium-executor/api-token, 0600 root) and the environment file.
+#     (/etc/trainium-executor/api-token, 0600 root) and the environment file (the
+#     service on 127.0.0.1:8001; an older file binding 0.0.0.0 or port 8000 is moved
+#     there, its other settings kept).
 #  5. Installs the systemd unit (with the venv path filled in), daemon-reload, enable,
 #     start or restart.
-#  6. Waits until GET /health reports a ready pool (pool.idle > 0).
+#  6. The front door: installs Debian's nginx, deployment/nginx/nginx.conf as
+#     /etc/nginx/nginx.conf (the service's port filled in; Debian's file kept once as
+#     nginx.conf.debian), checks it with nginx -t, enables, starts or reloads nginx.
+#     nginx listens on port 8000 (what the Lambda calls). See docs/front-door.md.
+#  7. Waits until GET /health reports a ready pool (pool.idle > 0), then that the same
+#     answer comes through nginx.
 #
 # --root DIR (or SETUP_ROOT) prefixes every path it touches (/opt, /etc, /var/lib), for
 # tests; commands (systemctl, useradd, apt-get, curl) are taken from PATH.
@@ -37,12 +44,14 @@ SERVICE_USER=trainium-executor
 STATE_DIR=/var/lib/trainium-jobs
 CONF_DIR=/etc/trainium-executor
 OWN_VENV=/opt/trainium-executor/venv
+FRONT_PORT=8000            # nginx, on every interface
+SERVICE_PORT_DEFAULT=8001  # the service, on loopback behind it
 NEURON_PIP_REPO=https://pip.repos.neuron.amazonaws.com
 NEURON_APT_REPO=https://apt.repos.neuron.amazonaws.com
 # Packages that belong to the Neuron venv and must never be changed by our install.
 PROTECTED_RE='^(torch|torch-xla|torch-neuronx|torch_xla|torch_neuronx|neuronx-cc|libneuronxla)=='
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -211,6 +220,26 @@ if [ ! -f "$ENV_FILE" ]; then
 elif ! cmp -s "$PROJECT_DIR/systemd/$SERVICE.env" "$ENV_FILE"; then
     say "kept the edited $CONF_DIR/$SERVICE.env (template: $PROJECT_DIR/systemd/$SERVICE.env)"
 fi
+# Before the front door the service itself listened on 0.0.0.0:8000; nginx has that port
+# now and the service belongs on loopback behind it.
+if grep -Eq "^EXECUTOR_HOST=0\.0\.0\.0\s*$|^EXECUTOR_PORT=$FRONT_PORT\s*$" "$ENV_FILE"; then
+    sed -i -E -e 's/^EXECUTOR_HOST=0\.0\.0\.0\s*$/EXECUTOR_HOST=127.0.0.1/' \
+        -e "s/^EXECUTOR_PORT=$FRONT_PORT\\s*\$/EXECUTOR_PORT=$SERVICE_PORT_DEFAULT/" "$ENV_FILE"
+    changed "moved the service behind nginx in $CONF_DIR/$SERVICE.env (127.0.0.1:$SERVICE_PORT_DEFAULT)"
+    ENV_CHANGED=1
+fi
+if ! grep -q '^EXECUTOR_PORT=' "$ENV_FILE"; then  # the service's own default is nginx's port
+    echo "EXECUTOR_PORT=$SERVICE_PORT_DEFAULT" >> "$ENV_FILE"
+    changed "set EXECUTOR_PORT=$SERVICE_PORT_DEFAULT in $CONF_DIR/$SERVICE.env (port $FRONT_PORT is nginx's)"
+    ENV_CHANGED=1
+fi
+SERVICE_HOST="$(sed -n 's/^EXECUTOR_HOST=\([^[:space:]]*\).*/\1/p' "$ENV_FILE" | tail -n1)"
+case "${SERVICE_HOST:-127.0.0.1}" in
+    127.*|localhost|::1) ;;
+    *) say "warning: the service listens on $SERVICE_HOST: reachable without nginx in front" ;;
+esac
+PORT="$(sed -n 's/^EXECUTOR_PORT=\([0-9][0-9]*\).*/\1/p' "$ENV_FILE" | tail -n1)"
+PORT="${PORT:-$SERVICE_PORT_DEFAULT}"
 
 # --- 5. The unit ----------------------------------------------------------------------
 UNIT_FILE="$ROOT/etc/systemd/system/$SERVICE.service"
@@ -245,12 +274,50 @@ else
     fi
 fi
 
-# --- 6. Wait for a ready pool ---------------------------------------------------------
-PORT="$(sed -n 's/^EXECUTOR_PORT=\([0-9][0-9]*\).*/\1/p' "$ENV_FILE" | tail -n1)"
-PORT="${PORT:-8000}"
-health_ready() {  # true when /health answers with pool.idle > 0
+# --- 6. The front door: nginx --------------------------------------------------------------
+NGINX_DIR="$ROOT/etc/nginx"
+if [ -x "$ROOT/usr/sbin/nginx" ]; then
+    say "nginx present"
+else
+    DEBIAN_FRONTEND=noninteractive apt-get install -y nginx
+    changed "installed nginx"
+fi
+nginx_new="$(mktemp)"
+sed "s#server 127\.0\.0\.1:$SERVICE_PORT_DEFAULT;#server 127.0.0.1:$PORT;#" \
+    "$PROJECT_DIR/deployment/nginx/nginx.conf" > "$nginx_new"
+NGINX_CHANGED=0
+if cmp -s "$nginx_new" "$NGINX_DIR/nginx.conf"; then
+    say "nginx.conf up to date"
+    rm -f "$nginx_new"
+else
+    nginx -t -q -c "$nginx_new" || { rm -f "$nginx_new"; die "nginx -t refused deployment/nginx/nginx.conf"; }
+    mkdir -p "$NGINX_DIR"
+    if [ -f "$NGINX_DIR/nginx.conf" ] && [ ! -e "$NGINX_DIR/nginx.conf.debian" ]; then
+        cp -p "$NGINX_DIR/nginx.conf" "$NGINX_DIR/nginx.conf.debian"
+    fi
+    install -m 0644 "$nginx_new" "$NGINX_DIR/nginx.conf"
+    rm -f "$nginx_new"
+    changed "installed /etc/nginx/nginx.conf: port $FRONT_PORT in front of 127.0.0.1:$PORT"
+    NGINX_CHANGED=1
+fi
+if [ "$START" -eq 1 ]; then
+    if ! systemctl is-enabled --quiet nginx; then
+        systemctl enable nginx
+        changed "enabled nginx (starts at boot)"
+    fi
+    if ! systemctl is-active --quiet nginx; then
+        systemctl start nginx
+        changed "started nginx"
+    elif [ "$NGINX_CHANGED" -eq 1 ]; then
+        systemctl reload nginx
+        changed "reloaded nginx"
+    fi
+fi
+
+# --- 7. Wait for a ready pool, then for the same through nginx -----------------------------
+health_ready() {  # true when $1/health answers with pool.idle > 0
     local body
-    body="$(curl -fsS --max-time 5 "http://127.0.0.1:$PORT/health" 2>/dev/null)" || return 1
+    body="$(curl -fsS --max-time 5 "$1/health" 2>/dev/null)" || return 1
     printf '%s' "$body" | python3 -c '
 import json, sys
 try:
@@ -263,7 +330,7 @@ sys.exit(0 if int(pool.get("idle") or 0) > 0 else 1)'
 if [ "$START" -eq 1 ]; then
     say "waiting up to ${HEALTH_TIMEOUT}s for http://127.0.0.1:$PORT/health to report a ready pool"
     deadline=$(( $(date +%s) + ${HEALTH_TIMEOUT%.*} ))
-    until health_ready; do
+    until health_ready "http://127.0.0.1:$PORT"; do
         if [ "$(date +%s)" -ge "$deadline" ]; then
             echo "setup: error: no ready pool after ${HEALTH_TIMEOUT}s; see: journalctl -u $SERVICE -n 100" >&2
             exit 1
@@ -271,6 +338,17 @@ if [ "$START" -eq 1 ]; then
         sleep "$HEALTH_INTERVAL"
     done
     say "healthy: http://127.0.0.1:$PORT/health reports idle workers"
+    tries=0
+    until health_ready "http://127.0.0.1:$FRONT_PORT"; do
+        tries=$((tries + 1))
+        if [ "$tries" -ge 10 ]; then
+            echo "setup: error: the service is healthy but not through nginx on port $FRONT_PORT;" \
+                 "see: journalctl -u nginx -n 50 and /var/log/nginx/error.log" >&2
+            exit 1
+        fi
+        sleep "$HEALTH_INTERVAL"
+    done
+    say "front door: http://127.0.0.1:$FRONT_PORT/health answers through nginx"
 fi
 
 if [ ${#CHANGES[@]} -eq 0 ]; then

@@ -2,7 +2,8 @@
 # Prepares this machine for the test suite, when we may (as root):
 # - installs the non-Python tools the tests call when they are missing: the shellcheck
 #   linter (tests/test_deployment.py lints the scripts), systemd-analyze (it verifies the
-#   units) and nft (it checks the job network rules);
+#   units), nft (it checks the job network rules) and nginx (tests/test_nginx_front_door.py
+#   runs the shipped deployment/nginx/nginx.conf in a real nginx of its own, on loopback);
 # - lets job uids reach the interpreter: jobs run under their own unprivileged uids and
 #   must read Python's standard library and the venv. Where those live below a directory
 #   closed to other users (pyenv under /root on some machines), that directory is opened
@@ -15,7 +16,8 @@ python=${1:-python3}
 missing=()
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
-command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 if [ "$(id -u)" -ne 0 ]; then
     [ ${#missing[@]} -eq 0 ] || echo "system-deps: missing ${missing[*]}; install them to run every test (those tests skip)" >&2
     exit 0
@@ -46,3 +48,11 @@ export DEBIAN_FRONTEND=noninteractive
 if ! { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }; then
     echo "system-deps: could not install ${missing[*]}; those tests skip" >&2
 fi
+# The tests start nginx themselves; on a machine with systemd Debian's package would also
+# start the system's nginx with its default site on port 80. Leave the machine as it was.
+case " ${missing[*]} " in *" nginx "*)
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
+        systemctl disable --now nginx >/dev/null 2>&1 || true
+        echo "system-deps: stopped and disabled the system nginx the package started (tests run their own)" >&2
+    fi ;;
+esac

@@ -34,13 +34,30 @@ ERRORS: dict[type[BaseException], tuple[int, str, dict[str, str]]] = {
     PoolBroken: (503, "pool is broken: {exc}", {}),
 }
 
-# Werkzeug's HTTP errors → our stable messages.
+# HTTP errors → our stable messages: Werkzeug's, and those the WSGI server raises before
+# Flask sees the request (http_server.JsonErrorTask), with the input they echo cut short.
 HTTP_MESSAGES = {
     400: "bad request",
     404: "not found",
     405: "method not allowed",
-    413: "request body too large",
+    413: "request body too large (limit {limit} bytes)",
+    431: "request header fields too large (limit {limit} bytes)",
+    500: "internal error",
+    501: "not implemented",
 }
+
+# What an unauthenticated GET /health shows of the pool: what a probe needs, no more.
+PUBLIC_POOL_FIELDS = ("size", "idle", "busy", "state")
+
+
+def server_error_message(status: int, detail: str, max_body: int, max_header: int) -> str:
+    """The message of an error the WSGI server raised itself, before Flask saw the request."""
+    message = HTTP_MESSAGES.get(status, "error")
+    if status in (413, 431):
+        return message.format(limit=max_body if status == 413 else max_header)
+    if status == 500:  # its detail may be a traceback: never shown
+        return message
+    return f"{message}: {validation.cut(detail)}"
 
 
 def create_app(config: ServiceConfig, pool=None) -> Flask:
@@ -55,7 +72,7 @@ def create_app(config: ServiceConfig, pool=None) -> Flask:
     runner = JobRunner(pool, store, config, metrics)
     runner.start()
 
-    app = Flask("executor_service")
+    app = Flask("executor_service", static_folder=None)  # no /static route: nothing to serve
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
     app.extensions["executor"] = runner
@@ -71,7 +88,7 @@ def _register_hooks(app: Flask, config: ServiceConfig, metrics: Metrics) -> None
     @app.before_request
     def authenticate():
         g.started = time.monotonic()
-        if request.path in auth.PUBLIC_PATHS:
+        if auth.is_public(request.path, request.args):
             return None
         if not auth.check_bearer(request.headers.get("Authorization"), config.api_token):
             resp = jsonify(error="unauthorized: send Authorization: Bearer <token>")
@@ -79,6 +96,12 @@ def _register_hooks(app: Flask, config: ServiceConfig, metrics: Metrics) -> None
             resp.headers["WWW-Authenticate"] = 'Bearer realm="trainium-executor"'
             return resp
         return None
+
+    @app.after_request
+    def no_sniffing(resp: Response) -> Response:
+        # Every answer is JSON or Prometheus text; never let a browser guess otherwise.
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        return resp
 
     @app.after_request
     def count(resp: Response) -> Response:
@@ -108,11 +131,12 @@ def _register_errors(app: Flask, config: ServiceConfig) -> None:
     def http_error(exc: HTTPException):
         message = HTTP_MESSAGES.get(exc.code or 500, exc.description or "error")
         if exc.code == 413:
-            message = f"request body too large (limit {config.max_body_bytes} bytes)"
+            message = message.format(limit=config.max_body_bytes)
         elif exc.code == 404:
-            message = f"not found: {request.path}"
+            message = f"not found: {validation.echo(request.path)}"
         elif exc.code == 405:
-            message = f"method {request.method} not allowed on {request.path}"
+            message = (f"method {validation.echo(request.method)} not allowed on "
+                       f"{validation.echo(request.path)}")
         methods = getattr(exc, "valid_methods", None)
         headers = {"Allow": ", ".join(methods)} if exc.code == 405 and methods else None
         return _error(exc.code or 500, message, headers)
@@ -150,6 +174,8 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
 
     @app.get("/health")
     def health():
+        # Anyone may ask; ?verbose=1 (token required, see auth.is_public) shows everything.
+        verbose = validation.parse_flag(request.args.get("verbose"), "verbose")
         try:
             stats = runner.pool.stats()
         except Exception as exc:  # noqa: BLE001 - health must answer whatever happens
@@ -162,11 +188,12 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
             "neuron_available": stats.get("backend") == "neuron" and ok,
             "working_dir": str(config.work_dir),
             "max_execution_time": default_t,
-            "pool": stats,
+            "pool": stats if verbose else {k: stats.get(k) for k in PUBLIC_POOL_FIELDS},
         }
         if not ok:
             if stats.get("state") == "broken":
-                payload["reason"] = f"pool is broken: {stats.get('broken_reason')}"
+                payload["reason"] = ("pool is broken: " + str(stats.get("broken_reason")) if verbose
+                                     else "pool is broken (GET /health?verbose=1 with the token says why)")
             elif stats.get("state") in ("closing", "closed", "stopped"):
                 payload["reason"] = "pool is shutting down"
             else:
@@ -199,7 +226,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
     def get_job(job_id: str):
         row = runner.store.get_job(job_id)
         if row is None:
-            raise ApiError(404, f"no job {job_id!r}")
+            raise ApiError(404, f"no job {validation.echo(job_id)}")
         return jsonify(row.to_public())
 
     @app.delete("/jobs/<job_id>")
@@ -210,7 +237,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
     def get_batch(batch_id: str):
         rows = runner.store.get_batch(batch_id)
         if rows is None:
-            raise ApiError(404, f"no batch {batch_id!r}")
+            raise ApiError(404, f"no batch {validation.echo(batch_id)}")
         statuses = [r.status for r in rows]
         if all(s in TERMINAL_STATUSES for s in statuses):
             status = "completed"

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Container
 
-# Endpoints anyone may call: load balancers and systemd checks need /health without a secret.
+# Endpoints anyone may call: load balancers, the Lambda's probe and systemd checks need
+# /health without a secret. Its verbose form (worker pids, job ids, memory, respawn
+# history, tracebacks) is for operators and needs the token like everything else.
 PUBLIC_PATHS = frozenset({"/health"})
+TOKEN_ONLY_QUERY = "verbose"
+
+
+def is_public(path: str, query: Container[str]) -> bool:
+    """True for the requests anyone may make: GET /health without `verbose`."""
+    return path in PUBLIC_PATHS and TOKEN_ONLY_QUERY not in query
 
 
 def check_bearer(header: str | None, token: str | None) -> bool:

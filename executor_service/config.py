@@ -34,8 +34,9 @@ class ServiceConfig:
     host: str = setting("127.0.0.1", "address to listen on (a non-loopback one needs a token)")
     port: int = setting(8000, "TCP port to listen on", minimum=0, maximum=65535)
     max_batch_size: int = setting(10, "most scripts in one batch", minimum=1)
-    max_body_bytes: int = setting(10 * 1024 * 1024, "largest request body; larger gets 413",
-                                  unit="bytes", minimum=1024)
+    max_body_bytes: int = setting(
+        10 * 1024 * 1024, "largest request body; larger gets 413, refused from its Content-Length "
+        "before it is read", unit="bytes", minimum=1024)
     retention_hours: float = setting(
         168.0, "finished jobs older than this are pruned from the store (checked at start and "
         "every 10 minutes)", unit="h", minimum=0, zero="keep forever")
@@ -45,6 +46,16 @@ class ServiceConfig:
     threads: int = setting(
         32, "HTTP worker threads; each synchronous /execute request holds one while its jobs run",
         minimum=2)
+    connection_limit: int = setting(
+        10_000, "most open client connections; beyond it new ones wait in the listen backlog "
+        "(lowered to fit the open-files limit, with a warning)", minimum=64)
+    channel_timeout: int = setting(
+        30, "close a connection that has sent nothing for this long, unless its request is being "
+        "served", unit="s", minimum=1)
+    lingering_time: float = setting(
+        30.0, "after the HTTP server refuses a request itself (413, 431, 400), read and discard what "
+        "the client still sends for at most this long, so it reads the answer instead of a reset",
+        unit="s", minimum=0, zero="close at once")
     api_token: str | None = setting(
         None, "bearer token required on every endpoint but /health (never a flag: it would show "
         "in ps)", flag=False, secret=True)
@@ -133,9 +144,10 @@ def read_token_file(path: Path) -> str:
     return token
 
 
-def reference_markdown() -> str:
-    """The settings table of docs/configuration.md, from the two declarations."""
-    return settings.markdown_table((ServiceConfig, PoolConfig))
+def reference_markdown(names: tuple[str, ...] | None = None) -> str:
+    """The settings table of docs/configuration.md (all settings, or those named), from
+    the two declarations."""
+    return settings.markdown_table((ServiceConfig, PoolConfig), names)
 
 
 _BEGIN, _END = "<!-- settings:begin -->\n", "<!-- settings:end -->"

@@ -26,7 +26,7 @@ from executor_service.analysis import result_document
 from executor_service.config import ServiceConfig
 from executor_service.metrics import Metrics
 from executor_service.store import JobRow, JobStore
-from executor_service.validation import ApiError, Request
+from executor_service.validation import ApiError, Request, echo
 from warm_pool import (
     STATUS_CANCELLED,
     STATUS_INTERRUPTED,
@@ -53,7 +53,7 @@ def new_id() -> str:
 
 
 def short_reason(reason: str | None) -> str:
-    """A traceback cut to its first and last lines (the whole one is in /health)."""
+    """A traceback cut to its first and last lines (the whole one is in /health?verbose=1)."""
     lines = [line for line in (reason or "unknown").splitlines() if line.strip()]
     return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1].strip()}"
 
@@ -161,10 +161,18 @@ class JobRunner:
             if queued + len(jobs) > self.config.pool.max_queue:
                 raise ApiError(503, f"queue is full ({queued} of {self.config.pool.max_queue} jobs "
                                     "waiting); retry later", {"Retry-After": str(RETRY_AFTER_S)})
+            # Registered before the insert: a job can finish (and look for its event)
+            # as soon as it is stored. Removed again if the insert fails.
             with self._lock:
                 for j in jobs:
                     self._done_events[j["job_id"]] = threading.Event()
-            self.store.add_batch(batch_id, kind, jobs, idem_key)
+            try:
+                self.store.add_batch(batch_id, kind, jobs, idem_key)
+            except BaseException:
+                with self._lock:
+                    for j in jobs:
+                        self._done_events.pop(j["job_id"], None)
+                raise
         self._last_activity = time.time()
         self.dispatch()
         return batch_id, [(j["paper_id"], j["job_id"]) for j in jobs]
@@ -258,7 +266,7 @@ class JobRunner:
         """Cancel a queued or running job; ApiError 404 unknown, 409 already finished."""
         row = self.store.get_job(job_id)
         if row is None:
-            raise ApiError(404, f"no job {job_id!r}")
+            raise ApiError(404, f"no job {echo(job_id)}")
         if row.status in TERMINAL_STATUSES:
             raise ApiError(409, f"job {job_id} already finished with status {row.status}",
                            job_status=row.status)

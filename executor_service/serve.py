@@ -20,21 +20,15 @@ import signal
 import threading
 import time
 
-from executor_service import logs
+from executor_service import http_server, logs
 from executor_service.app import create_app
 from executor_service.config import ServiceConfig
 
 log = logging.getLogger("executor_service.serve")
 
-# waitress buffers a request body before the app sees it; let bodies up to this reach
-# Flask, so that its JSON 413 (at max_body_bytes) is what callers normally get.
-_WAITRESS_BODY_FACTOR = 4
-
 
 def serve(config: ServiceConfig) -> int:
     """Serve until SIGTERM or SIGINT, then drain; return the exit status."""
-    from waitress.server import create_server
-
     logs.configure(config.log_level)
     received: list[int] = []
 
@@ -46,12 +40,9 @@ def serve(config: ServiceConfig) -> int:
 
     app = create_app(config)
     runner = app.extensions["executor"]
-    server = create_server(
-        app, host=config.host, port=config.port, threads=config.threads,
-        max_request_body_size=max(config.max_body_bytes * _WAITRESS_BODY_FACTOR, 1 << 20),
-        ident="trainium-executor", clear_untrusted_proxy_headers=True,
-    )
+    server = http_server.create(app, config)
     log.info("listening", extra={"host": config.host, "port": int(server.effective_port),
+                                 "connection_limit": server.adj.connection_limit,
                                  "backend": config.pool.backend, "pool_size": config.pool.pool_size,
                                  "work_dir": str(config.work_dir), "auth": bool(config.api_token)})
     loop = threading.Thread(target=server.run, name="waitress", daemon=True)

@@ -1,9 +1,12 @@
 """Request validation: bytes in, plain validated items out, or ApiError with a clear message.
 
-Every rule of the API lives here: JSON object bodies in UTF-8, `code` a non-empty
-string, `paper_id` a safe file name ([A-Za-z0-9._-]{1,128}: it names a directory, so
-no traversal is possible), unique paper_ids in a batch, `timeout` a positive finite
-number not above the configured maximum, at most `max_batch_size` items.
+Every rule of the API lives here: JSON object bodies in UTF-8 with no key twice in one
+object, `code` a non-empty string, every string storable as UTF-8 (JSON's `\ud800`
+escape gives a lone surrogate, which SQLite and main.py cannot hold), `paper_id` a safe
+file name ([A-Za-z0-9._-]{1,128}: it names a directory, so no traversal is possible),
+unique paper_ids in a batch, `timeout` a positive finite number not above the configured
+maximum, at most `max_batch_size` items. A client's value quoted back in a message is
+cut to its first ECHO_CHARS characters.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 PAPER_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# How much of a client's value an error message quotes back (ids, paths, header lines).
+ECHO_CHARS = 64
 
 
 class ApiError(Exception):
@@ -47,8 +52,19 @@ class Request:
     is_batch: bool
 
 
+def cut(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` cut to its first `limit` characters ("..." marks a cut)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def echo(value: str) -> str:
+    """A client's value quoted for an error message, cut to its first ECHO_CHARS characters."""
+    return repr(value) if len(value) <= ECHO_CHARS else repr(value[:ECHO_CHARS]) + "..."
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object; ApiError 400 for non-UTF-8, malformed or non-object."""
+    """The body as a JSON object; ApiError 400 for non-UTF-8, malformed, a key given
+    twice in one object, or not an object."""
     if not body:
         raise ApiError(400, "request body is empty; expected a JSON object")
     try:
@@ -56,7 +72,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
@@ -68,6 +84,27 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are all different: json.loads would let the last one win, so
+    a body with two `code` fields would run the second."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ApiError(400, f"request body has the key {echo(key)} twice in one object")
+        obj[key] = value
+    return obj
+
+
+def _storable(value: str, name: str) -> str:
+    """A string the job store (SQLite text is UTF-8) and the job's main.py can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{name} contains U+{ord(value[exc.start]):04X} at character {exc.start}, "
+                            "a lone surrogate that cannot be stored as UTF-8") from None
+    return value
+
+
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
             int: "a number", float: "a number", type(None): "null"}.get(type(value), "a value")
@@ -77,7 +114,7 @@ def _paper_id(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise ApiError(400, f"{where}paper_id must be a string, not {_kind(value)}")
     if not PAPER_ID_RE.fullmatch(value) or value in (".", ".."):
-        raise ApiError(400, f"{where}paper_id {value[:140]!r} is invalid: use 1 to 128 characters "
+        raise ApiError(400, f"{where}paper_id {echo(value)} is invalid: use 1 to 128 characters "
                             "from A-Z a-z 0-9 . _ - (and not '.' or '..')")
     return value
 
@@ -94,6 +131,7 @@ def _item(obj: Any, where: str, default_paper_id: str | None) -> Item:
         raise ApiError(400, f"{where}code is empty")
     if "\x00" in code:
         raise ApiError(400, f"{where}code contains a NUL character")
+    _storable(code, f"{where}code")
     if "paper_id" in obj or default_paper_id is None:
         if "paper_id" not in obj:
             raise ApiError(400, f"{where}paper_id is missing")
@@ -103,9 +141,13 @@ def _item(obj: Any, where: str, default_paper_id: str | None) -> Item:
     title = obj.get("paper_title")
     if title is not None and not isinstance(title, str):
         raise ApiError(400, f"{where}paper_title must be a string, not {_kind(title)}")
+    if title is not None:
+        _storable(title, f"{where}paper_title")
     for key in ("s3_code_key",):
-        if obj.get(key) is not None and not isinstance(obj[key], str):
-            raise ApiError(400, f"{where}{key} must be a string, not {_kind(obj[key])}")
+        if obj.get(key) is not None:
+            if not isinstance(obj[key], str):
+                raise ApiError(400, f"{where}{key} must be a string, not {_kind(obj[key])}")
+            _storable(obj[key], f"{where}{key}")
     return Item(paper_id=paper_id, code=code, paper_title=title)
 
 
@@ -120,6 +162,18 @@ def parse_timeout(value: Any, default: float, maximum: float) -> float:
     if value > maximum:
         raise ApiError(400, f"timeout {value} exceeds the maximum of {maximum:g} seconds")
     return float(value)
+
+
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def parse_flag(value: str | None, name: str) -> bool:
+    """A query flag such as `?verbose=1`: 1/true/yes or 0/false/no (absent: false)."""
+    if value is None:
+        return False
+    if value.lower() not in _FLAGS:
+        raise ApiError(400, f"{name} must be 1, true, yes, 0, false or no, not {echo(value)}")
+    return _FLAGS[value.lower()]
 
 
 IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,200}")

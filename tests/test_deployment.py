@@ -2,8 +2,9 @@
 
 setup_instance.sh runs for real with ``SETUP_ROOT`` pointing at a temp dir: a fake
 Deep Learning AMI venv (a ``python`` that records its calls and answers like pip and
-torch_neuronx would), fake ``systemctl``/``useradd``/``getent``/``apt-get``/``curl`` first
-on PATH, each logging its arguments. deploy.sh runs with fake ``ssh``/``scp``/``aws``.
+torch_neuronx would), fake ``systemctl``/``useradd``/``getent``/``apt-get``/``curl``/``nginx``
+first on PATH, each logging its arguments. deploy.sh runs with fake ``ssh``/``scp``/``aws``.
+(The shipped nginx.conf itself runs in a real nginx in tests/test_nginx_front_door.py.)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ DEPLOY = REPO / "deployment" / "deploy.sh"
 SYSTEM_DEPS = REPO / "deployment" / "system-deps.sh"
 UNIT = REPO / "systemd" / "trainium-executor.service"
 ENV_TEMPLATE = REPO / "systemd" / "trainium-executor.env"
+NGINX_CONF = REPO / "deployment" / "nginx" / "nginx.conf"
 SCRIPTS = [SETUP, DEPLOY, SYSTEM_DEPS]
 
 # A python that stands in for a venv's interpreter (and for python3 -m venv).
@@ -66,13 +68,18 @@ FAKE_TOOLS = {
 echo "systemctl $*" >> "$FAKE_LOG"
 state="$SETUP_ROOT/.systemctl"; mkdir -p "$state"
 args=(); for a in "$@"; do [ "$a" = "--quiet" ] || args+=("$a"); done
+unit="${args[1]:-}"
 case "${args[0]}" in
-  is-enabled) [ -e "$state/enabled" ] ;;
-  is-active) [ -e "$state/active" ] ;;
-  enable) touch "$state/enabled" ;;
-  start|restart) touch "$state/active" ;;
+  is-enabled) [ -e "$state/enabled.$unit" ] ;;
+  is-active) [ -e "$state/active.$unit" ] ;;
+  enable) touch "$state/enabled.$unit" ;;
+  start|restart) touch "$state/active.$unit" ;;
   *) true ;;
 esac
+""",
+    "nginx": r"""#!/usr/bin/env bash
+echo "nginx $*" >> "$FAKE_LOG"
+[ -z "$FAKE_NGINX_REFUSES" ]
 """,
     "useradd": r"""#!/usr/bin/env bash
 echo "useradd $*" >> "$FAKE_LOG"
@@ -84,6 +91,12 @@ grep "^$2:" "$SETUP_ROOT/etc/passwd" 2>/dev/null
 """,
     "apt-get": r"""#!/usr/bin/env bash
 echo "apt-get $*" >> "$FAKE_LOG"
+case "$*" in *" nginx"*)
+  mkdir -p "$SETUP_ROOT/usr/sbin" "$SETUP_ROOT/etc/nginx"
+  printf '#!/bin/sh\n' > "$SETUP_ROOT/usr/sbin/nginx"; chmod +x "$SETUP_ROOT/usr/sbin/nginx"
+  echo "# Debian's nginx.conf" > "$SETUP_ROOT/etc/nginx/nginx.conf"
+  exit 0 ;;
+esac
 if [ "$1" = "install" ]; then
   mkdir -p "$SETUP_ROOT/opt/aws/neuron/bin"
   printf '#!/bin/sh\necho []\n' > "$SETUP_ROOT/opt/aws/neuron/bin/neuron-ls"
@@ -95,6 +108,11 @@ echo "curl $*" >> "$FAKE_LOG"
 out=""; prev=""
 for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done
 if [ -n "$out" ]; then echo "-----BEGIN PGP PUBLIC KEY BLOCK-----" > "$out"; exit 0; fi
+case "$*" in *":8000/health"*)
+  echo '{"status":"healthy","pool":{"size":2,"idle":2,"busy":0,"state":"ready"}}'
+  [ -z "$FAKE_FRONT_DOOR_DOWN" ] || exit 7
+  exit 0 ;;
+esac
 case "$*" in *"/health"*)
   n=$(( $(cat "$SETUP_ROOT/.health_calls" 2>/dev/null || echo 0) + 1 ))
   echo "$n" > "$SETUP_ROOT/.health_calls"
@@ -196,7 +214,7 @@ def test_setup_on_the_deep_learning_ami_uses_its_training_venv(instance):
     unit = instance.unit.read_text()
     assert "ExecStart=/opt/aws_neuronx_venv_pytorch_2_9/bin/trainium-executor serve" in unit
     assert "@VENV@" not in unit
-    assert not instance.calls("apt-get")
+    assert instance.calls("apt-get") == ["apt-get install -y nginx"]  # nothing for Neuron
     assert not [c for c in instance.calls("pip install") if "requirements-neuron.txt" in c]
 
 
@@ -231,7 +249,48 @@ def test_setup_creates_user_token_env_file_and_starts_the_unit(instance):
     systemctl = [c.removeprefix("systemctl ") for c in instance.calls("systemctl")]
     assert "daemon-reload" in systemctl
     assert "enable trainium-executor" in systemctl and "start trainium-executor" in systemctl
-    assert "healthy: http://127.0.0.1:8000/health" in proc.stdout
+    assert "healthy: http://127.0.0.1:8001/health" in proc.stdout
+    assert "front door: http://127.0.0.1:8000/health answers through nginx" in proc.stdout
+
+
+def test_setup_puts_nginx_in_front_of_the_service_on_loopback(instance):
+    instance.dlami()
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr
+    assert "apt-get install -y nginx" in instance.calls("apt-get")
+    nginx_conf = instance.root / "etc/nginx/nginx.conf"
+    assert nginx_conf.read_text() == NGINX_CONF.read_text()  # the service on 8001, as shipped
+    assert (instance.root / "etc/nginx/nginx.conf.debian").read_text() == "# Debian's nginx.conf\n"
+    assert any(c.startswith("nginx -t -q -c ") for c in instance.calls("nginx"))
+    systemctl = [c.removeprefix("systemctl ") for c in instance.calls("systemctl")]
+    assert "enable nginx" in systemctl and "start nginx" in systemctl
+    env = (instance.root / "etc/trainium-executor/trainium-executor.env").read_text()
+    assert "\nEXECUTOR_HOST=127.0.0.1\n" in env and "\nEXECUTOR_PORT=8001\n" in env
+
+
+def test_setup_moves_a_service_that_listened_on_0_0_0_0_8000_behind_nginx(instance):
+    instance.dlami()
+    assert instance.run().returncode == 0
+    env_file = instance.root / "etc/trainium-executor/trainium-executor.env"
+    env_file.write_text("EXECUTOR_HOST=0.0.0.0\nEXECUTOR_PORT=8000\nEXECUTOR_POOL_SIZE=1\n")
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr
+    assert env_file.read_text() == "EXECUTOR_HOST=127.0.0.1\nEXECUTOR_PORT=8001\nEXECUTOR_POOL_SIZE=1\n"
+    assert "moved the service behind nginx" in proc.stdout
+    assert "systemctl restart trainium-executor" in instance.calls("systemctl")
+
+
+def test_setup_refuses_an_nginx_config_that_nginx_rejects(instance):
+    instance.dlami()
+    proc = instance.run(FAKE_NGINX_REFUSES="1")
+    assert proc.returncode == 1 and "nginx -t refused" in proc.stderr
+    assert (instance.root / "etc/nginx/nginx.conf").read_text() == "# Debian's nginx.conf\n"
+
+
+def test_setup_fails_when_nginx_does_not_pass_requests_on(instance):
+    instance.dlami()
+    proc = instance.run(FAKE_FRONT_DOOR_DOWN="1")
+    assert proc.returncode == 1 and "not through nginx on port 8000" in proc.stderr
 
 
 def test_setup_a_second_run_changes_nothing(instance):
@@ -241,6 +300,7 @@ def test_setup_a_second_run_changes_nothing(instance):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.rstrip().endswith("setup: nothing changed")
     assert not instance.calls("pip install") and not instance.calls("useradd")
+    assert not instance.calls("apt-get") and not instance.calls("nginx -t")
     mutating = [c for c in instance.calls("systemctl") if "is-" not in c]
     assert mutating == []
 
@@ -265,6 +325,8 @@ def test_setup_keeps_an_edited_environment_file(instance):
     assert env_file.read_text() == "EXECUTOR_PORT=9000\n"
     assert "kept the edited" in proc.stdout
     assert any("127.0.0.1:9000/health" in c for c in instance.calls("curl"))
+    assert "server 127.0.0.1:9000;" in (instance.root / "etc/nginx/nginx.conf").read_text()
+    assert "systemctl reload nginx" in instance.calls("systemctl")
 
 
 def test_setup_on_plain_ubuntu_installs_neuron_from_the_neuron_repositories(instance):
@@ -383,6 +445,26 @@ def test_environment_template_has_no_secret_and_sets_the_neuron_cache():
     text = ENV_TEMPLATE.read_text()
     assert "EXECUTOR_API_TOKEN=" not in text
     assert "NEURON_COMPILE_CACHE_URL=/var/lib/trainium-jobs/" in text
+
+
+def test_the_service_listens_on_loopback_where_nginx_forwards_to():
+    lines = ENV_TEMPLATE.read_text().splitlines()
+    assert "EXECUTOR_HOST=127.0.0.1" in lines and "EXECUTOR_PORT=8001" in lines
+    conf = NGINX_CONF.read_text()
+    assert "server 127.0.0.1:8001;" in conf and "listen 8000 default_server;" in conf
+
+
+def test_nginx_config_passes_nginx_t(tmp_path):
+    if shutil.which("nginx") is None and not os.access("/usr/sbin/nginx", os.X_OK):
+        pytest.skip("nginx not installed (make system-deps)")
+    from nginx_fixtures import render
+
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render(NGINX_CONF.read_text(), tmp_path, 8000, 8001))
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    proc = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "e.log")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 # --- deploy.sh ------------------------------------------------------------------------

@@ -37,19 +37,31 @@ print(f"METRICS: {json.dumps({'training_loss': 0.023, 'validation_accuracy': 0.9
 
 # --- the seed README's examples -------------------------------------------------------
 
-def test_health_has_every_original_field_and_the_pool(server, openapi):  # noqa: F811
+def test_health_has_every_original_field_and_only_the_pool_counts(server, openapi):  # noqa: F811
     resp = server.get("/health")
     assert resp.status == 200
     body = resp.json
-    for key in ("status", "timestamp", "neuron_available", "working_dir", "max_execution_time"):
-        assert key in body
+    assert set(body) == {"status", "timestamp", "neuron_available", "working_dir", "max_execution_time",
+                         "pool"}
     assert body["status"] == "healthy"
     assert body["neuron_available"] is False  # cpu backend: no NeuronCore proven
     assert body["working_dir"] == str(server.work_dir)
-    assert body["pool"]["backend"] == "cpu"
-    assert body["pool"]["size"] == 2
-    assert "torch" in body["pool"]["preloaded"]
+    assert body["pool"] == {"size": 2, "idle": 2, "busy": 0, "state": "ready"}
     openapi.validate("GET", "/health", resp)
+
+
+def test_verbose_health_shows_the_whole_pool(server, openapi):  # noqa: F811
+    resp = server.get("/health?verbose=1")
+    assert resp.status == 200
+    pool = resp.json["pool"]
+    assert pool["backend"] == "cpu" and pool["size"] == 2
+    assert "torch" in pool["preloaded"]
+    assert {w["pid"] for w in pool["workers"]} and "respawns" in pool
+    openapi.validate("GET", "/health", resp)
+    assert server.get("/health?verbose=0").json["pool"] == {"size": 2, "idle": 2, "busy": 0,
+                                                            "state": "ready"}
+    bad = server.get("/health?verbose=maybe")
+    assert bad.status == 400 and "verbose" in bad.json["error"]
 
 
 def test_execute_seed_example(server, openapi):  # noqa: F811
@@ -268,12 +280,52 @@ ELEVEN = [{"paper_id": f"p{i}", "code": "x"} for i in range(11)]
     ("/execute_batch", json.dumps({"batch": ELEVEN}).encode(), "maximum is 10"),
     ("/jobs", b'{"batch": [{"paper_id": "a b", "code": "x"}]}', "invalid"),
     ("/jobs", b'{"code": ""}', "code is empty"),
+    ("/execute", b'{"code": "print(1)", "code": "print(2)"}', "key 'code' twice"),
+    ("/execute_batch", b'{"batch": [{"paper_id": "a", "paper_id": "b", "code": "x"}]}',
+     "key 'paper_id' twice"),
+    ("/jobs", b'{"batch": [], "batch": [{"paper_id": "a", "code": "x"}]}', "key 'batch' twice"),
+    ("/execute", b'{"code": "print(1)\\ud800"}', "code contains U+D800"),
+    ("/execute", b'{"code": "print(1)", "paper_title": "\\udfff title"}', "paper_title contains U+DFFF"),
+    ("/execute_batch", b'{"batch": [{"paper_id": "a", "code": "x\\udc80"}]}',
+     "batch[0].code contains U+DC80"),
+    ("/jobs", b'{"batch": [{"paper_id": "a", "code": "x", "paper_title": "\\ud83d"}]}',
+     "batch[0].paper_title contains U+D83D"),
+    ("/jobs", b'{"code": "x", "s3_code_key": "k\\ud800"}', "s3_code_key contains U+D800"),
 ])
 def test_bad_requests_get_a_clear_json_400(server, openapi, path, raw, fragment):  # noqa: F811
     resp = server.post(path, raw=raw)
     assert resp.status == 400, resp.raw
     assert fragment in resp.json["error"]
     openapi.validate("POST", path, resp)
+
+
+def test_text_that_cannot_be_stored_leaves_nothing_behind(server):  # noqa: F811
+    before = server.get("/status").json
+    for raw in (b'{"code": "\\ud800"}', b'{"code": "x", "paper_title": "\\udc00"}'):
+        for path in ("/execute", "/jobs"):
+            assert server.post(path, raw=raw).status == 400
+    after = server.get("/status").json
+    assert (after["queued"], after["running_executions"]) == (before["queued"], before["running_executions"])
+    assert server.post("/execute", {"code": "print('fine')", "paper_title": "caf\u00e9 \U0001f600"}).json[
+        "success"] is True
+
+
+def test_error_messages_quote_only_a_short_prefix_of_long_input(server):  # noqa: F811
+    long_id = "x" * 100_000
+    for method, path in (("GET", f"/jobs/{long_id}"), ("DELETE", f"/jobs/{long_id}"),
+                         ("GET", f"/batches/{long_id}"), ("GET", f"/{long_id}")):
+        resp = server.request(method, path)
+        assert resp.status == 404, resp.raw[:200]
+        assert len(resp.raw) < 300 and resp.json["error"].endswith("xxxx'...")
+    resp = server.post("/execute", {"code": "x", "paper_id": "/" * 5000})
+    assert resp.status == 400 and len(resp.json["error"]) < 300
+
+
+def test_every_response_says_nosniff(server):  # noqa: F811
+    for resp in (server.get("/health"), server.get("/nope"), server.post("/execute", raw=b"{"),
+                 server.post("/execute", {"code": "print(1)"}), server.get("/metrics"),
+                 server.request("PUT", "/health")):
+        assert resp.headers["x-content-type-options"] == "nosniff", resp.status
 
 
 def test_service_stays_healthy_after_bad_requests(server):  # noqa: F811

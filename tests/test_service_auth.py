@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from service_fixtures import REPO, openapi, start_server  # noqa: F401
+import yaml
+from service_fixtures import OPENAPI, REPO, openapi, start_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -21,17 +22,56 @@ def secured(tmp_path_factory):
     srv.close()
 
 
-def test_health_needs_no_token(secured):
-    assert secured.get("/health", token=None).status == 200
+def _documented() -> set[tuple[str, str]]:
+    """Every (method, path template) that openapi.yaml documents."""
+    doc = yaml.safe_load(OPENAPI.read_text())
+    return {(method.upper(), path) for path, ops in doc["paths"].items()
+            for method in ops if method in ("get", "post", "put", "patch", "delete")}
 
 
-@pytest.mark.parametrize("path", ["/status", "/metrics", "/jobs/x", "/batches/x"])
-def test_every_other_endpoint_needs_the_token(secured, openapi, path):  # noqa: F811
-    resp = secured.get(path, token=None)
+# Every endpoint but GET /health, plus /health's verbose form: each needs the token.
+PROTECTED = sorted((m, p) for m, p in _documented() if (m, p) != ("GET", "/health")) + [
+    ("GET", "/health?verbose=1"), ("GET", "/health?verbose=0")]
+
+
+def test_openapi_documents_every_route_the_app_serves(tmp_path):
+    from executor_service.app import create_app
+    from executor_service.config import ServiceConfig
+    from warm_pool import PoolConfig, WarmPool
+
+    config = ServiceConfig(pool=PoolConfig(work_dir=tmp_path, backend="cpu"))
+    app = create_app(config, WarmPool(config.pool))  # never started: routes only
+    try:
+        served = {(method, rule.rule.replace("<", "{").replace(">", "}"))
+                  for rule in app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}}
+    finally:
+        app.extensions["executor"].shutdown(grace=1)
+    assert served == _documented()
+
+
+def test_health_needs_no_token(secured, openapi):  # noqa: F811
+    resp = secured.get("/health", token=None)
+    assert resp.status == 200 and set(resp.json["pool"]) == {"size", "idle", "busy", "state"}
+    openapi.validate("GET", "/health", resp)
+
+
+@pytest.mark.parametrize("method,path", PROTECTED, ids=[f"{m} {p}" for m, p in PROTECTED])
+@pytest.mark.parametrize("header", [None, "Bearer wrong", f"Basic {TOKEN}"], ids=["none", "wrong", "basic"])
+def test_every_endpoint_but_health_needs_the_token(secured, openapi, method, path, header):  # noqa: F811
+    path = path.replace("{job_id}", "x").replace("{batch_id}", "x")
+    body = {"code": "print(1)"} if method == "POST" else None
+    resp = secured.request(method, path, body, token=None,
+                           headers={"Authorization": header} if header else None)
     assert resp.status == 401 and "unauthorized" in resp.json["error"]
     assert resp.headers["www-authenticate"].startswith("Bearer")
-    if path == "/status":
-        openapi.validate("GET", "/status", resp)
+    template = path.split("?")[0].replace("/x", "/{job_id}" if "/jobs/" in path else "/{batch_id}")
+    openapi.validate(method, template, resp)
+
+
+def test_verbose_health_with_the_token_shows_the_workers(secured, openapi):  # noqa: F811
+    resp = secured.get("/health?verbose=1")
+    assert resp.status == 200 and resp.json["pool"]["workers"]
+    openapi.validate("GET", "/health", resp)
 
 
 @pytest.mark.parametrize("header", ["Bearer wrong", f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer ",

@@ -10,7 +10,9 @@ import pytest
 from executor_service.config import ServiceConfig, add_arguments, from_sources, reference_markdown
 from warm_pool import ConfigError, PoolConfig, settings
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+FRONT_DOOR_SETTINGS = ("host", "port", "threads", "max_body_bytes", "connection_limit", "channel_timeout",
+                       "lingering_time")
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None) -> ServiceConfig:
@@ -22,6 +24,11 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> ServiceConfig:
 def test_defaults_match_the_original_service():
     c = parse([])
     assert (c.host, c.port, c.pool.default_timeout, c.max_batch_size) == ("127.0.0.1", 8000, 600.0, 10)
+
+
+def test_front_door_defaults_are_far_from_waitress_defaults():
+    c = parse([])  # waitress: 100 connections, 120 s idle timeout, lingering close absent
+    assert (c.connection_limit, c.channel_timeout, c.lingering_time) == (10_000, 30, 30.0)
 
 
 def test_environment_fills_in_and_flags_win():
@@ -91,6 +98,10 @@ def test_non_loopback_needs_a_token_or_explicit_opt_out():
     ([], {"EXECUTOR_RETENTION_HOURS": "-1"}, "retention_hours"),
     ([], {"EXECUTOR_LOG_LEVEL": "LOUD"}, "log_level"),
     (["--neuron-cores", "0,x"], {}, "neuron_cores"),
+    ([], {"EXECUTOR_CONNECTION_LIMIT": "10"}, "connection_limit"),
+    (["--channel-timeout", "0"], {}, "channel_timeout"),
+    (["--lingering-time", "-1"], {}, "lingering_time"),
+    ([], {"EXECUTOR_LINGERING_TIME": "nan"}, "lingering_time"),
 ])
 def test_bad_values_name_the_setting(argv, env, name):
     with pytest.raises(ConfigError, match=name):
@@ -104,5 +115,12 @@ def test_pool_settings_reach_the_pool(tmp_path):
 
 
 def test_the_docs_table_is_generated_from_the_declaration():
-    text = DOCS.read_text()
+    text = (DOCS / "configuration.md").read_text()
     assert reference_markdown() in text, "docs/configuration.md is stale: run `make docs`"
+
+
+def test_front_door_doc_shows_its_settings_as_declared():
+    text = (DOCS / "front-door.md").read_text()
+    start = text.index("\n", text.index("<!-- settings-table")) + 1
+    end = text.index("<!-- /settings-table -->")
+    assert text[start:end].strip() == reference_markdown(FRONT_DOOR_SETTINGS).strip()

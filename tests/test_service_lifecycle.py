@@ -130,7 +130,7 @@ def test_health_is_503_with_the_reason_when_the_pool_is_broken(tmp_path):
         deadline = time.monotonic() + 60
         while True:
             try:
-                resp = srv.get("/health")
+                resp = srv.get("/health?verbose=1")
             except OSError:
                 resp = None
             if resp is not None:
@@ -142,6 +142,9 @@ def test_health_is_503_with_the_reason_when_the_pool_is_broken(tmp_path):
             assert time.monotonic() < deadline, "pool never declared itself broken"
             time.sleep(0.2)
         assert "torch_neuronx" in resp.json["reason"]
+        public = srv.get("/health").json  # anyone sees that it is broken, not the traceback
+        assert public["pool"]["state"] == "broken" and "verbose" in public["reason"]
+        assert "torch_neuronx" not in public["reason"] and "Traceback" not in public["reason"]
         refused = srv.post("/execute", {"code": "print(1)"})
         assert refused.status == 503 and "pool is broken" in refused.json["error"]
         assert srv.post("/jobs", {"code": "print(1)"}).status == 503

@@ -213,11 +213,14 @@ def from_sources(cls: type, args: argparse.Namespace | None, environ: Mapping[st
     return values
 
 
-def markdown_table(classes: Iterable[type]) -> str:
-    """The reference table of docs/configuration.md."""
+def markdown_table(classes: Iterable[type], names: Iterable[str] | None = None) -> str:
+    """The reference table of the classes' settings (those named, or all) for the docs."""
+    wanted = None if names is None else set(names)
     rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
     for cls in classes:
         for s in declared(cls):
+            if wanted is not None and s.name not in wanted:
+                continue
             flag = f"`{s.flag}`" if s.spec.flag else "(environment only)"
             meaning = s.spec.help
             if s.spec.choices:
