@@ -20,13 +20,18 @@
 #     (/etc/trainium-executor/api-token, 0600 root) and the environment file (the
 #     service on 127.0.0.1:8001; an older file binding 0.0.0.0 or port 8000 is moved
 #     there, its other settings kept).
-#  5. Installs the systemd unit (with the venv path filled in), daemon-reload, enable,
+#  5. Job isolation (docs/security.md): the group trainium-jobs, which alone may open the
+#     Neuron devices (a udev rule) and share the compile cache, and the network rules for
+#     the job uids (deployment/nftables: no instance metadata service, no API), checked
+#     with nft -c, installed as /etc/trainium-executor/jobs.nft and loaded by
+#     trainium-executor-firewall.service before the service starts.
+#  6. Installs the systemd unit (with the venv path filled in), daemon-reload, enable,
 #     start or restart.
-#  6. The front door: installs Debian's nginx, deployment/nginx/nginx.conf as
+#  7. The front door: installs Debian's nginx, deployment/nginx/nginx.conf as
 #     /etc/nginx/nginx.conf (the service's port filled in; Debian's file kept once as
 #     nginx.conf.debian), checks it with nginx -t, enables, starts or reloads nginx.
 #     nginx listens on port 8000 (what the Lambda calls). See docs/front-door.md.
-#  7. Waits until GET /health reports a ready pool (pool.idle > 0), then that the same
+#  8. Waits until GET /health reports a ready pool (pool.idle > 0), then that the same
 #     answer comes through nginx.
 #
 # --root DIR (or SETUP_ROOT) prefixes every path it touches (/opt, /etc, /var/lib), for
@@ -51,7 +56,7 @@ NEURON_APT_REPO=https://apt.repos.neuron.amazonaws.com
 # Packages that belong to the Neuron venv and must never be changed by our install.
 PROTECTED_RE='^(torch|torch-xla|torch-neuronx|torch_xla|torch_neuronx|neuronx-cc|libneuronxla)=='
 
-usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -241,7 +246,76 @@ esac
 PORT="$(sed -n 's/^EXECUTOR_PORT=\([0-9][0-9]*\).*/\1/p' "$ENV_FILE" | tail -n1)"
 PORT="${PORT:-$SERVICE_PORT_DEFAULT}"
 
-# --- 5. The unit ----------------------------------------------------------------------
+# --- 5. Job isolation: the jobs' group, the devices, the network rules -----------------
+JOB_GROUP=trainium-jobs
+if getent group "$JOB_GROUP" >/dev/null; then
+    say "group $JOB_GROUP exists"
+else
+    groupadd --system "$JOB_GROUP"
+    changed "created group $JOB_GROUP (the Neuron devices and the compile cache: the job uids' only group)"
+fi
+UDEV_RULE="$ROOT/etc/udev/rules.d/90-trainium-executor-neuron.rules"
+WANT_RULE="KERNEL==\"neuron[0-9]*\", GROUP=\"$JOB_GROUP\", MODE=\"0660\""
+if [ "$(cat "$UDEV_RULE" 2>/dev/null)" = "$WANT_RULE" ]; then
+    say "udev rule for /dev/neuron* up to date"
+else
+    mkdir -p "$(dirname "$UDEV_RULE")"
+    printf '%s\n' "$WANT_RULE" > "$UDEV_RULE"
+    udevadm control --reload-rules || true
+    changed "installed ${UDEV_RULE#"$ROOT"}: /dev/neuron* for group $JOB_GROUP only (mode 0660)"
+fi
+for dev in "$ROOT"/dev/neuron[0-9]*; do  # the devices already present, without a reboot
+    [ -e "$dev" ] || continue
+    chgrp "$JOB_GROUP" "$dev" && chmod 0660 "$dev"
+done
+
+UID_BASE="$(sed -n 's/^EXECUTOR_JOB_UID_BASE=\([0-9][0-9]*\).*/\1/p' "$ENV_FILE" | tail -n1)"
+UID_BASE="${UID_BASE:-61000}"
+if ! command -v nft >/dev/null 2>&1 && [ ! -x "$ROOT/usr/sbin/nft" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y nftables
+    changed "installed nftables"
+fi
+RULES_FILE="$ROOT$CONF_DIR/jobs.nft"
+rules_new="$(mktemp)"
+sed -e "s/@UID_FIRST@/$UID_BASE/g" -e "s/@UID_LAST@/$((UID_BASE + 63))/g" -e "s/@PORTS@/$FRONT_PORT, $PORT/g" \
+    "$PROJECT_DIR/deployment/nftables/trainium-executor-jobs.nft" > "$rules_new"
+RULES_CHANGED=0
+if cmp -s "$rules_new" "$RULES_FILE"; then
+    say "network rules for job uids up to date ($CONF_DIR/jobs.nft)"
+    rm -f "$rules_new"
+else
+    nft -c -f "$rules_new" || { rm -f "$rules_new"; die "nft -c refused deployment/nftables/trainium-executor-jobs.nft"; }
+    install -m 0644 "$rules_new" "$RULES_FILE"
+    rm -f "$rules_new"
+    changed "installed $CONF_DIR/jobs.nft: uids $UID_BASE-$((UID_BASE + 63)) may not reach 169.254.169.254, fd00:ec2::254 or ports $FRONT_PORT, $PORT"
+    RULES_CHANGED=1
+fi
+FIREWALL=trainium-executor-firewall
+FIREWALL_UNIT="$ROOT/etc/systemd/system/$FIREWALL.service"
+if cmp -s "$PROJECT_DIR/systemd/$FIREWALL.service" "$FIREWALL_UNIT"; then
+    say "unit $FIREWALL.service up to date"
+else
+    mkdir -p "$(dirname "$FIREWALL_UNIT")"
+    install -m 0644 "$PROJECT_DIR/systemd/$FIREWALL.service" "$FIREWALL_UNIT"
+    systemctl daemon-reload
+    changed "installed /etc/systemd/system/$FIREWALL.service"
+    RULES_CHANGED=1
+fi
+if [ "$START" -eq 1 ]; then
+    if ! systemctl is-enabled --quiet "$FIREWALL"; then
+        systemctl enable "$FIREWALL"
+        changed "enabled $FIREWALL"
+    fi
+    if ! systemctl is-active --quiet "$FIREWALL"; then
+        systemctl start "$FIREWALL"
+        changed "loaded the network rules ($FIREWALL)"
+    elif [ "$RULES_CHANGED" -eq 1 ]; then
+        systemctl restart "$FIREWALL"
+        changed "reloaded the network rules ($FIREWALL)"
+    fi
+fi
+
+# --- 6. The unit ----------------------------------------------------------------------
 UNIT_FILE="$ROOT/etc/systemd/system/$SERVICE.service"
 unit_new="$(mktemp)"
 sed "s#@VENV@#$VENV_REAL#g" "$PROJECT_DIR/systemd/$SERVICE.service" > "$unit_new"
@@ -274,7 +348,7 @@ else
     fi
 fi
 
-# --- 6. The front door: nginx --------------------------------------------------------------
+# --- 7. The front door: nginx --------------------------------------------------------------
 NGINX_DIR="$ROOT/etc/nginx"
 if [ -x "$ROOT/usr/sbin/nginx" ]; then
     say "nginx present"
@@ -314,7 +388,7 @@ if [ "$START" -eq 1 ]; then
     fi
 fi
 
-# --- 7. Wait for a ready pool, then for the same through nginx -----------------------------
+# --- 8. Wait for a ready pool, then for the same through nginx -----------------------------
 health_ready() {  # true when $1/health answers with pool.idle > 0
     local body
     body="$(curl -fsS --max-time 5 "$1/health" 2>/dev/null)" || return 1

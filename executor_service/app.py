@@ -189,6 +189,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
             "working_dir": str(config.work_dir),
             "max_execution_time": default_t,
             "pool": stats if verbose else {k: stats.get(k) for k in PUBLIC_POOL_FIELDS},
+            **({"isolation": stats.get("isolation")} if verbose else {}),
         }
         if not ok:
             if stats.get("state") == "broken":

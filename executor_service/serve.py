@@ -16,6 +16,7 @@ Shutdown, in order (signal handlers only record the signal; the main thread acts
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -30,6 +31,9 @@ log = logging.getLogger("executor_service.serve")
 def serve(config: ServiceConfig) -> int:
     """Serve until SIGTERM or SIGINT, then drain; return the exit status."""
     logs.configure(config.log_level)
+    # Whatever this process creates (the job store, its journal) is its own alone; job
+    # dirs and capture files get their modes explicitly.
+    os.umask(0o077)
     received: list[int] = []
 
     def record(signum, _frame):  # only record: the main loop does the work
@@ -44,7 +48,8 @@ def serve(config: ServiceConfig) -> int:
     log.info("listening", extra={"host": config.host, "port": int(server.effective_port),
                                  "connection_limit": server.adj.connection_limit,
                                  "backend": config.pool.backend, "pool_size": config.pool.pool_size,
-                                 "work_dir": str(config.work_dir), "auth": bool(config.api_token)})
+                                 "work_dir": str(config.work_dir), "auth": bool(config.api_token),
+                                 "isolation": runner.pool.placement.isolation})
     loop = threading.Thread(target=server.run, name="waitress", daemon=True)
     loop.start()
     while not received and loop.is_alive():

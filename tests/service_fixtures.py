@@ -59,6 +59,7 @@ class Server:
         from conftest import job_uid_base
 
         self.uid_base = job_uid_base()
+        self.command_prefix: list[str] = []  # e.g. to run the service as another user
         self.proc: subprocess.Popen | None = None
         self.log_path = work_dir.parent / f"server-{self.port}.log"
 
@@ -68,7 +69,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EXECUTOR_")}
         env.update(self.extra_env)
         env["PYTHONPATH"] = str(REPO)
-        cmd = [sys.executable, "-m", "executor_service", "serve", "--host", "127.0.0.1",
+        cmd = [*self.command_prefix, sys.executable, "-m", "executor_service", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--backend", "cpu", "--pool-size", "2",
                "--work-dir", str(self.work_dir), "--shutdown-grace", "5",
                "--job-uid-base", str(self.uid_base), *self.args]

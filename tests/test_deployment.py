@@ -23,6 +23,8 @@ SETUP = REPO / "deployment" / "setup_instance.sh"
 DEPLOY = REPO / "deployment" / "deploy.sh"
 SYSTEM_DEPS = REPO / "deployment" / "system-deps.sh"
 UNIT = REPO / "systemd" / "trainium-executor.service"
+FIREWALL_UNIT = REPO / "systemd" / "trainium-executor-firewall.service"
+RULES = REPO / "deployment" / "nftables" / "trainium-executor-jobs.nft"
 ENV_TEMPLATE = REPO / "systemd" / "trainium-executor.env"
 NGINX_CONF = REPO / "deployment" / "nginx" / "nginx.conf"
 SCRIPTS = [SETUP, DEPLOY, SYSTEM_DEPS]
@@ -87,7 +89,19 @@ mkdir -p "$SETUP_ROOT/etc"
 echo "${!#}:x:998:998::/var/lib/trainium-jobs:/usr/sbin/nologin" >> "$SETUP_ROOT/etc/passwd"
 """,
     "getent": r"""#!/usr/bin/env bash
-grep "^$2:" "$SETUP_ROOT/etc/passwd" 2>/dev/null
+grep "^$2:" "$SETUP_ROOT/etc/$1" 2>/dev/null
+""",
+    "groupadd": r"""#!/usr/bin/env bash
+echo "groupadd $*" >> "$FAKE_LOG"
+mkdir -p "$SETUP_ROOT/etc"
+echo "${!#}:x:997:" >> "$SETUP_ROOT/etc/group"
+""",
+    "udevadm": r"""#!/usr/bin/env bash
+echo "udevadm $*" >> "$FAKE_LOG"
+""",
+    "nft": r"""#!/usr/bin/env bash
+echo "nft $*" >> "$FAKE_LOG"
+[ -z "$FAKE_NFT_REFUSES" ]
 """,
     "apt-get": r"""#!/usr/bin/env bash
 echo "apt-get $*" >> "$FAKE_LOG"
@@ -293,6 +307,44 @@ def test_setup_fails_when_nginx_does_not_pass_requests_on(instance):
     assert proc.returncode == 1 and "not through nginx on port 8000" in proc.stderr
 
 
+def test_setup_confines_jobs_group_devices_and_network(instance):
+    instance.dlami()
+    (instance.root / "dev").mkdir()
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr
+    assert "groupadd --system trainium-jobs" in instance.calls("groupadd")
+    rule = (instance.root / "etc/udev/rules.d/90-trainium-executor-neuron.rules").read_text()
+    assert rule == 'KERNEL=="neuron[0-9]*", GROUP="trainium-jobs", MODE="0660"\n'
+    rules = (instance.root / "etc/trainium-executor/jobs.nft").read_text()
+    assert "meta skuid 61000-61063 ip daddr 169.254.169.254" in rules
+    assert "meta skuid 61000-61063 ip6 daddr fd00:ec2::254" in rules
+    assert "tcp dport { 8000, 8001 }" in rules and "@" not in rules.replace("@UID", "")
+    assert any(c.startswith("nft -c -f ") for c in instance.calls("nft"))
+    assert (instance.root / "etc/systemd/system/trainium-executor-firewall.service").read_text() == \
+        FIREWALL_UNIT.read_text()
+    systemctl = [c.removeprefix("systemctl ") for c in instance.calls("systemctl")]
+    assert {"enable trainium-executor-firewall", "start trainium-executor-firewall"} <= set(systemctl)
+    assert systemctl.index("start trainium-executor-firewall") < systemctl.index("start trainium-executor")
+
+
+def test_setup_renders_the_rules_for_the_configured_uid_base(instance):
+    instance.dlami()
+    assert instance.run().returncode == 0
+    env_file = instance.root / "etc/trainium-executor/trainium-executor.env"
+    env_file.write_text(env_file.read_text().replace("UID_BASE=61000", "UID_BASE=70000"))
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr
+    assert "meta skuid 70000-70063" in (instance.root / "etc/trainium-executor/jobs.nft").read_text()
+    assert "systemctl restart trainium-executor-firewall" in instance.calls("systemctl")
+
+
+def test_setup_refuses_rules_that_nft_rejects(instance):
+    instance.dlami()
+    proc = instance.run(FAKE_NFT_REFUSES="1")
+    assert proc.returncode == 1 and "nft -c refused" in proc.stderr
+    assert not (instance.root / "etc/trainium-executor/jobs.nft").exists()
+
+
 def test_setup_a_second_run_changes_nothing(instance):
     instance.dlami()
     assert instance.run().returncode == 0
@@ -405,7 +457,7 @@ def test_setup_no_start_installs_but_does_not_start(instance):
     proc = instance.run("--no-start")
     assert proc.returncode == 0, proc.stderr
     assert instance.unit.exists()
-    assert [c for c in instance.calls("systemctl")] == ["systemctl daemon-reload"]
+    assert set(instance.calls("systemctl")) == {"systemctl daemon-reload"}
     assert not instance.calls("curl")
 
 
@@ -423,9 +475,29 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze not installed (make system-deps)")
     unit = substituted_unit(tmp_path)
-    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    firewall = tmp_path / FIREWALL_UNIT.name
+    shutil.copy(FIREWALL_UNIT, firewall)
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit), str(firewall)], capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
     assert "trainium-executor.service" not in proc.stderr, proc.stderr
+
+
+def test_firewall_unit_passes_systemd_analyze_verify(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed (make system-deps)")
+    proc = subprocess.run(["systemd-analyze", "verify", str(FIREWALL_UNIT)], capture_output=True, text=True)
+    assert "trainium-executor-firewall.service" not in proc.stderr, proc.stderr
+
+
+def test_unit_grants_only_the_capabilities_job_isolation_needs():
+    lines = {line.strip() for line in UNIT.read_text().splitlines()}
+    caps = "CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN CAP_DAC_OVERRIDE CAP_FOWNER"
+    assert f"AmbientCapabilities={caps}" in lines and f"CapabilityBoundingSet={caps}" in lines
+    assert "StateDirectoryMode=0711" in lines  # job uids traverse to their own dirs
+    assert "Requires=trainium-executor-firewall.service" in lines
+    env = ENV_TEMPLATE.read_text().splitlines()
+    assert "EXECUTOR_ISOLATION=uid" in env and "EXECUTOR_JOB_GROUPS=trainium-jobs" in env
 
 
 def test_unit_has_the_settings_the_service_relies_on():

@@ -8,9 +8,11 @@ after the fork, before the worker touches its device or a job:
    devices' group on neuron). Then it cannot read the service's memory, environment or
    files, signal it or its template, or touch another slot's jobs. No passwd entries are
    needed: numeric ids, as sandboxes such as isolate use.
-2. **No privileges**: every capability dropped (a uid change from root clears them; the
-   bounding set is emptied too when we may) and ``PR_SET_NO_NEW_PRIVS``, so no setuid
-   binary or file capability gives any back. `enter` checks the result.
+2. **No privileges**: every capability dropped, explicitly (a uid change clears them
+   only when it leaves uid 0: a service running as its own user with capabilities
+   would otherwise hand them to its jobs), the bounding set emptied too when we may,
+   and ``PR_SET_NO_NEW_PRIVS``, so no setuid binary or file capability gives any back.
+   `enter` checks the result.
 3. **Writes only where a job may write** (Landlock, Linux 5.13+, unprivileged): below
    the jobs directory (its own dir there, by file permissions), ``/dev/shm`` and the
    compile cache; devices and ``/proc`` files only through their own permissions.
@@ -31,6 +33,7 @@ import os
 import resource
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 # Capabilities (linux/capability.h) the service needs for isolation "uid": become the
@@ -43,6 +46,8 @@ NEEDED_CAPS = {"CAP_CHOWN": CAP_CHOWN, "CAP_DAC_OVERRIDE": CAP_DAC_OVERRIDE, "CA
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_DUMPABLE = 4
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _LAST_CAP = 63
 
 # Landlock (linux/landlock.h); the syscall numbers are the same on x86_64 and aarch64.
@@ -60,6 +65,15 @@ _SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
 class _RulesetAttr(ctypes.Structure):
     _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
                 ("scoped", ctypes.c_uint64)]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
 
 
 class _PathBeneathAttr(ctypes.Structure):
@@ -111,6 +125,7 @@ def enter(conf: Confinement, slot: int) -> dict[str, str]:
         os.setresuid(uid, uid, uid)
         if os.getresuid() != (uid, uid, uid) or os.getresgid() != (uid, uid, uid):
             raise ConfinementError(f"could not switch to uid {uid}")
+        drop_capabilities()
         # A credential change makes the process non-dumpable (its /proc files root's);
         # a job's own /proc/self should look like any program's.
         _prctl(_PR_SET_DUMPABLE, 1)
@@ -136,6 +151,18 @@ def enter(conf: Confinement, slot: int) -> dict[str, str]:
 def _prctl(option: int, value: int) -> int:
     return _libc.prctl(option, ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0),
                        ctypes.c_ulong(0))
+
+
+def drop_capabilities() -> None:
+    """Drop every capability this process holds: ambient, permitted, effective, inheritable.
+
+    Dropping is always allowed. Needed after a uid change that did not start at uid 0,
+    which keeps the capabilities (a service running as its own user with some).
+    """
+    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    data = (_CapData * 2)()
+    if _libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
+        raise ConfinementError(f"capset: {os.strerror(ctypes.get_errno())}")
 
 
 def _drop_bounding_set() -> None:
@@ -235,12 +262,40 @@ def claim_uids(uids: range) -> list[socket.socket]:
     return held
 
 
+# What kill_uid runs as the uid (self-contained: it must not depend on how this package
+# was found): drop every capability (the service's stay across a uid change when it is
+# not root), check that none is left, then kill(-1).
+_KILL_AS_UID = """
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+class Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)())
+held = [line.split()[1] for line in open("/proc/self/status")
+        if line.startswith(("CapPrm", "CapEff", "CapAmb"))]
+if any(int(value, 16) for value in held):
+    sys.exit("capabilities left: not killing")
+try:
+    os.kill(-1, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+
+
 def kill_uid(uid: int) -> None:
-    """SIGKILL every process of a uid, at once: `kill -KILL -1` run as that uid.
+    """SIGKILL every process of a uid, at once: kill(-1) from a process of that uid.
 
     kill(-1) signals every process the caller may signal except itself, under the
-    kernel's task list lock, so nothing can fork its way out of it.
+    kernel's task list lock, so nothing can fork its way out of it. The caller must hold
+    no capability (CAP_KILL would make that every process on the machine): the helper
+    drops them all and checks before it kills.
     """
-    subprocess.run(["kill", "-KILL", "--", "-1"], user=uid, group=uid, extra_groups=[],
+    if uid == 0:
+        raise ValueError("refusing to kill every process of uid 0")
+    subprocess.run([sys.executable, "-I", "-c", _KILL_AS_UID], user=uid, group=uid, extra_groups=[],
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   check=False, close_fds=True, timeout=10)
+                   check=False, close_fds=True, timeout=30, env={})

@@ -49,6 +49,9 @@ from warm_pool.result import JobSpec, WorkerRef
 # After a worker's channel closes, how long its exit may take to be reported before the
 # supervisor concludes the job closed the channel itself and kills the worker.
 _CHANNEL_GRACE_S = 0.5
+# The worker's exit status when its job cut its channel (worker.EXIT_CHANNEL_LOST).
+_EXIT_CHANNEL_LOST = 117
+_CHANNEL_CUT = "the job closed its worker's channel to the service (e.g. os.closerange); the job was stopped"
 # After a job's process ended, how long its pipes may stay open (a grandchild holding
 # them is being killed) before the result is built from what arrived.
 _DRAIN_GRACE_S = 2.0
@@ -428,11 +431,8 @@ class Supervisor:
                 self.kill_worker(worker, "start_timeout")
             if worker.channel_closed_mono is not None and worker.state != "stopping" and \
                     now - worker.channel_closed_mono > _CHANNEL_GRACE_S:
-                if job is not None:  # alive, yet its channel is gone: the job closed it
-                    job.stop_reason = job.stop_reason or "protocol_error"
-                    job.stop_detail = job.stop_detail or (
-                        "the job closed its worker's channel to the service (e.g. os.closerange); "
-                        "the job was stopped")
+                if job is not None and job.stop_reason is None:  # alive, its channel gone: cut by the job
+                    job.stop_reason, job.stop_detail = "protocol_error", _CHANNEL_CUT
                 self.kill_worker(worker, "channel_closed")
             if job is None:
                 continue
@@ -454,7 +454,7 @@ class Supervisor:
         if not running:
             return
         by_uid = usage.uid_usage({w.uid for w in running if w.uid is not None})
-        limit, disk_limit = self.config.memory_limit_bytes, self.config.max_disk_mb * 1024 * 1024
+        limit = self.config.memory_limit_bytes
         for worker in running:
             job = worker.job
             rss = by_uid[worker.uid].rss_bytes if worker.uid is not None else usage.tree_rss(worker.pid)
@@ -465,12 +465,8 @@ class Supervisor:
                 self.stop_job(job, worker, "memory_limit", now, hard=True)
                 continue
             used, files = usage.disk_usage((job.job_dir, job.tmp_dir), worker.uid, self.config.max_job_files)
-            if used >= disk_limit:
-                self.stop_job(job, worker, "disk_limit", now, hard=True, detail=(
-                    f"the job's files reached max_disk_mb={self.config.max_disk_mb}"))
-            elif files > self.config.max_job_files:
-                self.stop_job(job, worker, "disk_limit", now, hard=True, detail=(
-                    f"the job created more than max_job_files={self.config.max_job_files} files"))
+            if self._judge_disk(job, used, files):
+                self.kill_worker(worker, "disk_limit")
 
     def _read_worker(self, worker: Worker, now: float) -> bool:
         """Handle one message from a worker; False when its channel is closed or broken."""
@@ -519,8 +515,14 @@ class Supervisor:
         self.kill_worker(worker, "protocol_error")
 
     def _job_ended(self, worker: Worker, now: float) -> None:
-        """The job's process is done: its result waits only for its output to drain."""
+        """The job's process is done: its result waits only for its output to drain.
+
+        A job that hit a hard limit may have ended on its own before the monitor saw it
+        (a write failing at the cap raises in the job): the limit is still its outcome.
+        """
         job, worker.job = worker.job, None
+        if job.stop_reason is None:
+            self._check_limits_at_end(job, worker)
         worker.jobs_run += 1
         job.ended_mono = now
         if job.device is not None:
@@ -529,6 +531,25 @@ class Supervisor:
         if job.stop_reason and worker.state != "stopping":
             # Interrupted mid-way (SIGINT can land inside library code): never reused.
             self.kill_worker(worker, job.stop_reason)
+
+    def _check_limits_at_end(self, job: Job, worker: Worker) -> None:
+        over = self.capture.over_limit(job.spec.job_id)
+        if over:
+            job.stop_reason = "output_limit"
+            job.stop_detail = f"{over} exceeded output_limit_mb={self.config.output_limit_mb}"
+            return
+        used, files = usage.disk_usage((job.job_dir, job.tmp_dir), worker.uid, self.config.max_job_files)
+        self._judge_disk(job, used, files)
+
+    def _judge_disk(self, job: Job, used: int, files: int) -> bool:
+        """Set the job's disk_limit outcome when it reached a limit; True if it did."""
+        if used >= self.config.max_disk_mb * 1024 * 1024:
+            job.stop_reason = "disk_limit"
+            job.stop_detail = f"the job's files reached max_disk_mb={self.config.max_disk_mb}"
+        elif files > self.config.max_job_files:
+            job.stop_reason = "disk_limit"
+            job.stop_detail = f"the job created more than max_job_files={self.config.max_job_files} files"
+        return job.stop_reason == "disk_limit"
 
     def _after_job(self, worker: Worker, dirty: list[str]) -> None:
         """The worker restored itself: check it from outside, then reuse or replace it."""
@@ -573,6 +594,8 @@ class Supervisor:
             self.dirty_slots[worker.slot] = worker.pid
         if worker.job is not None:
             worker.job.exit_status = return_code
+            if return_code == _EXIT_CHANNEL_LOST and worker.job.stop_reason is None:
+                worker.job.stop_reason, worker.job.stop_detail = "protocol_error", _CHANNEL_CUT
             worker.retire_reason = worker.job.stop_reason or "crashed"
             self._job_ended(worker, time.monotonic())
         if worker.ready_seconds is None and self.state not in ("closing", "closed"):

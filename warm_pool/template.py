@@ -106,6 +106,7 @@ class Template:
         self.confinement = confinement
         self.needed = needed
         self.workers: dict[int, int] = {}  # pid -> worker_id
+        self.slot_uids: set[int] = set()
         self.child_r, self.child_w = os.pipe()
 
     def serve(self) -> None:
@@ -160,6 +161,9 @@ class Template:
                 os._exit(code)
         os.close(fd)
         self.workers[pid] = msg.worker_id
+        uid = self.confinement.uid(msg.slot)
+        if uid is not None:
+            self.slot_uids.add(uid)
         self.send(protocol.Spawned(msg.worker_id, pid))
 
     def child(self, msg: protocol.Spawn, fd: int) -> int:
@@ -207,8 +211,14 @@ class Template:
         """Kill every worker and its group, and reap them (the supervisor is gone).
 
         A worker forked a moment ago may not have called setsid() yet, so its group
-        does not exist: it is killed by pid too, and again until it is reaped.
+        does not exist: it is killed by pid too, and again until it is reaped. Then
+        everything the job uids still run (a job's daemon that left the group) goes too.
         """
+        self._kill_workers()
+        for uid in self.slot_uids:
+            _kill_every_process_of(uid)
+
+    def _kill_workers(self) -> None:
         deadline = time.monotonic() + 5
         while self.workers and time.monotonic() < deadline:
             for pid in list(self.workers):
@@ -226,6 +236,23 @@ class Template:
                 if pid == 0:
                     break
                 self.workers.pop(pid, None)
+
+
+def _kill_every_process_of(uid: int) -> None:
+    """kill(-1) as `uid`, from a child holding no capability: every process of that uid
+    ends at once (with CAP_KILL it would be every process on the machine)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            sandbox.drop_capabilities()
+            if not any(sandbox.capabilities()[k] for k in ("CapPrm", "CapEff", "CapAmb")):
+                os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
 
 
 def _report_failure(fd: int, worker_id: int, text: str) -> None:

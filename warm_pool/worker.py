@@ -37,8 +37,9 @@ from warm_pool.integrity import Fingerprint
 from warm_pool.isolation import Baseline
 
 _BUFFER_SIZE = io.DEFAULT_BUFFER_SIZE
-# Exit status of a worker whose job cut its channel to the supervisor.
-EXIT_CHANNEL_LOST = 70
+# Exit status of a worker whose job cut its channel to the supervisor (os.closerange):
+# it cannot report the job, so it ends, and the supervisor says why.
+EXIT_CHANNEL_LOST = 117
 
 
 def init_device(backend: str) -> str | None:
@@ -101,6 +102,7 @@ def main(fd: int, worker_id: int, backend: str, core: int | None, preloaded: tup
     """The worker's life: init, ready, jobs until the supervisor closes the channel."""
     started = time.perf_counter()
     conn = Connection(fd)
+    os.umask(0o022)  # what a job gets, as under a login shell (the service's is 077)
     preloaded = tuple(name for name in preloaded if name in sys.modules)
     try:
         check_job_access(needed)
