@@ -7,7 +7,6 @@ responses through one table (`ERRORS`), never an isinstance chain in the handler
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import time
 from typing import Any
@@ -15,21 +14,28 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from executor_service import auth, validation
+from executor_service import auth, jobs, validation
 from executor_service.config import ServiceConfig
 from executor_service.jobs import RETRY_AFTER_S, JobRunner
 from executor_service.metrics import CONTENT_TYPE, Metrics
 from executor_service.store import JobStore
 from executor_service.validation import ApiError
-from warm_pool import TERMINAL_STATUSES, PoolBroken, PoolClosed, QueueFull
+from warm_pool import STATUS_QUEUED, TERMINAL_STATUSES, PoolBroken, PoolClosed, utc_iso
+from warm_pool import QueueFull as PoolQueueFull
 
 log = logging.getLogger("executor_service.app")
 
 _RETRY = {"Retry-After": str(RETRY_AFTER_S)}
 
-# Exceptions of the library (and the API's own) → (HTTP status, message, headers).
+# What the runner and the pool refuse → (HTTP status, message, headers). The message is
+# the exception's own unless given; an exception's `detail` adds fields to the answer.
 ERRORS: dict[type[BaseException], tuple[int, str, dict[str, str]]] = {
-    QueueFull: (503, "queue is full; retry later", _RETRY),
+    jobs.QueueFull: (503, "{exc}", _RETRY),
+    jobs.Closing: (503, "{exc}", _RETRY),
+    jobs.Unavailable: (503, "{exc}", {}),
+    jobs.UnknownJob: (404, "{exc}", {}),
+    jobs.AlreadyFinished: (409, "{exc}", {}),
+    PoolQueueFull: (503, "queue is full; retry later", _RETRY),
     PoolClosed: (503, "service is shutting down; retry later", _RETRY),
     PoolBroken: (503, "pool is broken: {exc}", {}),
 }
@@ -146,13 +152,9 @@ def _register_errors(app: Flask, config: ServiceConfig) -> None:
         for cls in type(exc).__mro__:
             if cls in ERRORS:
                 status, message, headers = ERRORS[cls]
-                return _error(status, message.format(exc=exc), headers)
+                return _error(status, message.format(exc=exc), headers, **getattr(exc, "detail", {}))
         log.exception("unhandled error", extra={"path": request.path})
         return _error(500, f"internal error: {type(exc).__name__}")
-
-
-def _now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat()
 
 
 def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metrics: Metrics) -> None:
@@ -184,7 +186,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
         ok = ready >= 1 and stats.get("state") != "broken"
         payload = {
             "status": "healthy" if ok else "unhealthy",
-            "timestamp": _now_iso(),
+            "timestamp": utc_iso(time.time()),
             "neuron_available": stats.get("backend") == "neuron" and ok,
             "working_dir": str(config.work_dir),
             "max_execution_time": default_t,
@@ -195,7 +197,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
             if stats.get("state") == "broken":
                 payload["reason"] = ("pool is broken: " + str(stats.get("broken_reason")) if verbose
                                      else "pool is broken (GET /health?verbose=1 with the token says why)")
-            elif stats.get("state") in ("closing", "closed", "stopped"):
+            elif stats.get("state") in ("closing", "closed"):
                 payload["reason"] = "pool is shutting down"
             else:
                 payload["reason"] = "no worker is ready yet (starting)"
@@ -217,7 +219,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
         req = validation.parse_jobs(body(), "job", default_t, max_t, config.max_batch_size)
         key = validation.parse_idempotency_key(request.headers.get("Idempotency-Key"))
         batch_id, ids = runner.accept(req, "async", key)
-        resp = jsonify(batch_id=batch_id, job_ids=dict(ids), status="queued",
+        resp = jsonify(batch_id=batch_id, job_ids=dict(ids), status=STATUS_QUEUED,
                        batch_url=f"/batches/{batch_id}")
         resp.status_code = 202
         resp.headers["Location"] = f"/batches/{batch_id}"
@@ -227,7 +229,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
     def get_job(job_id: str):
         row = runner.store.get_job(job_id)
         if row is None:
-            raise ApiError(404, f"no job {validation.echo(job_id)}")
+            raise jobs.UnknownJob(f"no job {validation.echo(job_id)}")
         return jsonify(row.to_public())
 
     @app.delete("/jobs/<job_id>")
@@ -242,8 +244,8 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
         statuses = [r.status for r in rows]
         if all(s in TERMINAL_STATUSES for s in statuses):
             status = "completed"
-        elif all(s == "queued" for s in statuses):
-            status = "queued"
+        elif all(s == STATUS_QUEUED for s in statuses):
+            status = STATUS_QUEUED
         else:
             status = "running"
         results = {r.paper_id: r.to_public() for r in rows}

@@ -26,16 +26,21 @@ from executor_service.analysis import result_document
 from executor_service.config import ServiceConfig
 from executor_service.metrics import Metrics
 from executor_service.store import JobRow, JobStore
-from executor_service.validation import ApiError, Request, echo
+from executor_service.validation import Request, echo
 from warm_pool import (
     STATUS_CANCELLED,
     STATUS_INTERRUPTED,
+    STATUS_QUEUED,
+    STATUS_RUNNING,
     TERMINAL_STATUSES,
     JobResult,
     JobSpec,
     PoolBroken,
     PoolClosed,
-    QueueFull,
+    utc_iso,
+)
+from warm_pool import (
+    QueueFull as PoolQueueFull,
 )
 
 log = logging.getLogger("executor_service.jobs")
@@ -45,6 +50,34 @@ _PRUNE_EVERY_S = 600.0
 # How long DELETE /jobs/<id> waits for a running job to be stopped (SIGINT, then the
 # pool's kill grace, then SIGKILL) before it answers with the job as it then is.
 _CANCEL_WAIT_S = 10.0
+
+
+class JobsError(Exception):
+    """Base of what the runner refuses; app.ERRORS maps each kind to an HTTP answer."""
+
+    def __init__(self, message: str, **detail: Any):
+        super().__init__(message)
+        self.detail = detail
+
+
+class Closing(JobsError):
+    """The service is shutting down and takes no work (retry later)."""
+
+
+class Unavailable(JobsError):
+    """The pool cannot run jobs (broken); the message says why."""
+
+
+class QueueFull(JobsError):
+    """The queue has no room for the whole request (retry later)."""
+
+
+class UnknownJob(JobsError, LookupError):
+    """No job has this id."""
+
+
+class AlreadyFinished(JobsError):
+    """The job already has its result (it cannot be cancelled)."""
 
 
 def new_id() -> str:
@@ -142,25 +175,25 @@ class JobRunner:
                idem_key: str | None = None) -> tuple[str, list[tuple[str, str]]]:
         """Persist a request's jobs (queued) and start dispatching them.
 
-        Returns (batch_id, [(paper_id, job_id), ...]). ApiError 503 when the service is
-        closing, the pool is broken, or the queue has no room for the whole request. A
-        request repeating an earlier `idem_key` gets that request's batch back instead.
+        Returns (batch_id, [(paper_id, job_id), ...]). Raises Closing, Unavailable (the
+        pool is broken) or QueueFull (no room for the whole request). A request repeating
+        an earlier `idem_key` gets that request's batch back instead.
         """
         if self._closing.is_set():
-            raise ApiError(503, "service is shutting down", {"Retry-After": str(RETRY_AFTER_S)})
+            raise Closing("service is shutting down")
         stats = self.pool.stats()
         if stats.get("state") == "broken":
-            raise ApiError(503, f"pool is broken: {short_reason(stats.get('broken_reason'))}")
+            raise Unavailable(f"pool is broken: {short_reason(stats.get('broken_reason'))}")
         batch_id = new_id()
         jobs = [{"job_id": new_id(), "paper_id": it.paper_id, "paper_title": it.paper_title,
                  "code": it.code, "timeout": request.timeout} for it in request.items]
         with self._accept_lock:
             if idem_key and (earlier := self.store.batch_for_key(idem_key)):
                 return earlier, [(r.paper_id, r.job_id) for r in self.store.get_batch(earlier) or []]
-            queued = self.store.counts().get("queued", 0)
+            queued = self.store.counts().get(STATUS_QUEUED, 0)
             if queued + len(jobs) > self.config.pool.max_queue:
-                raise ApiError(503, f"queue is full ({queued} of {self.config.pool.max_queue} jobs "
-                                    "waiting); retry later", {"Retry-After": str(RETRY_AFTER_S)})
+                raise QueueFull(f"queue is full ({queued} of {self.config.pool.max_queue} jobs "
+                                "waiting); retry later")
             # Registered before the insert: a job can finish (and look for its event)
             # as soon as it is stored. Removed again if the insert fails.
             with self._lock:
@@ -191,7 +224,7 @@ class JobRunner:
                                timeout=row.timeout)
                 try:
                     fut = self.pool.submit(spec, on_start=self._on_start)
-                except QueueFull:
+                except PoolQueueFull:
                     break  # the loop retries in a second
                 except (PoolClosed, PoolBroken):
                     break
@@ -252,7 +285,7 @@ class JobRunner:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                if self._closing.is_set() and row.status == "queued":
+                if self._closing.is_set() and row.status == STATUS_QUEUED:
                     with self._lock:
                         if job_id not in self._submitted:
                             return False  # stays queued for the next start
@@ -263,13 +296,13 @@ class JobRunner:
         return True
 
     def cancel(self, job_id: str) -> JobRow:
-        """Cancel a queued or running job; ApiError 404 unknown, 409 already finished."""
+        """Cancel a queued or running job; UnknownJob, or AlreadyFinished with its status."""
         row = self.store.get_job(job_id)
         if row is None:
-            raise ApiError(404, f"no job {echo(job_id)}")
+            raise UnknownJob(f"no job {echo(job_id)}")
         if row.status in TERMINAL_STATUSES:
-            raise ApiError(409, f"job {job_id} already finished with status {row.status}",
-                           job_status=row.status)
+            raise AlreadyFinished(f"job {job_id} already finished with status {row.status}",
+                                  job_status=row.status)
         with self._dispatch_lock:
             with self._lock:
                 submitted = job_id in self._submitted
@@ -288,20 +321,14 @@ class JobRunner:
     def status(self) -> dict[str, Any]:
         """What a cron caller needs to decide whether to send work or stop the instance."""
         counts = self.store.counts()
-        running, queued = counts.get("running", 0), counts.get("queued", 0)
+        running, queued = counts.get(STATUS_RUNNING, 0), counts.get(STATUS_QUEUED, 0)
         try:
             capacity = self.pool.stats().get("size")
         except Exception:  # noqa: BLE001
             capacity = None
         idle_since = None
         if running == 0 and queued == 0:
-            idle_since = _iso(self._last_activity)
+            idle_since = utc_iso(self._last_activity)
         return {"running_executions": running, "queued": queued, "capacity": capacity,
                 "idle": running == 0 and queued == 0, "idle_since": idle_since,
                 "accepting": not self._closing.is_set()}
-
-
-def _iso(ts: float) -> str:
-    import datetime as _dt
-
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import sys
+
+from warm_pool import utc_iso
 
 # Attributes every LogRecord has; anything else came from `extra=` and is logged as a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -16,7 +17,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "ts": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc).isoformat(),
+            "ts": utc_iso(record.created),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),

@@ -32,11 +32,12 @@ from warm_pool.result import (
     JobResult,
     JobSpec,
     WorkerRef,
+    utc_iso,
 )
 from warm_pool.settings import ConfigError
 
 __all__ = [
     "BACKENDS", "STATUS_CANCELLED", "STATUS_COMPLETED", "STATUS_INTERRUPTED", "STATUS_QUEUED",
     "STATUS_RUNNING", "TERMINAL_STATUSES", "ConfigError", "JobResult", "JobSpec", "PoolBroken",
-    "PoolClosed", "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef", "settings",
+    "PoolClosed", "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef", "settings", "utc_iso",
 ]
