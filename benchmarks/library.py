@@ -142,8 +142,8 @@ def memory(pool: WarmPool, jobs: int, code: str) -> dict[str, Any]:
 
 def pool_pids(pool: WarmPool) -> tuple[int | None, list[int]]:
     """(template pid, idle worker pids) of a library pool."""
-    proc = pool.supervisor.template_proc
-    return (proc.pid if proc else None), [w["pid"] for w in pool.stats()["workers"] if w["state"] == "idle"]
+    stats = pool.stats()
+    return stats["template_pid"], [w["pid"] for w in stats["workers"] if w["state"] == "idle"]
 
 
 def memory_snapshot(pids: tuple[int | None, list[int]]) -> dict[str, Any]:

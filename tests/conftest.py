@@ -116,9 +116,11 @@ def start_pool(tmp: Path, **kw) -> PoolHandle:
 def pool_processes(pool: WarmPool) -> list[psutil.Process]:
     """The pool's template and everything below it (the template is the subreaper of its
     workers' orphans, so a job's daemons are below it too)."""
-    proc = pool.supervisor.template_proc
+    pid = pool.stats()["template_pid"]
+    if pid is None:  # not started, or shut down already
+        return []
     try:
-        root = psutil.Process(proc.pid)
+        root = psutil.Process(pid)
         return [root, *root.children(recursive=True)]
     except (AttributeError, psutil.Error):
         return []

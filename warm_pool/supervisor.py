@@ -22,29 +22,27 @@ error_type ``protocol_error`` for its job.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 import traceback
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from multiprocessing import connection, reduction
-from multiprocessing.connection import Connection
 from typing import Any
 
-from warm_pool import outcome, protocol, sandbox, usage
+from warm_pool import limits, outcome, protocol, sandbox, usage
 from warm_pool.capture import Capture
 from warm_pool.config import PoolConfig
 from warm_pool.errors import PoolBroken, PoolClosed, QueueFull
 from warm_pool.placement import Placement
-from warm_pool.result import JobSpec, WorkerRef
+from warm_pool.records import Job, Worker
+from warm_pool.result import WorkerRef
+from warm_pool.template_link import TemplateLink
 
 # After a worker's channel closes, how long its exit may take to be reported before the
 # supervisor concludes the job closed the channel itself and kills the worker.
@@ -55,58 +53,6 @@ _CHANNEL_CUT = "the job closed its worker's channel to the service (e.g. os.clos
 # After a job's process ended, how long its pipes may stay open (a grandchild holding
 # them is being killed) before the result is built from what arrived.
 _DRAIN_GRACE_S = 2.0
-
-
-@dataclass(eq=False)
-class Job:
-    """A job from submit() until its result is set."""
-
-    spec: JobSpec
-    future: Future
-    on_start: Callable | None
-    main_path: str
-    job_dir: str
-    timeout: float
-    tmp_dir: str = ""  # the slot's, set when a worker takes the job
-    submitted_mono: float = field(default_factory=time.monotonic)
-    submitted_at: float = field(default_factory=time.time)
-    started_mono: float | None = None
-    started_at: float | None = None
-    ended_mono: float | None = None
-    deadline: float | None = None
-    kill_at: float | None = None
-    stop_reason: str | None = None  # a key of outcome.STOP_OUTCOMES
-    stop_detail: str | None = None
-    peak_memory_bytes: int = 0
-    done: protocol.JobDone | None = None
-    exit_status: int | None = None  # of a worker that died without job_done
-    worker: WorkerRef | None = None
-    device: Any = None  # neuron.PeakTracker of the job's NeuronCore
-    peak_device_bytes: int | None = None
-
-
-@dataclass(eq=False)
-class Worker:
-    """One worker process as the supervisor sees it."""
-
-    id: int
-    slot: int
-    core: int | None
-    uid: int | None
-    conn: Connection
-    state: str = "starting"  # starting | idle | busy | checking | stopping
-    pid: int | None = None
-    spawned_mono: float = field(default_factory=time.monotonic)
-    ready_seconds: float | None = None
-    preloaded: tuple[str, ...] = ()
-    device: str | None = None
-    confinement: dict[str, str] = field(default_factory=dict)
-    threads_at_ready: int | None = None
-    jobs_run: int = 0
-    job: Job | None = None
-    retire_reason: str | None = None
-    channel_closed_mono: float | None = None
-    growth: Any = None  # neuron.IdleGrowth of its core's idle device memory
 
 
 class Supervisor:
@@ -128,9 +74,7 @@ class Supervisor:
         self.broken_reason: str | None = None
         self.backend: str | None = None
         self.preloaded: tuple[str, ...] = ()
-        self.template_proc: subprocess.Popen | None = None
-        self.template_conn: Connection | None = None
-        self.template_sock: socket.socket | None = None
+        self.template: TemplateLink | None = None
         self.start_failures = 0
         self.last_start_error: str | None = None  # a worker's start-up traceback
         self.next_start_mono = 0.0
@@ -207,10 +151,11 @@ class Supervisor:
                 "starting": states.count("starting") + max(0, self.size - len(states)),
                 "queued": len(self.queue),
                 "preloaded": list(self.preloaded),
-                "workers": [_worker_stats(w) for w in sorted(self.workers.values(), key=lambda w: w.slot)],
+                "workers": [w.stats() for w in sorted(self.workers.values(), key=lambda w: w.slot)],
                 "respawns": {"total": sum(self.respawns.values()), "by_reason": dict(self.respawns),
                              "recent": list(self.replacements)},
                 "idle_since": self.idle_since,
+                "template_pid": self.template.pid if self.template else None,
             }
 
     def shutdown(self, grace: float) -> None:
@@ -266,8 +211,8 @@ class Supervisor:
                     return
                 objects = [self._wake_r] + [w.conn for w in self.workers.values()
                                             if w.channel_closed_mono is None]
-                if self.template_conn is not None:
-                    objects.append(self.template_conn)
+                if self.template is not None:
+                    objects.append(self.template.conn)
                 timeout = self._next_timeout(time.monotonic())
             ready = connection.wait(objects, timeout)
             self.step(ready)
@@ -279,7 +224,7 @@ class Supervisor:
             for obj in ready:
                 if obj == self._wake_r:
                     os.read(self._wake_r, 4096)
-                elif obj is self.template_conn:
+                elif self.template is not None and obj is self.template.conn:
                     self._read_template()
                 else:
                     worker = next((w for w in self.workers.values() if w.conn is obj), None)
@@ -314,25 +259,9 @@ class Supervisor:
 
     # --- the template -----------------------------------------------------------------
 
-    def start_template(self) -> None:
-        """Start the template process (a fresh interpreter, not a fork of this one)."""
-        ours, theirs = socket.socketpair()
-        settings = {"backend": self.config.backend,
-                    "preload": list(self.config.preload) if self.config.preload is not None else None,
-                    "confinement": self.placement.confinement_settings(),
-                    "needed": list(self.placement.needed_paths())}
-        self.template_proc = subprocess.Popen(
-            [self.config.python_executable(), "-P", "-m", "warm_pool.template",
-             str(theirs.fileno()), json.dumps(settings)],
-            pass_fds=[theirs.fileno()], env=self.placement.template_env(),
-            stdin=subprocess.DEVNULL, start_new_session=True)
-        theirs.close()
-        self.template_sock = ours
-        self.template_conn = Connection(os.dup(ours.fileno()))
-
     def _read_template(self) -> None:
         try:
-            msg = protocol.decode(self.template_conn.recv_bytes(protocol.MAX_FRAME), protocol.FROM_TEMPLATE)
+            msg = self.template.read()
         except (EOFError, OSError, protocol.ProtocolError):
             self._template_lost()
             return
@@ -362,16 +291,9 @@ class Supervisor:
         self._start_failed("template exited")
 
     def _close_template(self) -> None:
-        for obj in (self.template_conn, self.template_sock):
-            if obj is not None:
-                obj.close()
-        self.template_conn = self.template_sock = None
-        if self.template_proc is not None:
-            try:
-                self.template_proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.template_proc.kill()
-                self.template_proc.wait()
+        if self.template is not None:
+            self.template.close()
+            self.template = None
 
     def break_pool(self, reason: str) -> None:
         """Stop respawning: the pool cannot work. Queued jobs fail with the reason."""
@@ -386,15 +308,12 @@ class Supervisor:
 
     def spawn_worker(self, slot: int) -> Worker:
         """Ask the template for a new worker in this slot."""
-        ours, theirs = socket.socketpair()
-        worker = Worker(self.next_worker_id, slot, self.placement.cores[slot], self.placement.uid(slot),
-                        Connection(ours.detach()))
+        worker_id, core = self.next_worker_id, self.placement.cores[slot]
         self.next_worker_id += 1
+        env = self.placement.worker_env(worker_id, core, self.backend)
+        conn = self.template.spawn(worker_id, slot, env, core)
+        worker = Worker(worker_id, slot, core, self.placement.uid(slot), conn)
         self.workers[worker.id] = worker
-        env = self.placement.worker_env(worker.id, worker.core, self.backend)
-        self.template_conn.send_bytes(protocol.Spawn(worker.id, slot, env, worker.core).encode())
-        reduction.sendfds(self.template_sock, [theirs.fileno()])
-        theirs.close()
         return worker
 
     def kill_worker(self, worker: Worker, reason: str) -> None:
@@ -449,24 +368,10 @@ class Supervisor:
             self._measure(now)
 
     def _measure(self, now: float) -> None:
-        """Memory of every process of each busy slot; disk of each running job."""
+        """Stop the running jobs that are over a memory or disk limit."""
         running = [w for w in self.workers.values() if w.state == "busy" and w.job and w.pid]
-        if not running:
-            return
-        by_uid = usage.uid_usage({w.uid for w in running if w.uid is not None})
-        limit = self.config.memory_limit_bytes
-        for worker in running:
-            job = worker.job
-            rss = by_uid[worker.uid].rss_bytes if worker.uid is not None else usage.tree_rss(worker.pid)
-            job.peak_memory_bytes = max(job.peak_memory_bytes, rss)
-            if job.device is not None:
-                job.device.sample()
-            if limit and rss > limit:
-                self.stop_job(job, worker, "memory_limit", now, hard=True)
-                continue
-            used, files = usage.disk_usage((job.job_dir, job.tmp_dir), worker.uid, self.config.max_job_files)
-            if self._judge_disk(job, used, files):
-                self.kill_worker(worker, "disk_limit")
+        for worker, verdict in limits.measure_running(self.config, running) if running else ():
+            self.stop_job(worker.job, worker, verdict.reason, now, hard=True, detail=verdict.detail)
 
     def _read_worker(self, worker: Worker, now: float) -> bool:
         """Handle one message from a worker; False when its channel is closed or broken."""
@@ -522,7 +427,9 @@ class Supervisor:
         """
         job, worker.job = worker.job, None
         if job.stop_reason is None:
-            self._check_limits_at_end(job, worker)
+            verdict = limits.at_end(self.config, self.capture, job, worker.uid)
+            if verdict is not None:
+                job.stop_reason, job.stop_detail = verdict.reason, verdict.detail
         worker.jobs_run += 1
         job.ended_mono = now
         if job.device is not None:
@@ -532,36 +439,9 @@ class Supervisor:
             # Interrupted mid-way (SIGINT can land inside library code): never reused.
             self.kill_worker(worker, job.stop_reason)
 
-    def _check_limits_at_end(self, job: Job, worker: Worker) -> None:
-        over = self.capture.over_limit(job.spec.job_id)
-        if over:
-            job.stop_reason = "output_limit"
-            job.stop_detail = f"{over} exceeded output_limit_mb={self.config.output_limit_mb}"
-            return
-        used, files = usage.disk_usage((job.job_dir, job.tmp_dir), worker.uid, self.config.max_job_files)
-        self._judge_disk(job, used, files)
-
-    def _judge_disk(self, job: Job, used: int, files: int) -> bool:
-        """Set the job's disk_limit outcome when it reached a limit; True if it did."""
-        if used >= self.config.max_disk_mb * 1024 * 1024:
-            job.stop_reason = "disk_limit"
-            job.stop_detail = f"the job's files reached max_disk_mb={self.config.max_disk_mb}"
-        elif files > self.config.max_job_files:
-            job.stop_reason = "disk_limit"
-            job.stop_detail = f"the job created more than max_job_files={self.config.max_job_files} files"
-        return job.stop_reason == "disk_limit"
-
     def _after_job(self, worker: Worker, dirty: list[str]) -> None:
         """The worker restored itself: check it from outside, then reuse or replace it."""
-        if worker.uid is not None:
-            others = [p for p in usage.uid_usage({worker.uid})[worker.uid].pids if p != worker.pid]
-            if others:
-                usage.kill_pids(others)
-                dirty.append(f"{len(others)} processes of the job outlived it")
-            usage.remove_shm(worker.uid)
-        threads = usage.thread_count(worker.pid) if worker.pid else None
-        if threads is not None and worker.threads_at_ready is not None and threads > worker.threads_at_ready:
-            dirty.append(f"threads still running ({threads} > {worker.threads_at_ready})")
+        dirty.extend(limits.leftovers(worker))
         reason = None
         if dirty:
             reason = "dirty"
@@ -616,8 +496,8 @@ class Supervisor:
         """Restore the worker count: start the template, then one worker per free slot."""
         if self.state in ("broken", "closing", "closed") or now < self.next_start_mono:
             return
-        if self.template_conn is None:
-            self.start_template()
+        if self.template is None:
+            self.template = TemplateLink(self.config, self.placement)
             return
         if self.backend is None:
             return  # the template is still importing
@@ -720,16 +600,6 @@ def _remove_job_dir(job: Job) -> None:
         shutil.rmtree(job.job_dir, ignore_errors=True)
     if job.tmp_dir:
         shutil.rmtree(job.tmp_dir, ignore_errors=True)
-
-
-def _worker_stats(worker: Worker) -> dict[str, Any]:
-    return {
-        "id": worker.id, "pid": worker.pid, "state": worker.state, "core": worker.core,
-        "uid": worker.uid, "jobs_run": worker.jobs_run, "device": worker.device,
-        "preloaded": list(worker.preloaded), "confinement": dict(worker.confinement),
-        "ready_seconds": round(worker.ready_seconds, 4) if worker.ready_seconds else None,
-        "current_job": worker.job.spec.job_id if worker.job else None,
-    }
 
 
 def _run_callbacks(callbacks: list[Callable[[], None]]) -> None:

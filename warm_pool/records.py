@@ -1,0 +1,75 @@
+"""What the supervisor knows of each job and each worker (its records; it alone changes them)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from warm_pool import protocol
+from warm_pool.result import JobSpec, WorkerRef
+
+
+@dataclass(eq=False)
+class Job:
+    """A job from submit() until its result is set."""
+
+    spec: JobSpec
+    future: Future
+    on_start: Callable | None
+    main_path: str
+    job_dir: str
+    timeout: float
+    tmp_dir: str = ""  # the slot's, set when a worker takes the job
+    submitted_mono: float = field(default_factory=time.monotonic)
+    submitted_at: float = field(default_factory=time.time)
+    started_mono: float | None = None
+    started_at: float | None = None
+    ended_mono: float | None = None
+    deadline: float | None = None
+    kill_at: float | None = None
+    stop_reason: str | None = None  # a key of outcome.STOP_OUTCOMES
+    stop_detail: str | None = None
+    peak_memory_bytes: int = 0
+    done: protocol.JobDone | None = None
+    exit_status: int | None = None  # of a worker that died without job_done
+    worker: WorkerRef | None = None
+    device: Any = None  # neuron.PeakTracker of the job's NeuronCore
+    peak_device_bytes: int | None = None
+
+
+@dataclass(eq=False)
+class Worker:
+    """One worker process as the supervisor sees it."""
+
+    id: int
+    slot: int
+    core: int | None
+    uid: int | None
+    conn: Connection
+    state: str = "starting"  # starting | idle | busy | checking | stopping
+    pid: int | None = None
+    spawned_mono: float = field(default_factory=time.monotonic)
+    ready_seconds: float | None = None
+    preloaded: tuple[str, ...] = ()
+    device: str | None = None
+    confinement: dict[str, str] = field(default_factory=dict)
+    threads_at_ready: int | None = None
+    jobs_run: int = 0
+    job: Job | None = None
+    retire_reason: str | None = None
+    channel_closed_mono: float | None = None
+    growth: Any = None  # neuron.IdleGrowth of its core's idle device memory
+
+    def stats(self) -> dict[str, Any]:
+        """What /health shows of this worker."""
+        return {
+            "id": self.id, "pid": self.pid, "state": self.state, "core": self.core,
+            "uid": self.uid, "jobs_run": self.jobs_run, "device": self.device,
+            "preloaded": list(self.preloaded), "confinement": dict(self.confinement),
+            "ready_seconds": round(self.ready_seconds, 4) if self.ready_seconds else None,
+            "current_job": self.job.spec.job_id if self.job else None,
+        }

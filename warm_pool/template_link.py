@@ -1,0 +1,65 @@
+"""The supervisor's side of the template: start it, ask it for workers, read its news.
+
+The template (template.py) is a separate interpreter started with a socket to us; this
+class owns that process and socket. Everything read from it is decoded like anything
+else on the pool's sockets (protocol.decode), though the template never runs job code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
+
+from warm_pool import protocol
+from warm_pool.config import PoolConfig
+from warm_pool.placement import Placement
+
+
+class TemplateLink:
+    """One running template process and the socket to it."""
+
+    def __init__(self, config: PoolConfig, placement: Placement):
+        ours, theirs = socket.socketpair()
+        settings = {"backend": config.backend,
+                    "preload": list(config.preload) if config.preload is not None else None,
+                    "confinement": placement.confinement_settings(),
+                    "needed": list(placement.needed_paths())}
+        self.proc = subprocess.Popen(
+            [config.python_executable(), "-P", "-m", "warm_pool.template",
+             str(theirs.fileno()), json.dumps(settings)],
+            pass_fds=[theirs.fileno()], env=placement.template_env(),
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        self._sock = ours
+        self.conn = Connection(os.dup(ours.fileno()))  # what the supervisor's loop waits on
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def spawn(self, worker_id: int, slot: int, env: dict[str, str], core: int | None) -> Connection:
+        """Ask for a worker in `slot`; return our end of its socket."""
+        ours, theirs = socket.socketpair()
+        self.conn.send_bytes(protocol.Spawn(worker_id, slot, env, core).encode())
+        reduction.sendfds(self._sock, [theirs.fileno()])
+        theirs.close()
+        return Connection(ours.detach())
+
+    def read(self) -> protocol.Message:
+        """The next message; EOFError or OSError when the template is gone, ProtocolError
+        when it sent something it should not have."""
+        return protocol.decode(self.conn.recv_bytes(protocol.MAX_FRAME), protocol.FROM_TEMPLATE)
+
+    def close(self) -> None:
+        """Close the socket (EOF: the template kills and reaps every worker) and wait for it."""
+        self.conn.close()
+        self._sock.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
