@@ -66,7 +66,6 @@ def test_cancel_a_running_job(make_pool):
     fut = pool.pool.submit(_spec("import time\ntime.sleep(60)", "cancel-me"),
                            on_start=lambda job_id, ref: started.append(job_id))
     wait_until(lambda: started)
-    time.sleep(0.1)
     assert pool.pool.cancel("cancel-me") is True
     result = fut.result(timeout=30)
     assert (result.status, result.error_type) == ("cancelled", "cancelled")
@@ -113,16 +112,29 @@ def test_queue_full_is_a_clear_error(make_pool):
         pool.pool.submit(_spec("pass", "rejected"))
 
 
-def test_shutdown_interrupts_running_jobs_and_leaves_no_process(make_pool):
-    pool = make_pool(pool_size=2)
+def test_shutdown_interrupts_running_jobs_cancels_queued_ones_and_leaves_no_process(make_pool):
+    pool = make_pool(pool_size=1)
     fut = pool.pool.submit(_spec("import time\ntime.sleep(60)", "long"))
-    queued = [pool.pool.submit(_spec("pass", f"q{i}")) for i in range(3)]
-    wait_until(lambda: pool.pool.stats()["busy"] >= 1)
+    queued = [pool.pool.submit(_spec("pass", f"q{i}")) for i in range(3)]  # the one worker is busy
+    wait_until(lambda: pool.pool.stats()["busy"] == 1)
     procs = pool_processes(pool.pool)
     pool.pool.shutdown(grace=0.5)
     assert fut.result(timeout=10).status == "interrupted"
-    assert all(f.cancelled() or f.result().status == "completed" for f in queued)
+    assert all(f.cancelled() for f in queued)
     wait_until(lambda: not alive(procs))
+
+
+def test_shutdown_while_a_replacement_is_starting_is_prompt_and_clean(make_pool):
+    pool = make_pool(pool_size=1)
+    procs = pool_processes(pool.pool)
+    victim = pool.pool.stats()["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: pool.pool.stats()["starting"] == 1 and victim not in
+               [w["pid"] for w in pool.pool.stats()["workers"]], interval=0.001)
+    started = time.monotonic()
+    pool.pool.shutdown(grace=1)
+    assert time.monotonic() - started < 3  # not the 5 s of a template that had to be SIGKILLed
+    wait_until(lambda: not alive(procs + pool_processes(pool.pool)))
 
 
 def _spec(code: str, job_id: str):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import textwrap
 
 import pytest
@@ -33,6 +32,11 @@ FAKE_TORCH_NEURONX = textwrap.dedent('''
             "NEURON_RT_VISIBLE_CORES", "NEURON_PROCESS_TAG", "NEURON_RT_LOG_LEVEL",
             "NEURON_COMPILE_CACHE_URL", "NEURON_CC_FLAGS", "PJRT_DEVICE", "NEURON_RT_NUM_CORES")}
         record["runtime_started_before"] = bool(torch_xla._XLAC._xla_runtime_is_initialized())
+        # What else of this worker's uid runs as its runtime starts (the core must be free).
+        me = os.getuid()
+        record["same_uid_processes"] = [
+            int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()
+            and os.stat(f"/proc/{p}").st_uid == me and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
         with open(os.path.join(RECORD_DIR, f"{os.getpid()}.json"), "w") as f:
             json.dump(record, f)
         os.environ["PJRT_DEVICE"] = "CPU"  # the stand-in for the NeuronCore
@@ -68,6 +72,7 @@ def neuron_pool(make_pool, tmp_path):
     (stale / "model.hlo_module.pb.lock").write_text("")
     pool = make_pool(
         backend="neuron", pool_size=2, neuron_cores=(0, 1), neuron_sysfs_root=sysfs, neuron_cache_dir=cache,
+        neuron_cache_max_mb=123,
         extra_env=(("PYTHONPATH", str(site)), ("FAKE_NEURON_RECORD_DIR", str(records)),
                    ("NEURON_RT_NUM_CORES", "2")))
     pool.records, pool.sysfs, pool.cache = records, sysfs, cache
@@ -100,7 +105,8 @@ def test_stale_compile_locks_are_cleared_and_cache_reported(neuron_pool):
     assert not list(neuron_pool.cache.rglob("*.lock"))
     cache = neuron_pool.pool.stats()["neuron"]["compile_cache"]
     assert cache["dir"] == str(neuron_pool.cache)
-    assert cache["max_mb"] > 0
+    assert cache["max_mb"] == 123 and cache["size_mb"] >= 0
+    assert (neuron_pool.cache / "neuronxcc-2.0" / "MODULE_1").is_dir()  # the entry stays, its lock went
 
 
 def test_job_reports_its_cores_device_memory_peak(neuron_pool):
@@ -115,11 +121,20 @@ def test_job_reports_its_cores_device_memory_peak(neuron_pool):
     assert result.to_dict()["peak_device_memory_mb"] == pytest.approx(300)
 
 
-def test_replacement_takes_the_same_core_after_the_group_is_gone(neuron_pool):
-    victim = next(w for w in neuron_pool.pool.stats()["workers"] if w["core"] == 1)
-    os.kill(victim["pid"], signal.SIGKILL)
-    wait_until(lambda: victim["pid"] not in [w["pid"] for w in neuron_pool.pool.stats()["workers"]])
+def test_a_replacement_takes_the_same_core_only_after_every_process_of_the_last_is_gone(neuron_pool):
+    # A job on core 1 leaves a grandchild in a session of its own (still holding the core
+    # on a real instance); then its worker dies.
+    leftover = neuron_pool.run(
+        "import os, subprocess\n"
+        "p = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        "print(p.pid, os.environ['NEURON_RT_VISIBLE_CORES'], flush=True)\n"
+        "os.kill(os.getpid(), 9)\n")  # the worker dies with it
+    grandchild, core = (int(x) for x in leftover.stdout.split())
+    victim = leftover.worker.pid
+    wait_until(lambda: victim not in [w["pid"] for w in neuron_pool.pool.stats()["workers"]])
     neuron_pool.wait_full()
-    replacement = next(w for w in neuron_pool.pool.stats()["workers"] if w["core"] == 1)
-    assert replacement["pid"] != victim["pid"]
-    assert _records(neuron_pool)[replacement["pid"]]["NEURON_RT_VISIBLE_CORES"] == "1"
+    replacement = next(w for w in neuron_pool.pool.stats()["workers"] if w["core"] == core)
+    record = _records(neuron_pool)[replacement["pid"]]
+    assert record["NEURON_RT_VISIBLE_CORES"] == str(core)
+    assert record["same_uid_processes"] == []  # nothing of the last holder when its runtime started
+    assert not os.path.exists(f"/proc/{grandchild}") or "Z" in open(f"/proc/{grandchild}/stat").read()

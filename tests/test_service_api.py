@@ -9,6 +9,7 @@ import json
 import time
 
 import pytest
+from conftest import wait_until
 from service_fixtures import openapi, server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
@@ -185,10 +186,7 @@ def test_cancel_running_and_queued_jobs(server, openapi):  # noqa: F811
     sleeper = "import time; time.sleep(60)"
     batch = [{"paper_id": f"c{i}", "code": sleeper} for i in range(3)]  # 2 workers: c2 waits
     ids = server.post("/jobs", {"batch": batch}).json
-    deadline = time.monotonic() + 10
-    while server.get(f"/jobs/{ids['job_ids']['c0']}").json["status"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: server.get(f"/jobs/{ids['job_ids']['c0']}").json["status"] == "running")
     for pid in ("c0", "c1", "c2"):
         resp = server.request("DELETE", f"/jobs/{ids['job_ids'][pid]}")
         assert resp.status == 200, resp.json
@@ -224,21 +222,27 @@ def test_status_reports_capacity_and_idle_since(server, openapi):  # noqa: F811
 
 def test_status_while_busy(server):  # noqa: F811
     ids = server.post("/jobs", {"code": "import time; time.sleep(1.5)", "paper_id": "busy"}).json
-    time.sleep(0.5)
+    job_id = ids["job_ids"]["busy"]
+    wait_until(lambda: server.get(f"/jobs/{job_id}").json["status"] == "running")
     body = server.get("/status").json
     assert body["running_executions"] == 1 and body["idle_since"] is None
     server.wait_batch(ids["batch_id"])
 
 
 def test_metrics_are_prometheus_text(server):  # noqa: F811
+    from prometheus_client.parser import text_string_to_metric_families
+
     server.post("/execute", {"code": "print(1)"})
     resp = server.get("/metrics")
     assert resp.status == 200 and resp.headers["content-type"].startswith("text/plain")
-    text = resp.raw.decode()
-    assert 'executor_jobs_finished_total{outcome="success"}' in text
-    assert "executor_job_duration_seconds_bucket" in text
-    assert 'executor_pool_workers{state="idle"}' in text
-    assert "executor_queue_depth" in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(resp.raw.decode()) for s in family.samples}
+    assert samples[("executor_jobs_finished_total", (("outcome", "success"),))] >= 1
+    assert samples[("executor_job_duration_seconds_count", ())] >= 1
+    assert samples[("executor_pool_size", ())] == 2
+    workers = sum(samples[("executor_pool_workers", (("state", st),))] for st in ("idle", "busy", "starting"))
+    assert workers == 2
+    assert samples[("executor_queue_depth", ())] >= 0
 
 
 # --- errors and validation ----------------------------------------------------------------
@@ -330,7 +334,8 @@ def test_every_response_says_nosniff(server):  # noqa: F811
 
 def test_service_stays_healthy_after_bad_requests(server):  # noqa: F811
     for raw in (b"\x00\x01", b"{", b"[]" * 1000):
-        server.post("/execute_batch", raw=raw)
+        resp = server.post("/execute_batch", raw=raw)
+        assert resp.status == 400 and resp.json["error"], raw[:10]
     assert server.get("/health").status == 200
     assert server.post("/execute", {"code": "print('still here')"}).json["success"] is True
 

@@ -11,7 +11,7 @@ import time
 
 import psutil
 import pytest
-from conftest import reachable_by_jobs
+from conftest import reachable_by_jobs, wait_until
 from service_fixtures import Server
 
 pytestmark = pytest.mark.timeout(150)
@@ -57,7 +57,7 @@ def test_sigterm_drains_running_jobs_keeps_queued_and_leaves_no_process(tmp_path
         _wait_running(srv, accepted["job_ids"]["run1"])
         _wait_running(srv, accepted["job_ids"]["run2"])
         sync.start()
-        time.sleep(0.3)
+        wait_until(lambda: "sync" in _statuses(work))  # accepted and stored
         procs = srv.descendants()
         assert len(procs) >= 3  # template + 2 workers
         started = time.monotonic()
