@@ -22,9 +22,9 @@ _ids = itertools.count()
 
 
 def start_pool(backend: str, work_dir: Path, size: int = 2, timeout: float = 180.0,
-               preload: tuple[str, ...] | None = None) -> tuple[WarmPool, float]:
+               isolation: str = "auto") -> tuple[WarmPool, float]:
     """Start a pool and wait until all `size` workers are idle; return it and the seconds it took."""
-    pool = WarmPool(PoolConfig(backend=backend, pool_size=size, work_dir=work_dir, preload=preload))
+    pool = WarmPool(PoolConfig(backend=backend, pool_size=size, work_dir=work_dir, isolation=isolation))
     start = time.perf_counter()
     pool.start()
     if not pool.wait_ready(timeout) or not wait_idle(pool, size, timeout):
@@ -188,3 +188,24 @@ def throughput(pool: WarmPool, clients: int, max_jobs: int, max_seconds: float) 
         _check(run_job(pool, workloads.EMPTY)[1])
 
     return run_clients(clients, max_jobs, max_seconds, lambda: contextlib.nullcontext(job))
+
+
+def isolation_overhead(backend: str, work_dir: Path, runs: int) -> dict[str, Any]:
+    """Empty-job latency with jobs under their own uids (isolation uid: uid switch, Landlock,
+    every process of the uid killed after the job, outside checks) and without (none), and
+    what the worker's after-job restore and fingerprint check cost (after the result)."""
+    out: dict[str, Any] = {}
+    for isolation in ("uid", "none"):
+        pool, _ = start_pool(backend, work_dir / f"{backend}-iso-{isolation}", isolation=isolation)
+        try:
+            if pool.stats()["isolation"] != isolation:
+                out[isolation] = {"skipped": f"isolation {isolation} not possible here"}
+                continue
+            out[isolation] = latencies(pool, workloads.EMPTY, runs, warmup=5)
+            checks = [w["check_ms_mean"] for w in pool.stats()["workers"] if w["check_ms_mean"]]
+            out[isolation]["check_ms_mean"] = round(sum(checks) / len(checks), 3) if checks else None
+        finally:
+            pool.shutdown(grace=5)
+    uid, none = out["uid"].get("p50_ms"), out["none"].get("p50_ms")
+    out["uid_minus_none_p50_ms"] = round(uid - none, 3) if uid is not None and none is not None else None
+    return out

@@ -42,13 +42,11 @@ class Plan:
     throughput_jobs: int = 2000
     throughput_seconds: float = 3.0
     throughput_clients: tuple[int, ...] = (1, 4, 8)
-    # Also time the cpu training loop on a pool that preloads torch._dynamo (a diagnosis).
-    what_if: bool = True
 
 
 QUICK = Plan(cold_runs=2, cold_runs_xla=2, warm_runs=5, batch_size=2, dispatch_runs=20, kills=2,
              kills_xla=2, timeouts_soft=1, timeouts_hard=0, memory_jobs=10, throughput_jobs=100,
-             throughput_seconds=0.5, throughput_clients=(2,), what_if=False)
+             throughput_seconds=0.5, throughput_clients=(2,))
 
 
 def log(msg: str) -> None:
@@ -94,8 +92,8 @@ def bench_backend(backend: str, plan: Plan, work: Path) -> dict[str, Any]:
     finally:
         pool.shutdown(grace=5)
 
-    if backend == "cpu" and plan.what_if:
-        out["diagnosis"] = {"train_warm_library_with_torch_dynamo_preloaded": _dynamo_what_if(plan, work)}
+    log(f"{backend}: isolation on and off")
+    out["isolation"] = library.isolation_overhead(backend, work, plan.dispatch_runs)
 
     log(f"{backend}: HTTP service")
     with service.Service(backend, work / f"{backend}-svc") as svc:
@@ -116,21 +114,6 @@ def bench_backend(backend: str, plan: Plan, work: Path) -> dict[str, Any]:
         row["ratio_cold_over_warm_library"] = ratio(c, row["warm_library"].get("p50_ms"))
     out["batch"]["ratio"] = ratio(out["batch"]["cold_s"], out["batch"]["warm_http_s"])
     return out
-
-
-def _dynamo_what_if(plan: Plan, work: Path) -> dict[str, Any]:
-    """The cpu training loop on a pool whose template also imports torch._dynamo.
-
-    The first optimizer step imports torch._dynamo (≈870 modules, atexit handlers, and a
-    patched torch.manual_seed), so on the cpu preload the worker is replaced as dirty after
-    every training job. torch_xla imports it anyway, which is why xla does not suffer.
-    """
-    log("cpu: what-if: train with torch._dynamo preloaded")
-    pool, _ = library.start_pool("cpu", work / "cpu-dynamo", preload=("torch", "torch._dynamo"))
-    try:
-        return library.latencies(pool, workloads.workloads("cpu")["train"], plan.warm_runs)
-    finally:
-        pool.shutdown(grace=5)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("latency", "batch", "dispatch", "replacement", "timeout", "memory", "throughput")
+SECTIONS = ("latency", "batch", "dispatch", "replacement", "timeout", "memory", "throughput", "isolation")
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(240)
 def test_quick_benchmark_writes_every_section(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--backends", "cpu",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=85)
+                          timeout=230)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "goals (reported, not asserted)" in proc.stdout
     results = json.loads((tmp_path / "latest.json").read_text())
@@ -32,4 +32,6 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert {"library", "http"} <= set(cpu["dispatch"]) and {"library", "http"} <= set(cpu["throughput"])
     assert cpu["memory"]["before"]["template_rss_mb"] > 0
     assert cpu["replacement"]["n"] >= 1 and cpu["timeout"]["sigint"]["n"] >= 1
+    assert cpu["isolation"]["uid"]["p50_ms"] > 0 and cpu["isolation"]["none"]["p50_ms"] > 0
+    assert cpu["isolation"]["uid"]["check_ms_mean"] > 0
     assert {g["backend"] for g in results["goals"]} == {"cpu"}

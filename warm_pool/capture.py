@@ -1,12 +1,16 @@
-"""A job's stdout and stderr: pipes the service drains into files, within a hard cap.
+"""A job's stdout and stderr: pipes drained into files, within a hard cap.
 
 A job's fds 1 and 2 are the write ends of two pipes (capture at the fd level: output of
-C code and of child processes is caught too). One thread in the service (`Capture`)
-moves what arrives into one file per stream with splice(2), in the kernel, and stops at
-`limit` bytes per stream: past it the job is stopped (error_type ``output_limit``), so a
-job printing gigabytes never grows the disk by more than the cap. Output written before
-a worker is SIGKILLed is still in its pipe and is drained too. The files live in a
+C code and of child processes is caught too). The supervisor's loop waits on the read
+ends with its sockets and moves what arrives into one file per stream with splice(2),
+in the kernel; it stops at `limit` bytes per stream: past it the stream is closed (the
+job's next write fails) and the job is stopped (error_type ``output_limit``), so a job
+printing gigabytes never grows the disk by more than the cap. Output written before a
+worker is SIGKILLed is still in its pipe and is drained too. The files live in a
 directory of the service's that jobs cannot read.
+
+No thread of its own: when a job ends its worker has already closed its ends, so the
+supervisor drains them at once and builds the result in the same pass.
 
 `read_capped` then gives the result its head and tail within `max_output_bytes`. Bytes
 that are not UTF-8 are decoded with replacement characters.
@@ -16,14 +20,12 @@ from __future__ import annotations
 
 import errno
 import os
-import selectors
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 TRUNCATION_MARK = "\n... [{n} bytes truncated] ...\n"
 STREAMS = ("stdout", "stderr")
 _CHUNK = 1 << 20
+_SPLICE_F_NONBLOCK = 2
 
 
 @dataclass(eq=False)
@@ -45,20 +47,13 @@ class _Job:
 
 
 class Capture:
-    """Drains every running job's pipes into its capture files (one thread for all)."""
+    """Every running job's output streams; driven by the supervisor's loop (not thread-safe)."""
 
-    def __init__(self, directory: str, limit: int, on_change: Callable[[], None]):
+    def __init__(self, directory: str, limit: int):
         self.directory = directory
         self.limit = limit
-        self.on_change = on_change  # called (from the capture thread) when a stream ends
         self._jobs: dict[str, _Job] = {}
-        self._lock = threading.Lock()
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._thread = threading.Thread(target=self._run, name="warm-pool-capture", daemon=True)
-        self._closed = False
-        self._thread.start()
+        self._by_fd: dict[int, _Stream] = {}
 
     def open(self, job_id: str) -> tuple[int, int]:
         """Start capturing a job; return the write ends (stdout, stderr) for its worker."""
@@ -66,52 +61,58 @@ class Capture:
         ends = []
         for name in STREAMS:
             read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(read_fd, False)
             path = self.path(job_id, name)
             file_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            job.streams.append(_Stream(job_id, name, read_fd, file_fd, path, self.limit))
+            stream = _Stream(job_id, name, read_fd, file_fd, path, self.limit)
+            job.streams.append(stream)
+            self._by_fd[read_fd] = stream
             ends.append(write_fd)
-        with self._lock:
-            self._jobs[job_id] = job
-            for stream in job.streams:
-                self._selector.register(stream.read_fd, selectors.EVENT_READ, stream)
-        self._poke()
+        self._jobs[job_id] = job
         return ends[0], ends[1]
 
     def path(self, job_id: str, stream: str) -> str:
         return os.path.join(self.directory, f"{job_id}.{stream}")
 
+    def fds(self) -> list[int]:
+        """The read ends still open: the supervisor waits on them."""
+        return list(self._by_fd)
+
+    def drain_fd(self, fd: int) -> None:
+        """Move what one readable stream holds into its file."""
+        stream = self._by_fd.get(fd)
+        if stream is not None:
+            _drain(stream, self._close)
+
+    def drain(self, job_id: str) -> bool:
+        """Move what a job's streams hold now; True when both have ended."""
+        job = self._jobs.get(job_id)
+        for stream in job.streams if job else ():
+            if stream.open:
+                _drain(stream, self._close)
+        return self.finished(job_id)
+
     def finished(self, job_id: str) -> bool:
         """True when every writer of both streams has closed them (or the cap closed one)."""
-        with self._lock:
-            job = self._jobs.get(job_id)
-            return job is None or not any(s.open for s in job.streams)
+        job = self._jobs.get(job_id)
+        return job is None or not any(s.open for s in job.streams)
 
     def over_limit(self, job_id: str) -> str | None:
         """The stream that passed the cap, if one did."""
-        with self._lock:
-            job = self._jobs.get(job_id)
-            hit = [s.name for s in job.streams if s.over_limit] if job else []
+        job = self._jobs.get(job_id)
+        hit = [s.name for s in job.streams if s.over_limit] if job else []
         return hit[0] if hit else None
 
-    def size(self, job_id: str, stream: str) -> int:
-        """Bytes captured so far on one stream."""
-        with self._lock:
-            job = self._jobs.get(job_id)
-            found = [s.written for s in job.streams if s.name == stream] if job else []
-        return found[0] if found else 0
-
     def stop(self, job_id: str) -> None:
-        """Stop reading a job's streams (its writers are gone or will never close them)."""
-        with self._lock:
-            job = self._jobs.get(job_id)
-            for stream in job.streams if job else ():
-                self._close(stream)
+        """Stop reading a job's streams (what is left unread is dropped)."""
+        job = self._jobs.get(job_id)
+        for stream in job.streams if job else ():
+            self._close(stream)
 
     def release(self, job_id: str) -> None:
         """Forget a job: close what is open and remove its files."""
         self.stop(job_id)
-        with self._lock:
-            job = self._jobs.pop(job_id, None)
+        job = self._jobs.pop(job_id, None)
         for stream in job.streams if job else ():
             os.close(stream.file_fd)
             try:
@@ -120,68 +121,48 @@ class Capture:
                 pass
 
     def close(self) -> None:
-        """Stop the thread; release every job."""
-        with self._lock:
-            self._closed = True
-            jobs = list(self._jobs)
-        self._poke()
-        self._thread.join(timeout=5)
-        for job_id in jobs:
+        """Release every job."""
+        for job_id in list(self._jobs):
             self.release(job_id)
-
-    def _poke(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass
-
-    def _run(self) -> None:
-        while True:
-            events = self._selector.select()
-            ended = False
-            with self._lock:
-                if self._closed:
-                    return
-                for key, _ in events:
-                    if key.data is None:
-                        os.read(self._wake_r, 4096)
-                    elif key.data.open:
-                        ended |= self._drain(key.data)
-            if ended:
-                self.on_change()
-
-    def _drain(self, stream: _Stream) -> bool:
-        """Move what the pipe holds into the file; True when the stream ended."""
-        room = stream.limit - stream.written
-        try:
-            if room > 0:
-                moved = _move(stream.read_fd, stream.file_fd, min(room, _CHUNK))
-            else:  # at the cap: is there more? one byte tells, and is thrown away
-                moved = len(os.read(stream.read_fd, 1))
-                if moved:
-                    stream.over_limit = True
-                    self._close(stream)
-                    return True
-        except OSError:
-            moved = 0
-        if moved == 0:  # EOF: every writer closed its end
-            self._close(stream)
-            return True
-        stream.written += moved
-        return False
 
     def _close(self, stream: _Stream) -> None:
         if stream.open:
             stream.open = False
-            self._selector.unregister(stream.read_fd)
+            self._by_fd.pop(stream.read_fd, None)
             os.close(stream.read_fd)
 
 
+def _drain(stream: _Stream, close) -> None:
+    """Move what the pipe holds into the file, up to the cap; close the stream at EOF or
+    past the cap."""
+    while True:
+        room = stream.limit - stream.written
+        try:
+            if room <= 0:  # at the cap: is there more? one byte tells, and is thrown away
+                if os.read(stream.read_fd, 1):
+                    stream.over_limit = True
+                    close(stream)
+                    return
+                moved = 0
+            else:
+                moved = _move(stream.read_fd, stream.file_fd, min(room, _CHUNK))
+        except BlockingIOError:  # drained for now; writers still hold the pipe
+            return
+        except OSError:
+            moved = 0
+        if moved == 0:  # EOF: every writer closed its end
+            close(stream)
+            return
+        stream.written += moved
+
+
 def _move(src: int, dst: int, count: int) -> int:
-    """Bytes moved from a pipe to a file: splice(2) when the kernel allows, else copy."""
+    """Bytes moved from a non-blocking pipe to a file: splice(2) when possible, else copy."""
     try:
-        return os.splice(src, dst, count)
+        return os.splice(src, dst, count, flags=_SPLICE_F_NONBLOCK)
     except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            raise BlockingIOError from None
         if exc.errno not in (errno.EINVAL, errno.ENOSYS):
             raise
     data = os.read(src, count)

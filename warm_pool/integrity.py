@@ -168,6 +168,7 @@ class Fingerprint:
     tagged: list[int] = field(default_factory=list)      # indexes of items with a version tag
     untagged: list[int] = field(default_factory=list)    # the others, compared in full
     audit_hooks_added: list[str] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)  # ids of the watched objects
 
     @classmethod
     def take(cls) -> Fingerprint:
@@ -181,10 +182,12 @@ class Fingerprint:
 
     def _watch_new_modules(self) -> None:
         """Add the modules loaded since the last walk (and what they hold) to the items."""
-        seen = {id(item.obj) for item in self.items}
         new = {name: m for name, m in list(sys.modules.items())
                if isinstance(m, types.ModuleType) and name not in self.modules
                and name not in ("__main__", "__mp_main__")}
+        if not new:
+            return
+        seen = self.seen
         first = len(self.items)
         with warnings.catch_warnings():  # some modules warn when a deprecated attribute is read
             warnings.simplefilter("ignore")
@@ -200,6 +203,9 @@ class Fingerprint:
                     seen.add(id(value))
                     self.items.append(_Item(f"{name}.{key}", kind, value, _snapshot(kind, value)))
         self.modules.update(new)
+        for item in self.items[first:]:  # taken inside catch_warnings, which swaps warnings.filters
+            if item.obj is warnings:
+                item.snapshot = _snapshot(item.kind, item.obj)
         for index in range(first, len(self.items)):
             item = self.items[index]
             item.cell = _cell(item.kind, item.obj)

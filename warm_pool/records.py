@@ -62,6 +62,8 @@ class Worker:
     job: Job | None = None
     retire_reason: str | None = None
     channel_closed_mono: float | None = None
+    checks: int = 0                # jobs after which it restored and checked itself
+    check_seconds: float = 0.0     # the time those checks took, in all
     growth: Any = None  # neuron.IdleGrowth of its core's idle device memory
 
     def stats(self) -> dict[str, Any]:
@@ -71,5 +73,6 @@ class Worker:
             "uid": self.uid, "jobs_run": self.jobs_run, "device": self.device,
             "preloaded": list(self.preloaded), "confinement": dict(self.confinement),
             "ready_seconds": round(self.ready_seconds, 4) if self.ready_seconds else None,
+            "check_ms_mean": round(1000 * self.check_seconds / self.checks, 3) if self.checks else None,
             "current_job": self.job.spec.job_id if self.job else None,
         }

@@ -83,8 +83,7 @@ class Supervisor:
         self.callbacks: list[Callable[[], None]] = []
         self.last_monitor = 0.0
         self.idle_since: float | None = None
-        self.capture = Capture(os.path.join(config.work_dir, "capture"), placement.output_limit_bytes,
-                               self.wake)
+        self.capture = Capture(os.path.join(config.work_dir, "capture"), placement.output_limit_bytes)
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
@@ -210,7 +209,7 @@ class Supervisor:
                     _run_callbacks(callbacks)
                     return
                 objects = [self._wake_r] + [w.conn for w in self.workers.values()
-                                            if w.channel_closed_mono is None]
+                                            if w.channel_closed_mono is None] + self.capture.fds()
                 if self.template is not None:
                     objects.append(self.template.conn)
                 timeout = self._next_timeout(time.monotonic())
@@ -224,6 +223,8 @@ class Supervisor:
             for obj in ready:
                 if obj == self._wake_r:
                     os.read(self._wake_r, 4096)
+                elif isinstance(obj, int):  # a job's output pipe
+                    self.capture.drain_fd(obj)
                 elif self.template is not None and obj is self.template.conn:
                     self._read_template()
                 else:
@@ -408,6 +409,8 @@ class Supervisor:
             worker.state = "checking"
             self._job_ended(worker, now)
         elif isinstance(msg, protocol.WorkerIdle) and worker.state == "checking":
+            worker.checks += 1
+            worker.check_seconds += max(0.0, msg.check_seconds)
             self._after_job(worker, list(msg.dirty))
         else:
             self._protocol_error(worker, f"{msg.type} is not expected from a worker that is {worker.state}")
@@ -426,6 +429,7 @@ class Supervisor:
         (a write failing at the cap raises in the job): the limit is still its outcome.
         """
         job, worker.job = worker.job, None
+        self.capture.drain(job.spec.job_id)  # its writers are usually gone already
         if job.stop_reason is None:
             verdict = limits.at_end(self.config, self.capture, job, worker.uid)
             if verdict is not None:
