@@ -43,8 +43,20 @@ def service(tmp_path_factory):
     srv.close()
 
 
+# A job's way to try something and say how it went: `attempt(name, f)` records "done" or
+# the OSError's type in `out`, which the job prints as JSON at its end.
+ATTEMPT = ("out = {}\n"
+           "def attempt(name, f):\n"
+           "    try:\n"
+           "        f()\n"
+           "        out[name] = 'done'\n"
+           "    except OSError as exc:\n"
+           "        out[name] = type(exc).__name__\n")
+
+
 def run(srv: Server, code: str, timeout: float = 60) -> dict:
-    resp = srv.post("/execute", {"code": textwrap.dedent(code), "timeout": timeout}, timeout=timeout + 60)
+    code = textwrap.dedent(code).replace("{ATTEMPT}", ATTEMPT)
+    resp = srv.post("/execute", {"code": code, "timeout": timeout}, timeout=timeout + 60)
     assert resp.status == 200, resp.raw[:500]
     return resp.json
 
@@ -159,13 +171,7 @@ def test_a_job_cannot_reach_the_service_its_token_or_its_store(service):
     svc = service.proc.pid
     result = run(service, f"""
         import os, json, signal
-        out = {{}}
-        def attempt(name, f):
-            try:
-                f()
-                out[name] = "done"
-            except OSError as exc:
-                out[name] = type(exc).__name__
+        {{ATTEMPT}}
         attempt("service environ", lambda: open("/proc/{svc}/environ", "rb").read())
         attempt("service memory", lambda: open("/proc/{svc}/mem", "rb").read(1))
         attempt("service cmdline fds", lambda: os.listdir("/proc/{svc}/fd"))
@@ -193,13 +199,7 @@ def test_a_job_cannot_read_or_change_another_running_job(service):
     work = service.work_dir
     result = run(service, f"""
         import os, json
-        out = {{}}
-        def attempt(name, f):
-            try:
-                f()
-                out[name] = "done"
-            except OSError as exc:
-                out[name] = type(exc).__name__
+        {{ATTEMPT}}
         attempt("read its code", lambda: open("{work}/jobs/{victim_id}/main.py").read())
         attempt("change its code", lambda: open("{work}/jobs/{victim_id}/main.py", "a").write("x"))
         attempt("read its output", lambda: open("{work}/capture/{victim_id}.stdout").read())
