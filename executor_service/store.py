@@ -156,7 +156,9 @@ class JobRow:
                "status": self.status, "submitted_at": utc_iso(self.created_at),
                "started_at": utc_iso(self.started_at) if self.started_at else None,
                "finished_at": utc_iso(self.finished_at) if self.finished_at else None,
-               "success": res.get("success"), "error_type": res.get("error_type"),
+               # json_extract gives a JSON boolean as 0 or 1 (see list_jobs)
+               "success": None if res.get("success") is None else bool(res["success"]),
+               "error_type": res.get("error_type"),
                "execution_time": res.get("execution_time"),
                "timeout_clamped_from": self.timeout_clamped_from}
         out.update(self.fields)
