@@ -220,7 +220,10 @@ class JobRunner:
             time.sleep(0.05)
         if self._thread:
             self._thread.join(timeout=5)
-        self.webhooks.step()  # callbacks of the jobs that just ended: sent now, or after the restart
+        try:  # callbacks of the jobs that just ended: sent now if they can be, else after a restart
+            self.webhooks.step()
+        except Exception:  # noqa: BLE001 - shutting down whatever happens
+            log.exception("webhook pass at shutdown failed")
         self.webhooks.shutdown(timeout=5)
 
     # accepting and dispatching -------------------------------------------------------

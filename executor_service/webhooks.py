@@ -163,19 +163,20 @@ class Deliverer:
             log.exception("webhook delivery error", extra={"callback_id": row.id})
 
     def _attempt(self, row: CallbackRow) -> None:
-        body = json.dumps(self.render(row)).encode("utf-8")
         attempt = row.attempts + 1
-        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-                   "X-Executor-Event": "job.finished" if row.job_id else "batch.finished",
-                   "X-Delivery-Id": str(row.id), "X-Delivery-Attempt": str(attempt)}
-        if self.secret:
-            headers["X-Signature"] = sign(self.secret, body)
         status, error = None, None
         try:
+            body = json.dumps(self.render(row)).encode("utf-8")
+            headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+                       "X-Executor-Event": "job.finished" if row.job_id else "batch.finished",
+                       "X-Delivery-Id": str(row.id), "X-Delivery-Attempt": str(attempt)}
+            if self.secret:
+                headers["X-Signature"] = sign(self.secret, body)
             status, answer = post(row.url, body, headers, self.timeout)
             if not 200 <= status < 300:
                 error = f"HTTP {status}: {answer}"[:_ERROR_CHARS]
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, LookupError, ValueError) as exc:
+            # LookupError: the job or batch is gone; ValueError: a URL http.client refuses.
             error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
         fields = {"callback_id": row.id, "job_id": row.job_id, "batch_id": row.batch_id,
                   "attempt": attempt, "status": status}
