@@ -3,6 +3,7 @@
 #
 #   sudo bash deployment/setup_instance.sh [--root DIR] [--venv DIR] [--health-timeout S]
 #                                          [--no-start] [--skip-driver]
+#                                          [--idle-stop MINUTES | --no-idle-stop]
 #
 # What it does, each step only when needed (a second run changes nothing and says so):
 #  1. Neuron driver and tools: if /opt/aws/neuron/bin/neuron-ls is missing (plain Ubuntu),
@@ -26,7 +27,10 @@
 #     with nft -c, installed as /etc/trainium-executor/jobs.nft and loaded by
 #     trainium-executor-firewall.service before the service starts.
 #  6. Installs the systemd unit (with the venv path filled in), daemon-reload, enable,
-#     start or restart.
+#     start or restart. Installs the idle-stop timer and its service (systemd/): left
+#     disabled unless --idle-stop MINUTES is given (the instance then shuts itself down
+#     after MINUTES with no job queued or running; /etc/trainium-executor/idle-stop.env
+#     keeps the minutes); --no-idle-stop disables it again; neither leaves it as it is.
 #  7. The front door: installs Debian's nginx, deployment/nginx/nginx.conf as
 #     /etc/nginx/nginx.conf (the service's port filled in; Debian's file kept once as
 #     nginx.conf.debian), checks it with nginx -t, enables, starts or reloads nginx.
@@ -44,6 +48,7 @@ HEALTH_TIMEOUT="${SETUP_HEALTH_TIMEOUT:-600}"
 HEALTH_INTERVAL="${SETUP_HEALTH_INTERVAL:-2}"
 START=1
 SKIP_DRIVER=0
+IDLE_STOP=""               # minutes; "off" to disable; empty: leave as it is
 SERVICE=trainium-executor
 SERVICE_USER=trainium-executor
 STATE_DIR=/var/lib/trainium-jobs
@@ -56,7 +61,7 @@ NEURON_APT_REPO=https://apt.repos.neuron.amazonaws.com
 # Packages that belong to the Neuron venv and must never be changed by our install.
 PROTECTED_RE='^(torch|torch-xla|torch-neuronx|torch_xla|torch_neuronx|neuronx-cc|libneuronxla)=='
 
-usage() { sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,44p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -65,11 +70,17 @@ while [ $# -gt 0 ]; do
         --health-timeout) HEALTH_TIMEOUT="$2"; shift 2 ;;
         --no-start) START=0; shift ;;
         --skip-driver) SKIP_DRIVER=1; shift ;;
+        --idle-stop) IDLE_STOP="$2"; shift 2 ;;
+        --no-idle-stop) IDLE_STOP=off; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "setup: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 ROOT="${ROOT%/}"
+case "$IDLE_STOP" in
+    ""|off) ;;
+    *[!0-9.]*|.*|*.*.*) echo "setup: --idle-stop takes a number of minutes, not $IDLE_STOP" >&2; exit 2 ;;
+esac
 PROJECT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SETUP_PYTHON="${SETUP_PYTHON:-python3}"
 CHANGES=()
@@ -346,6 +357,57 @@ else
         systemctl restart "$SERVICE"
         changed "restarted $SERVICE to pick up the changes"
     fi
+fi
+
+# --- 6b. The idle-stop timer (disabled unless asked for) ------------------------------------
+IDLE_UNIT=trainium-executor-idle-stop
+UNITS_CHANGED=0
+for suffix in service timer; do
+    target="$ROOT/etc/systemd/system/$IDLE_UNIT.$suffix"
+    idle_new="$(mktemp)"
+    sed "s#@VENV@#$VENV_REAL#g" "$PROJECT_DIR/systemd/$IDLE_UNIT.$suffix" > "$idle_new"
+    if cmp -s "$idle_new" "$target"; then
+        rm -f "$idle_new"
+    else
+        mkdir -p "$(dirname "$target")"
+        install -m 0644 "$idle_new" "$target"
+        rm -f "$idle_new"
+        changed "installed /etc/systemd/system/$IDLE_UNIT.$suffix"
+        UNITS_CHANGED=1
+    fi
+done
+[ "$UNITS_CHANGED" -eq 0 ] || systemctl daemon-reload
+IDLE_ENV="$ROOT$CONF_DIR/idle-stop.env"
+if [ -n "$IDLE_STOP" ] && [ "$IDLE_STOP" != off ]; then
+    if [ "$(cat "$IDLE_ENV" 2>/dev/null)" != "IDLE_STOP_AFTER_MINUTES=$IDLE_STOP" ]; then
+        echo "IDLE_STOP_AFTER_MINUTES=$IDLE_STOP" > "$IDLE_ENV"
+        chmod 0644 "$IDLE_ENV"
+        changed "idle stop after $IDLE_STOP minutes ($CONF_DIR/idle-stop.env)"
+    fi
+fi
+if [ "$START" -eq 0 ]; then
+    say "idle-stop timer: not touched (--no-start)"
+elif [ "$IDLE_STOP" = off ]; then
+    if systemctl is-enabled --quiet "$IDLE_UNIT.timer"; then
+        systemctl disable "$IDLE_UNIT.timer"
+        systemctl stop "$IDLE_UNIT.timer"
+        changed "disabled $IDLE_UNIT.timer (the instance no longer stops itself when idle)"
+    else
+        say "idle-stop timer disabled"
+    fi
+elif [ -n "$IDLE_STOP" ]; then
+    if ! systemctl is-enabled --quiet "$IDLE_UNIT.timer"; then
+        systemctl enable "$IDLE_UNIT.timer"
+        changed "enabled $IDLE_UNIT.timer (stops the instance after $IDLE_STOP idle minutes)"
+    fi
+    if ! systemctl is-active --quiet "$IDLE_UNIT.timer"; then
+        systemctl start "$IDLE_UNIT.timer"
+        changed "started $IDLE_UNIT.timer"
+    fi
+elif systemctl is-enabled --quiet "$IDLE_UNIT.timer"; then
+    say "idle-stop timer enabled ($(cat "$IDLE_ENV" 2>/dev/null || echo 'IDLE_STOP_AFTER_MINUTES=30'))"
+else
+    say "idle-stop timer installed, disabled (enable with --idle-stop MINUTES)"
 fi
 
 # --- 7. The front door: nginx --------------------------------------------------------------

@@ -16,11 +16,11 @@ from werkzeug.exceptions import HTTPException
 
 from executor_service import auth, jobs, validation
 from executor_service.config import ServiceConfig
-from executor_service.jobs import RETRY_AFTER_S, JobRunner
+from executor_service.jobs import RETRY_AFTER_S, Accepted, JobRunner, batch_response
 from executor_service.metrics import CONTENT_TYPE, Metrics
 from executor_service.store import JobStore
 from executor_service.validation import ApiError
-from warm_pool import STATUS_QUEUED, TERMINAL_STATUSES, PoolBroken, PoolClosed, utc_iso
+from warm_pool import PoolBroken, PoolClosed, utc_iso
 from warm_pool import QueueFull as PoolQueueFull
 
 log = logging.getLogger("executor_service.app")
@@ -34,6 +34,7 @@ ERRORS: dict[type[BaseException], tuple[int, str, dict[str, str]]] = {
     jobs.Closing: (503, "{exc}", _RETRY),
     jobs.Unavailable: (503, "{exc}", {}),
     jobs.UnknownJob: (404, "{exc}", {}),
+    jobs.UnknownBatch: (404, "{exc}", {}),
     jobs.AlreadyFinished: (409, "{exc}", {}),
     PoolQueueFull: (503, "queue is full; retry later", _RETRY),
     PoolClosed: (503, "service is shutting down; retry later", _RETRY),
@@ -158,21 +159,62 @@ def _register_errors(app: Flask, config: ServiceConfig) -> None:
 
 
 def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metrics: Metrics) -> None:
-    max_t = config.pool.max_timeout
+    rules = validation.Rules(config.pool.default_timeout, config.pool.max_timeout, config.max_batch_size,
+                             config.callback_hosts)
     default_t = config.pool.default_timeout
 
     def body() -> dict[str, Any]:
         return validation.parse_json_object(request.get_data(cache=False))
 
-    def run_sync(req: validation.Request) -> list[dict[str, Any]]:
-        batch_id, ids = runner.accept(req, "sync")
-        job_ids = [job_id for _, job_id in ids]
+    def prefer() -> str:
+        return ", ".join(request.headers.getlist("Prefer"))
+
+    def idempotency_key() -> str | None:
+        return validation.parse_idempotency_key(request.headers.get("Idempotency-Key"))
+
+    def accepted(done: Accepted, single: bool, preferred: bool = False) -> Response:
+        """202 with the batch (and, for one script, the job) to poll: POST /jobs's answer."""
+        rows = runner.store.get_batch(done.batch_id) or []
+        payload: dict[str, Any] = {"batch_id": done.batch_id, "job_ids": dict(done.ids),
+                                   "status": jobs.batch_status(rows) if rows else "queued",
+                                   "batch_url": f"/batches/{done.batch_id}",
+                                   "deduplicated": bool(done.deduplicated),
+                                   "deduplicated_papers": list(done.deduplicated)}
+        if single:
+            paper_id, job_id = done.ids[0]
+            payload.update(job_id=job_id, job_url=f"/jobs/{job_id}", paper_url=f"/papers/{paper_id}")
+            if rows:
+                payload["timeout_clamped_from"] = rows[0].timeout_clamped_from
+        resp = jsonify(payload)
+        resp.status_code = 202
+        resp.headers["Location"] = f"/batches/{done.batch_id}"
+        if preferred:
+            resp.headers["Preference-Applied"] = "respond-async"
+        return resp
+
+    def run(req: validation.Request) -> Response:
+        """/execute and /execute_batch: 202 at once when asked (Prefer or "async"), else the
+        results when the jobs are done. A client that hangs up stops only the waiting: the
+        jobs run on and their results are stored (GET /papers/<paper_id>)."""
+        key = idempotency_key()
+        if req.respond_async:
+            return accepted(runner.accept(req, "async", key), not req.is_batch,
+                            validation.prefers_async(prefer()))
+        done = runner.accept(req, "sync", key)
         # Bound: every job of the queue ahead could take its full timeout on one worker.
-        bound = max_t * (config.pool.max_queue + len(job_ids)) + 60
-        if not runner.wait(job_ids, bound):
+        bound = config.pool.max_timeout * (config.pool.max_queue + len(done.ids)) + 60
+        gone = request.environ.get("waitress.client_disconnected")
+        if not runner.wait(done.job_ids, bound, gone):
+            if gone is not None and gone():
+                log.info("client hung up; its jobs run on", extra={"batch_id": done.batch_id,
+                                                                   "job_ids": dict(done.ids)})
+                return accepted(done, not req.is_batch)  # nobody reads it
             raise ApiError(503, "service stopped before the jobs finished; fetch them later",
-                           _RETRY, batch_id=batch_id, job_ids=dict(ids))
-        return [runner.store.get_job(j).to_public() for j in job_ids]
+                           _RETRY, batch_id=done.batch_id, job_ids=dict(done.ids))
+        rows = runner.store.get_batch(done.batch_id) or []
+        if not req.is_batch:
+            return jsonify(rows[0].to_public())
+        return jsonify(batch_response({r.paper_id: r.to_public() for r in rows}))
 
     @app.get("/health")
     def health():
@@ -205,32 +247,28 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
 
     @app.post("/execute")
     def execute():
-        req = validation.parse_single(body(), "test", default_t, max_t)
-        return jsonify(run_sync(req)[0])
+        return run(validation.parse_single(body(), "test", rules, prefer()))
 
     @app.post("/execute_batch")
     def execute_batch():
-        req = validation.parse_batch(body(), default_t, max_t, config.max_batch_size)
-        results = {r["paper_id"]: r for r in run_sync(req)}
-        return jsonify(batch_response(results))
+        return run(validation.parse_batch(body(), rules, prefer()))
 
     @app.post("/jobs")
     def submit_jobs():
-        req = validation.parse_jobs(body(), "job", default_t, max_t, config.max_batch_size)
-        key = validation.parse_idempotency_key(request.headers.get("Idempotency-Key"))
-        batch_id, ids = runner.accept(req, "async", key)
-        resp = jsonify(batch_id=batch_id, job_ids=dict(ids), status=STATUS_QUEUED,
-                       batch_url=f"/batches/{batch_id}")
-        resp.status_code = 202
-        resp.headers["Location"] = f"/batches/{batch_id}"
-        return resp
+        req = validation.parse_jobs(body(), "job", rules)
+        return accepted(runner.accept(req, "async", idempotency_key()), not req.is_batch)
+
+    @app.get("/jobs")
+    def list_jobs():
+        return jsonify(runner.list_jobs(validation.parse_job_query(request.args)))
+
+    @app.get("/papers/<paper_id>")
+    def get_paper(paper_id: str):
+        return jsonify(runner.paper_document(validation.parse_paper_id(paper_id)))
 
     @app.get("/jobs/<job_id>")
     def get_job(job_id: str):
-        row = runner.store.get_job(job_id)
-        if row is None:
-            raise jobs.UnknownJob(f"no job {validation.echo(job_id)}")
-        return jsonify(row.to_public())
+        return jsonify(runner.job_document(job_id))
 
     @app.delete("/jobs/<job_id>")
     def cancel_job(job_id: str):
@@ -238,21 +276,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
 
     @app.get("/batches/<batch_id>")
     def get_batch(batch_id: str):
-        rows = runner.store.get_batch(batch_id)
-        if rows is None:
-            raise ApiError(404, f"no batch {validation.echo(batch_id)}")
-        statuses = [r.status for r in rows]
-        if all(s in TERMINAL_STATUSES for s in statuses):
-            status = "completed"
-        elif all(s == STATUS_QUEUED for s in statuses):
-            status = STATUS_QUEUED
-        else:
-            status = "running"
-        results = {r.paper_id: r.to_public() for r in rows}
-        out = {"batch_id": batch_id, "status": status,
-               "done": sum(s in TERMINAL_STATUSES for s in statuses)}
-        out.update(batch_response(results))
-        return jsonify(out)
+        return jsonify(runner.batch_document(batch_id))
 
     @app.get("/status")
     def status():
@@ -262,15 +286,3 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
     def prometheus():
         return Response(metrics.render(), content_type=CONTENT_TYPE)
 
-
-def batch_response(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The original /execute_batch shape: success, batch_size, successful, failed, results."""
-    finished = [r for r in results.values() if r.get("status") in TERMINAL_STATUSES]
-    successful = sum(1 for r in finished if r.get("success"))
-    return {
-        "success": True,
-        "batch_size": len(results),
-        "successful": successful,
-        "failed": len(finished) - successful,
-        "results": results,
-    }

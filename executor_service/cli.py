@@ -1,9 +1,12 @@
-"""`trainium-executor serve | submit FILE... | health | status` (also `python -m executor_service`).
+"""`trainium-executor serve | submit FILE... | health | status | idle-stop` (also `python -m
+executor_service`).
 
-serve   run the service (every flag also from its EXECUTOR_* environment variable)
-submit  send scripts as one async batch, wait for it, print the batch response as JSON
-health  print GET /health (exit 0 when healthy, 1 otherwise)
-status  print GET /status
+serve      run the service (every flag also from its EXECUTOR_* environment variable)
+submit     send scripts as one async batch, wait for it, print the batch response as JSON
+health     print GET /health (exit 0 when healthy, 1 otherwise)
+status     print GET /status
+idle-stop  run a command (shutdown -h now) when no job has been queued or running for
+           --after MINUTES, judged from the job store (the idle-stop systemd timer runs it)
 """
 
 from __future__ import annotations
@@ -37,8 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, default=None, help="per-script timeout (s)")
     submit.add_argument("--deadline", type=float, default=None, help="give up waiting after (s)")
     submit.add_argument("--no-wait", action="store_true", help="print the batch id and return")
+    submit.add_argument("--callback-url", default=None, help="POST the batch's results there when done")
     for name in ("health", "status"):
         client_args(sub.add_parser(name, help=f"print GET /{name}"))
+    from executor_service import idle
+    from warm_pool import PoolConfig
+
+    idle.add_arguments(sub.add_parser("idle-stop", help="stop the instance when it has been idle"),
+                       os.environ.get("EXECUTOR_WORK_DIR") or str(PoolConfig().work_dir))
     return parser
 
 
@@ -74,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         from executor_service.serve import serve
 
         return serve(config)
+    if args.command == "idle-stop":
+        from executor_service import idle
+
+        return idle.main(args)
 
     from executor_service.client import ExecutorError
 
@@ -90,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         batch = [{"paper_id": _paper_id(f, seen), "code": f.read_text(encoding="utf-8")}
                  for f in args.files]
         if args.no_wait:
-            print(json.dumps(client.submit_batch(batch, timeout=args.timeout), indent=2))
+            print(json.dumps(client.submit_batch(batch, timeout=args.timeout, callback_url=args.callback_url),
+                             indent=2))
             return 0
-        result = client.run_batch(batch, timeout=args.timeout, deadline_s=args.deadline)
+        result = client.run_batch(batch, timeout=args.timeout, deadline_s=args.deadline,
+                                  callback_url=args.callback_url)
         print(json.dumps(result, indent=2))
         return 0 if result.get("failed") == 0 else 1
     except (ExecutorError, OSError) as exc:

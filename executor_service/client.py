@@ -12,6 +12,11 @@ with backoff until every job is terminal or the deadline passes (ExecutorTimeout
 which carries the batch id and the partial response, so a later invocation can resume
 with `wait_batch`). 503 answers (queue full, restarting) are retried, honouring
 Retry-After, as are connection errors; other 4xx raise ExecutorError at once.
+
+Fire and forget: `submit(code, paper_id, timeout=3600, callback_url=..., paper_title=...,
+slack_thread_ts=...)` or `submit_batch(batch, callback_url=...)` return the ids at once;
+the service POSTs the result to `callback_url` (signed, see docs/webhooks.md), and
+`paper(paper_id)` finds a paper's latest job and result later.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import random
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from typing import Any
@@ -111,25 +117,53 @@ class ExecutorClient:
         """GET /status: running_executions, queued, capacity, idle_since."""
         return self.request("GET", "/status")
 
-    def execute(self, code: str, paper_id: str = "test", timeout: float | None = None) -> dict:
-        """POST /execute: run one script and wait for its result (synchronous)."""
-        payload: dict[str, Any] = {"code": code, "paper_id": paper_id}
+    def execute(self, code: str, paper_id: str = "test", timeout: float | None = None,
+                **fields: Any) -> dict:
+        """POST /execute: run one script and wait for its result (synchronous). `fields`:
+        the caller's own (paper_title, slack_thread_ts, s3_code_key), returned with it."""
+        payload: dict[str, Any] = {"code": code, "paper_id": paper_id, **fields}
         if timeout is not None:
             payload["timeout"] = timeout
         return self.request("POST", "/execute", payload, timeout=(timeout or 600) * 3 + 60)
 
-    def submit_batch(self, batch: list[dict[str, Any]], timeout: float | None = None,
-                     deadline: float | None = None) -> dict[str, Any]:
-        """POST /jobs: {"batch_id", "job_ids": {paper_id: job_id}}; returns at once.
+    def submit(self, code: str, paper_id: str, timeout: float | None = None,
+               callback_url: str | None = None, deadline: float | None = None, **fields: Any) -> dict:
+        """POST /jobs with one script: {"job_id", "batch_id", "deduplicated", ...} at once."""
+        payload: dict[str, Any] = {"code": code, "paper_id": paper_id, **fields}
+        return self._submit(payload, timeout, callback_url, deadline)
 
-        Every retry carries the same Idempotency-Key, so a request whose answer was lost
-        does not submit the batch twice.
-        """
-        payload: dict[str, Any] = {"batch": batch}
+    def submit_batch(self, batch: list[dict[str, Any]], timeout: float | None = None,
+                     deadline: float | None = None, callback_url: str | None = None) -> dict[str, Any]:
+        """POST /jobs: {"batch_id", "job_ids": {paper_id: job_id}}; returns at once.
+        `callback_url` receives the batch's results when every job has ended."""
+        return self._submit({"batch": batch}, timeout, callback_url, deadline)
+
+    def _submit(self, payload: dict[str, Any], timeout: float | None, callback_url: str | None,
+                deadline: float | None) -> dict[str, Any]:
+        # Every retry carries the same Idempotency-Key, so a request whose answer was
+        # lost does not submit the work twice.
         if timeout is not None:
             payload["timeout"] = timeout
+        if callback_url is not None:
+            payload["callback_url"] = callback_url
         key = {"Idempotency-Key": uuid.uuid4().hex}
         return self.request("POST", "/jobs", payload, deadline=deadline, headers=key)
+
+    def paper(self, paper_id: str) -> dict[str, Any] | None:
+        """GET /papers/<id>: {"latest", "latest_finished", "jobs"}, or None if it has no job."""
+        try:
+            return self.request("GET", f"/papers/{urllib.parse.quote(paper_id, safe='')}")
+        except ExecutorError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list_jobs(self, paper_id: str | None = None, status: str | None = None, limit: int = 50,
+                  cursor: str | None = None) -> dict[str, Any]:
+        """GET /jobs: one page of job summaries, newest first ({"jobs", "next_cursor"})."""
+        query = {k: v for k, v in (("paper_id", paper_id), ("status", status), ("limit", str(limit)),
+                                   ("cursor", cursor)) if v is not None}
+        return self.request("GET", "/jobs?" + urllib.parse.urlencode(query))
 
     def get_batch(self, batch_id: str) -> dict[str, Any]:
         """GET /batches/<id>: status and results so far."""
@@ -161,11 +195,11 @@ class ExecutorClient:
             delay = min(self.poll_max, delay * 1.5)
 
     def run_batch(self, batch: list[dict[str, Any]], timeout: float | None = None,
-                  deadline_s: float | None = None) -> dict[str, Any]:
+                  deadline_s: float | None = None, callback_url: str | None = None) -> dict[str, Any]:
         """Submit a batch and wait for it: the response POST /execute_batch would give."""
         start = time.monotonic()
         deadline = start + deadline_s if deadline_s else None
-        submitted = self.submit_batch(batch, timeout=timeout, deadline=deadline)
+        submitted = self.submit_batch(batch, timeout=timeout, deadline=deadline, callback_url=callback_url)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.wait_batch(submitted["batch_id"], deadline_s=left)
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from executor_service import validation
 from warm_pool import ConfigError, PoolConfig, settings
 
 setting = settings.setting
@@ -64,11 +65,34 @@ class ServiceConfig:
     allow_unauthenticated: bool = setting(
         False, "allow listening on a non-loopback address without a token")
     log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
+    deduplicate: bool = setting(
+        True, "a request for a paper_id whose identical code is already queued or running gets that "
+        "job back (\"deduplicated\": true) instead of a second run")
+    callback_hosts: tuple[str, ...] = setting(
+        (), "hosts a callback_url may name, comma-separated: a name or address with an optional :port, "
+        "or *.domain for the names below it; other URLs are refused (400), so callers cannot make the "
+        "service probe the network", none="none: callback_url is refused")
+    callback_secret: str | None = setting(
+        None, "key of the X-Signature HMAC-SHA256 on every callback (docs/webhooks.md); needed when "
+        "callback_hosts is set (never a flag: it would show in ps)", flag=False, secret=True)
+    callback_secret_file: Path | None = setting(
+        None, "file holding the callback secret (its first line), used when EXECUTOR_CALLBACK_SECRET "
+        "is unset")
+    callback_attempts: int = setting(
+        8, "delivery attempts of one callback before it is marked failed", minimum=1, maximum=100)
+    callback_backoff: float = setting(
+        2.0, "wait after a callback's first failed attempt; doubled after each further one, at most "
+        "10 minutes", unit="s", minimum=0.01)
+    callback_timeout: float = setting(
+        10.0, "how long one callback attempt may take (connect, send, answer)", unit="s", minimum=0.1,
+        maximum=300)
     pool: PoolConfig = field(default_factory=PoolConfig)
 
-    def __repr__(self) -> str:  # the token never reaches a log line or a traceback
-        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "api_token"}
-        return f"ServiceConfig({shown}, api_token={'set' if self.api_token else None})"
+    def __repr__(self) -> str:  # secrets never reach a log line or a traceback
+        secret = {s.name for s in settings.declared(ServiceConfig) if s.spec.secret}
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in secret}
+        hidden = ", ".join(f"{name}={'set' if getattr(self, name) else None}" for name in sorted(secret))
+        return f"ServiceConfig({shown}, {hidden})"
 
     @property
     def work_dir(self) -> Path:
@@ -95,6 +119,16 @@ class ServiceConfig:
             raise ConfigError("host (--host / EXECUTOR_HOST) must not be empty")
         if self.api_token is not None and not self.api_token.strip():
             raise ConfigError("api_token (EXECUTOR_API_TOKEN) must not be blank")
+        if self.callback_hosts and not self.callback_secret:
+            raise ConfigError("callback_hosts (--callback-hosts / EXECUTOR_CALLBACK_HOSTS) needs a "
+                              "callback secret to sign with: set EXECUTOR_CALLBACK_SECRET or "
+                              "EXECUTOR_CALLBACK_SECRET_FILE")
+        for entry in self.callback_hosts:
+            try:
+                validation.split_host(entry)
+            except ValueError as exc:
+                raise ConfigError("callback_hosts (--callback-hosts / EXECUTOR_CALLBACK_HOSTS): "
+                                  f"{exc}") from None
         if not self.api_token and not self.is_loopback() and not self.allow_unauthenticated:
             raise ConfigError(f"refusing to listen on non-loopback host {self.host!r} without an API "
                               "token: set EXECUTOR_API_TOKEN or EXECUTOR_API_TOKEN_FILE, or pass "
@@ -126,14 +160,18 @@ def from_sources(args: argparse.Namespace | None = None,
     values = settings.from_sources(ServiceConfig, args, environ, pool=pool)
     if not values.get("api_token") and values.get("api_token_file"):
         values["api_token"] = read_token_file(Path(values["api_token_file"]))
+    if not values.get("callback_secret") and values.get("callback_secret_file"):
+        values["callback_secret"] = read_token_file(Path(values["callback_secret_file"]),
+                                                    "callback_secret_file")
     if "log_level" in values:
         values["log_level"] = str(values["log_level"]).upper()
     return ServiceConfig(**values).validate()
 
 
-def read_token_file(path: Path) -> str:
-    """The token in a file (its first line, stripped); ConfigError if unreadable or empty."""
-    where = f"api_token_file (--api-token-file / EXECUTOR_API_TOKEN_FILE) {path}"
+def read_token_file(path: Path, name: str = "api_token_file") -> str:
+    """The secret in a file (its first line, stripped); ConfigError naming setting `name`
+    if unreadable or empty."""
+    where = f"{name} (--{name.replace('_', '-')} / EXECUTOR_{name.upper()}) {path}"
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

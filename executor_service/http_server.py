@@ -20,6 +20,9 @@ never a thread. What waitress does by default that this module changes, and why
 - `channel_timeout` (waitress: 120 s), checked every `cleanup_interval`: a connection
   that has sent nothing for this long is closed (setting `channel_timeout`); one whose
   request is being served is never cut, however long its job runs.
+- `channel_request_lookahead` (waitress: 0). A connection is read while its request is
+  served, so a client that hung up is seen (`waitress.client_disconnected`) and a
+  synchronous request stops waiting for jobs that run on anyway.
 - Its own errors (400, 413, 431, 501 and a 500 raised outside Flask) are text/plain and
   echo the offending header line; `JsonErrorTask` answers them as the API's JSON
   `{"error": ...}` with the echo cut short and `X-Content-Type-Options: nosniff`.
@@ -175,6 +178,10 @@ def create(app, config: ServiceConfig):
         channel_timeout=config.channel_timeout,
         cleanup_interval=max(1, config.channel_timeout // 6),
         asyncore_use_poll=True,
+        # Keep reading a connection while its request is served, so that a client that
+        # hangs up is noticed (environ["waitress.client_disconnected"]): a synchronous
+        # /execute stops waiting then, its thread is freed and its job runs on.
+        channel_request_lookahead=1,
         ident="trainium-executor", clear_untrusted_proxy_headers=True,
     )
     dispatcher = ThreadedTaskDispatcher()

@@ -7,9 +7,14 @@
 The store is the queue of record: a job is persisted before it is acknowledged, and
 `dispatch()` hands queued jobs to the pool: on every accept, and from a background
 thread when a job ends and once a second, so jobs left queued by a restart or a full
-pool queue run too. The pool's callback threads only record and wake that thread.
+pool queue run too. The pool's callback threads only record and wake that thread (and
+the webhook deliverer, which sends callbacks from threads of its own).
 On shutdown the pool cancels the futures of jobs it had not started; their rows stay
 `queued`, so they run when the service starts again on the same work dir.
+
+A request for a paper whose identical code is already queued or running joins that job
+instead of running it twice (unless the `deduplicate` setting is off): its batch lists
+the existing job, marked `deduplicated`.
 """
 
 from __future__ import annotations
@@ -19,14 +24,17 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 from executor_service.analysis import result_document
 from executor_service.config import ServiceConfig
 from executor_service.metrics import Metrics
-from executor_service.store import JobRow, JobStore
-from executor_service.validation import Request, echo
+from executor_service.store import CallbackRow, JobRow, JobStore
+from executor_service.validation import JobQuery, Request, echo
+from executor_service.webhooks import Deliverer
 from warm_pool import (
     STATUS_CANCELLED,
     STATUS_INTERRUPTED,
@@ -76,8 +84,49 @@ class UnknownJob(JobsError, LookupError):
     """No job has this id."""
 
 
+class UnknownBatch(JobsError, LookupError):
+    """No batch has this id."""
+
+
 class AlreadyFinished(JobsError):
     """The job already has its result (it cannot be cancelled)."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What accept() did: the request's batch, its jobs by paper, which were joined."""
+
+    batch_id: str
+    ids: list[tuple[str, str]]          # (paper_id, job_id) in request order
+    deduplicated: tuple[str, ...] = ()  # paper_ids whose identical code was already queued/running
+    repeated: bool = False              # an Idempotency-Key seen before: the earlier batch
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [job_id for _, job_id in self.ids]
+
+
+def batch_status(rows: list[JobRow]) -> str:
+    """A batch's status word from its jobs' statuses."""
+    statuses = [r.status for r in rows]
+    if all(s in TERMINAL_STATUSES for s in statuses):
+        return "completed"
+    if all(s == STATUS_QUEUED for s in statuses):
+        return STATUS_QUEUED
+    return STATUS_RUNNING
+
+
+def batch_response(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The original /execute_batch shape: success, batch_size, successful, failed, results."""
+    finished = [r for r in results.values() if r.get("status") in TERMINAL_STATUSES]
+    successful = sum(1 for r in finished if r.get("success"))
+    return {
+        "success": True,
+        "batch_size": len(results),
+        "successful": successful,
+        "failed": len(finished) - successful,
+        "results": results,
+    }
 
 
 def new_id() -> str:
@@ -120,6 +169,8 @@ class JobRunner:
         self._last_activity = time.time()
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
+        self.webhooks = Deliverer(store, config.callback_secret, self._callback_document,
+                                  config.callback_attempts, config.callback_backoff, config.callback_timeout)
 
     # lifecycle -------------------------------------------------------------------
 
@@ -133,6 +184,7 @@ class JobRunner:
         self._prune()
         self._thread = threading.Thread(target=self._loop, name="dispatch", daemon=True)
         self._thread.start()
+        self.webhooks.start()
 
     def _loop(self) -> None:
         while not self._closing.is_set():
@@ -168,16 +220,21 @@ class JobRunner:
             time.sleep(0.05)
         if self._thread:
             self._thread.join(timeout=5)
+        try:  # callbacks of the jobs that just ended: sent now if they can be, else after a restart
+            self.webhooks.step()
+        except Exception:  # noqa: BLE001 - shutting down whatever happens
+            log.exception("webhook pass at shutdown failed")
+        self.webhooks.shutdown(timeout=5)
 
     # accepting and dispatching -------------------------------------------------------
 
-    def accept(self, request: Request, kind: str,
-               idem_key: str | None = None) -> tuple[str, list[tuple[str, str]]]:
-        """Persist a request's jobs (queued) and start dispatching them.
+    def accept(self, request: Request, kind: str, idem_key: str | None = None) -> Accepted:
+        """Persist a request's jobs (queued) and callbacks, and start dispatching the jobs.
 
-        Returns (batch_id, [(paper_id, job_id), ...]). Raises Closing, Unavailable (the
-        pool is broken) or QueueFull (no room for the whole request). A request repeating
-        an earlier `idem_key` gets that request's batch back instead.
+        Raises Closing, Unavailable (the pool is broken) or QueueFull (no room for the
+        whole request). A request repeating an earlier `idem_key` gets that request's
+        batch back; an item whose paper has the identical code queued or running joins
+        that job (when `deduplicate` is on).
         """
         if self._closing.is_set():
             raise Closing("service is shutting down")
@@ -185,30 +242,54 @@ class JobRunner:
         if stats.get("state") == "broken":
             raise Unavailable(f"pool is broken: {short_reason(stats.get('broken_reason'))}")
         batch_id = new_id()
-        jobs = [{"job_id": new_id(), "paper_id": it.paper_id, "paper_title": it.paper_title,
-                 "code": it.code, "timeout": request.timeout} for it in request.items]
         with self._accept_lock:
             if idem_key and (earlier := self.store.batch_for_key(idem_key)):
-                return earlier, [(r.paper_id, r.job_id) for r in self.store.get_batch(earlier) or []]
+                rows = self.store.get_batch(earlier) or []
+                return Accepted(earlier, [(r.paper_id, r.job_id) for r in rows],
+                                tuple(r.paper_id for r in rows if r.deduplicated), repeated=True)
+            jobs, callbacks = [], []
+            for item in request.items:
+                same = self.store.active_job(item.paper_id, item.code) if self.config.deduplicate else None
+                if same is not None:
+                    jobs.append({"job_id": same.job_id, "paper_id": item.paper_id, "deduplicated": True})
+                else:
+                    fields = dict(item.fields)
+                    if item.paper_title is not None:
+                        fields.setdefault("paper_title", item.paper_title)
+                    jobs.append({"job_id": new_id(), "paper_id": item.paper_id, "code": item.code,
+                                 "timeout": request.timeout, "fields": fields,
+                                 "timeout_clamped_from": request.timeout_clamped_from})
+                if item.callback_url:
+                    callbacks.append((jobs[-1]["job_id"], item.callback_url))
+            if request.callback_url:
+                callbacks.append((None, request.callback_url))
+            new = [j for j in jobs if not j.get("deduplicated")]
             queued = self.store.counts().get(STATUS_QUEUED, 0)
-            if queued + len(jobs) > self.config.pool.max_queue:
+            if new and queued + len(new) > self.config.pool.max_queue:
                 raise QueueFull(f"queue is full ({queued} of {self.config.pool.max_queue} jobs "
                                 "waiting); retry later")
             # Registered before the insert: a job can finish (and look for its event)
             # as soon as it is stored. Removed again if the insert fails.
             with self._lock:
-                for j in jobs:
+                for j in new:
                     self._done_events[j["job_id"]] = threading.Event()
             try:
-                self.store.add_batch(batch_id, kind, jobs, idem_key)
+                self.store.add_batch(batch_id, kind, jobs, idem_key, callbacks)
             except BaseException:
                 with self._lock:
-                    for j in jobs:
+                    for j in new:
                         self._done_events.pop(j["job_id"], None)
                 raise
         self._last_activity = time.time()
-        self.dispatch()
-        return batch_id, [(j["paper_id"], j["job_id"]) for j in jobs]
+        deduplicated = tuple(j["paper_id"] for j in jobs if j.get("deduplicated"))
+        if deduplicated:
+            log.info("joined jobs already queued or running", extra={"batch_id": batch_id,
+                                                                       "papers": list(deduplicated)})
+        if new:
+            self.dispatch()
+        if callbacks:
+            self.webhooks.wake()  # a joined job may have ended already
+        return Accepted(batch_id, [(j["paper_id"], j["job_id"]) for j in jobs], deduplicated)
 
     def dispatch(self) -> int:
         """Hand queued jobs that the pool does not hold yet to the pool; return how many."""
@@ -269,11 +350,13 @@ class JobRunner:
                 event.set()
             # Dispatch from our loop thread, never from the pool's callback thread.
             self._wake.set()
+            self.webhooks.wake()
 
     # waiting, cancelling, reading ---------------------------------------------------
 
-    def wait(self, job_ids: list[str], timeout: float) -> bool:
-        """Block until every job is terminal (or `timeout` s pass); True if all are."""
+    def wait(self, job_ids: list[str], timeout: float, gone: Callable[[], bool] | None = None) -> bool:
+        """Block until every job is terminal (or `timeout` s pass, or `gone()`: the waiting
+        client hung up); True if all are. The jobs run on either way."""
         deadline = time.monotonic() + timeout
         for job_id in job_ids:
             with self._lock:
@@ -284,6 +367,8 @@ class JobRunner:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    return False
+                if gone is not None and gone():
                     return False
                 if self._closing.is_set() and row.status == STATUS_QUEUED:
                     with self._lock:
@@ -317,6 +402,59 @@ class JobRunner:
             self.pool.cancel(job_id)
             self.wait([job_id], timeout=_CANCEL_WAIT_S)
         return self.store.get_job(job_id) or row
+
+    # documents: what GET answers, and what callbacks send -------------------------------
+
+    def job_document(self, job_id: str) -> dict[str, Any]:
+        """GET /jobs/<id>: the job (its result once it has one) and its callbacks' state."""
+        row = self.store.get_job(job_id)
+        if row is None:
+            raise UnknownJob(f"no job {echo(job_id)}")
+        out = row.to_public()
+        callbacks = self.store.callbacks(job_id=job_id)
+        if callbacks:
+            out["callbacks"] = [c.to_public() for c in callbacks]
+        return out
+
+    def batch_document(self, batch_id: str, rows: list[JobRow] | None = None) -> dict[str, Any]:
+        """GET /batches/<id>: status, the original batch shape, the batch's callbacks' state."""
+        rows = rows if rows is not None else self.store.get_batch(batch_id)
+        if rows is None:
+            raise UnknownBatch(f"no batch {echo(batch_id)}")
+        out = {"batch_id": batch_id, "status": batch_status(rows),
+               "done": sum(r.status in TERMINAL_STATUSES for r in rows)}
+        out.update(batch_response({r.paper_id: r.to_public() for r in rows}))
+        callbacks = self.store.callbacks(batch_id=batch_id)
+        if callbacks:
+            out["callbacks"] = [c.to_public() for c in callbacks]
+        return out
+
+    def _callback_document(self, callback: CallbackRow) -> dict[str, Any]:
+        """What a callback POSTs: the job's (or batch's) document as GET gives it, without
+        the delivery state."""
+        doc = (self.job_document(callback.job_id) if callback.job_id
+               else self.batch_document(callback.batch_id))
+        doc.pop("callbacks", None)
+        return doc
+
+    def paper_document(self, paper_id: str) -> dict[str, Any]:
+        """GET /papers/<id>: the paper's newest job, its newest result, how many jobs it has."""
+        count, latest, finished = self.store.paper(paper_id)
+        if latest is None:
+            raise UnknownJob(f"no job for paper {echo(paper_id)}")
+        return {"paper_id": paper_id, "jobs": count, "latest": self.job_document(latest.job_id),
+                "latest_finished": self.job_document(finished.job_id) if finished else None,
+                "jobs_url": f"/jobs?paper_id={paper_id}"}
+
+    def list_jobs(self, query: JobQuery) -> dict[str, Any]:
+        """GET /jobs: one page of job summaries, newest first, and the cursor of the next."""
+        rows = self.store.list_jobs(query.paper_id, query.statuses, query.before, query.limit + 1)
+        page, more = rows[:query.limit], len(rows) > query.limit
+        cursor = str(page[-1].seq) if more else None
+        params = {"paper_id": query.paper_id, "status": ",".join(query.statuses) or None,
+                  "limit": str(query.limit), "cursor": cursor}
+        return {"jobs": [r.summary() for r in page], "next_cursor": cursor,
+                "next": ("/jobs?" + "&".join(f"{k}={v}" for k, v in params.items() if v)) if more else None}
 
     def status(self) -> dict[str, Any]:
         """What a cron caller needs to decide whether to send work or stop the instance."""

@@ -4,9 +4,13 @@ Every rule of the API lives here: JSON object bodies in UTF-8 with no key twice 
 object, `code` a non-empty string, every string storable as UTF-8 (JSON's `\ud800`
 escape gives a lone surrogate, which SQLite and main.py cannot hold), `paper_id` a safe
 file name ([A-Za-z0-9._-]{1,128}: it names a directory, so no traversal is possible),
-unique paper_ids in a batch, `timeout` a positive finite number not above the configured
-maximum, at most `max_batch_size` items. A client's value quoted back in a message is
-cut to its first ECHO_CHARS characters.
+unique paper_ids in a batch, at most `max_batch_size` items. `timeout` a positive finite
+number; one above the operator's maximum runs with the maximum, and the request says so
+(`timeout_clamped_from`) rather than failing: a fire-and-forget caller never reads a 400.
+The callers' own fields (`paper_title`, `slack_thread_ts`, `s3_code_key`) are kept and
+returned with the result. `callback_url` is http(s) to a host on the operator's
+allow-list. A client's value quoted back in a message is cut to its first ECHO_CHARS
+characters.
 """
 
 from __future__ import annotations
@@ -14,10 +18,19 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
+
+from warm_pool import STATUS_QUEUED, STATUS_RUNNING, TERMINAL_STATUSES
 
 PAPER_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# Fields the callers send with a script that the service keeps and returns with its result.
+CALLER_FIELDS = ("paper_title", "slack_thread_ts", "s3_code_key")
+JOB_STATUSES = (STATUS_QUEUED, STATUS_RUNNING, *TERMINAL_STATUSES)
+MAX_URL_CHARS = 2048
+MAX_PAGE = 500
 # How much of a client's value an error message quotes back (ids, paths, header lines).
 ECHO_CHARS = 64
 
@@ -36,20 +49,38 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class Item:
-    """One validated script."""
+    """One validated script, with the caller's own fields and where to report its end."""
 
     paper_id: str
     code: str
     paper_title: str | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    callback_url: str | None = None
 
 
 @dataclass(frozen=True)
 class Request:
-    """A validated request: its items, the timeout for each, single or batch."""
+    """A validated request: its items, the timeout for each, single or batch.
+
+    `timeout_clamped_from` is the timeout asked for when it was above the maximum;
+    `callback_url` is the whole batch's (an item's own is on the item)."""
 
     items: tuple[Item, ...]
     timeout: float
     is_batch: bool
+    timeout_clamped_from: float | None = None
+    respond_async: bool = False
+    callback_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The operator's limits that validation applies."""
+
+    default_timeout: float
+    max_timeout: float
+    max_batch_size: int = 10
+    callback_hosts: tuple[str, ...] = ()
 
 
 def cut(text: str, limit: int = ECHO_CHARS) -> str:
@@ -119,7 +150,8 @@ def _paper_id(value: Any, where: str) -> str:
     return value
 
 
-def _item(obj: Any, where: str, default_paper_id: str | None) -> Item:
+def _item(obj: Any, where: str, default_paper_id: str | None, hosts: tuple[str, ...] = (),
+          defaults: Mapping[str, Any] | None = None) -> Item:
     if not isinstance(obj, dict):
         raise ApiError(400, f"{where}must be a JSON object, not {_kind(obj)}")
     code = obj.get("code")
@@ -138,30 +170,118 @@ def _item(obj: Any, where: str, default_paper_id: str | None) -> Item:
         paper_id = _paper_id(obj["paper_id"], where)
     else:
         paper_id = default_paper_id
-    title = obj.get("paper_title")
-    if title is not None and not isinstance(title, str):
-        raise ApiError(400, f"{where}paper_title must be a string, not {_kind(title)}")
-    if title is not None:
-        _storable(title, f"{where}paper_title")
-    for key in ("s3_code_key",):
-        if obj.get(key) is not None:
-            if not isinstance(obj[key], str):
-                raise ApiError(400, f"{where}{key} must be a string, not {_kind(obj[key])}")
-            _storable(obj[key], f"{where}{key}")
-    return Item(paper_id=paper_id, code=code, paper_title=title)
+    fields = dict(defaults or {})
+    fields.update(caller_fields(obj, where))
+    title = fields.get("paper_title")
+    callback = parse_callback_url(obj.get("callback_url"), hosts, f"{where}callback_url")
+    return Item(paper_id=paper_id, code=code, paper_title=title if isinstance(title, str) else None,
+                fields=fields, callback_url=callback)
 
 
-def parse_timeout(value: Any, default: float, maximum: float) -> float:
-    """A positive finite number of seconds not above `maximum` (None: the default)."""
+def caller_fields(obj: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """The callers' own fields present in `obj` (strings, numbers or booleans), as given."""
+    out: dict[str, Any] = {}
+    for key in CALLER_FIELDS:
+        value = obj.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            _storable(value, f"{where}{key}")
+        elif not isinstance(value, (bool, int, float)) or (isinstance(value, float)
+                                                            and not math.isfinite(value)):
+            raise ApiError(400, f"{where}{key} must be a string or a number, not {_kind(value)}")
+        out[key] = value
+    return out
+
+
+def host_allowed(host: str, port: int | None, allowed: tuple[str, ...]) -> bool:
+    """True when `host` (and `port`) matches an allow-list entry: a name or address, with
+    an optional :port, or *.domain for every name below domain."""
+    host = host.lower().strip("[]")
+    for entry in allowed:
+        entry_host, entry_port = split_host(entry)
+        if entry_port is not None and entry_port != port:
+            continue
+        if entry_host.startswith("*."):
+            if host.endswith(entry_host[1:]):
+                return True
+        elif host == entry_host:
+            return True
+    return False
+
+
+def split_host(entry: str) -> tuple[str, int | None]:
+    """An allow-list entry as (host, port or None); ValueError when it is not host[:port]."""
+    text = entry.strip().lower()
+    if not text or any(c in text for c in "/?#@ \t"):
+        raise ValueError(f"{entry!r} is not a host name or address with an optional :port")
+    parts = urlsplit("//" + text.replace("*.", "wildcard.", 1))
+    if parts.hostname is None:
+        raise ValueError(f"{entry!r} is not a host name or address with an optional :port")
+    host = parts.hostname.replace("wildcard.", "*.", 1) if text.startswith("*.") else parts.hostname
+    return host, parts.port
+
+
+def parse_callback_url(value: Any, allowed: tuple[str, ...], name: str = "callback_url") -> str | None:
+    """An http(s) URL whose host is on the allow-list (None: no callback)."""
     if value is None:
-        return default
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string, not {_kind(value)}")
+    if len(value) > MAX_URL_CHARS or any(ord(c) <= 32 or ord(c) == 127 for c in value):
+        raise ApiError(400, f"{name} must be a URL of at most {MAX_URL_CHARS} characters without "
+                            "spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ApiError(400, f"{name} {echo(value)} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ApiError(400, f"{name} must be an http:// or https:// URL with a host, not {echo(value)}")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    if not allowed:
+        raise ApiError(400, f"{name}: this service sends no callbacks (no host is allowed; the "
+                            "operator sets --callback-hosts)")
+    if not host_allowed(parts.hostname, port, allowed):
+        raise ApiError(400, f"{name}: host {echo(parts.hostname)} is not on this service's "
+                            "callback allow-list (--callback-hosts)")
+    return value
+
+
+def parse_timeout(value: Any, default: float, maximum: float) -> tuple[float, float | None]:
+    """(seconds to run, the timeout asked for when it was above `maximum`, else None).
+
+    None gives the default; a positive finite number above `maximum` runs with `maximum`
+    (the original service ran whatever a request named; a fire-and-forget caller would
+    never read a 400). Only a malformed timeout is refused.
+    """
+    if value is None:
+        return default, None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"timeout must be a number of seconds, not {_kind(value)}")
     if not math.isfinite(value) or value <= 0:
         raise ApiError(400, f"timeout must be a positive finite number of seconds, not {value}")
     if value > maximum:
-        raise ApiError(400, f"timeout {value} exceeds the maximum of {maximum:g} seconds")
-    return float(value)
+        return float(maximum), float(value)
+    return float(value), None
+
+
+def parse_async(obj: dict[str, Any], prefer: str | None) -> bool:
+    """Answer at once (202)? The body's `"async"` when it has one, else `Prefer:
+    respond-async` (RFC 7240: comma-separated preferences, each with optional parameters)."""
+    value = obj.get("async")
+    if value is not None:
+        if not isinstance(value, bool):
+            raise ApiError(400, f"async must be true or false, not {_kind(value)}")
+        return value
+    return prefers_async(prefer)
+
+
+def prefers_async(prefer: str | None) -> bool:
+    """True when a Prefer header value holds the preference respond-async."""
+    return any(preference.split(";", 1)[0].split("=", 1)[0].strip().lower() == "respond-async"
+               for preference in (prefer or "").split(","))
 
 
 _FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
@@ -188,17 +308,18 @@ def parse_idempotency_key(value: str | None) -> str | None:
     return value
 
 
-def parse_single(obj: dict[str, Any], default_paper_id: str, default_timeout: float,
-                 max_timeout: float) -> Request:
-    """POST /execute: {"code", "paper_id"?, "timeout"?}."""
-    item = _item(obj, "", default_paper_id)
-    timeout = parse_timeout(obj.get("timeout"), default_timeout, max_timeout)
-    return Request(items=(item,), timeout=timeout, is_batch=False)
+def parse_single(obj: dict[str, Any], default_paper_id: str, rules: Rules,
+                 prefer: str | None = None) -> Request:
+    """POST /execute: {"code", "paper_id"?, "timeout"?, "async"?, "callback_url"?, caller fields}."""
+    item = _item(obj, "", default_paper_id, rules.callback_hosts)
+    timeout, asked = parse_timeout(obj.get("timeout"), rules.default_timeout, rules.max_timeout)
+    return Request(items=(item,), timeout=timeout, is_batch=False, timeout_clamped_from=asked,
+                   respond_async=parse_async(obj, prefer))
 
 
-def parse_batch(obj: dict[str, Any], default_timeout: float, max_timeout: float,
-                max_batch_size: int) -> Request:
-    """POST /execute_batch: {"batch": [{"paper_id", "code", ...}], "timeout"?}."""
+def parse_batch(obj: dict[str, Any], rules: Rules, prefer: str | None = None) -> Request:
+    """POST /execute_batch: {"batch": [{"paper_id", "code", ...}], "timeout"?, "async"?,
+    "callback_url"?}; caller fields given beside "batch" apply to every item that lacks them."""
     if "batch" not in obj:
         raise ApiError(400, "batch is missing")
     batch = obj["batch"]
@@ -206,21 +327,55 @@ def parse_batch(obj: dict[str, Any], default_timeout: float, max_timeout: float,
         raise ApiError(400, f"batch must be an array, not {_kind(batch)}")
     if not batch:
         raise ApiError(400, "batch is empty")
-    if len(batch) > max_batch_size:
-        raise ApiError(400, f"batch has {len(batch)} items; the maximum is {max_batch_size}")
-    items = tuple(_item(entry, f"batch[{i}].", None) for i, entry in enumerate(batch))
+    if len(batch) > rules.max_batch_size:
+        raise ApiError(400, f"batch has {len(batch)} items; the maximum is {rules.max_batch_size}")
+    shared = caller_fields(obj)
+    items = tuple(_item(entry, f"batch[{i}].", None, rules.callback_hosts, shared)
+                  for i, entry in enumerate(batch))
     seen: set[str] = set()
     for item in items:
         if item.paper_id in seen:
             raise ApiError(400, f"duplicate paper_id {item.paper_id!r} in batch")
         seen.add(item.paper_id)
-    timeout = parse_timeout(obj.get("timeout"), default_timeout, max_timeout)
-    return Request(items=items, timeout=timeout, is_batch=True)
+    timeout, asked = parse_timeout(obj.get("timeout"), rules.default_timeout, rules.max_timeout)
+    callback = parse_callback_url(obj.get("callback_url"), rules.callback_hosts)
+    return Request(items=items, timeout=timeout, is_batch=True, timeout_clamped_from=asked,
+                   respond_async=parse_async(obj, prefer), callback_url=callback)
 
 
-def parse_jobs(obj: dict[str, Any], default_paper_id: str, default_timeout: float,
-               max_timeout: float, max_batch_size: int) -> Request:
-    """POST /jobs: a batch (has "batch") or a single script (has "code")."""
+def parse_jobs(obj: dict[str, Any], default_paper_id: str, rules: Rules) -> Request:
+    """POST /jobs: a batch (has "batch") or a single script (has "code"); always async."""
     if "batch" in obj:
-        return parse_batch(obj, default_timeout, max_timeout, max_batch_size)
-    return parse_single(obj, default_paper_id, default_timeout, max_timeout)
+        return parse_batch(obj, rules)
+    return parse_single(obj, default_paper_id, rules)
+
+
+def parse_paper_id(value: str) -> str:
+    """A paper_id from a path or query (the same rule as in a body)."""
+    return _paper_id(value, "")
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """GET /jobs: which jobs, newest first, one page."""
+
+    paper_id: str | None
+    statuses: tuple[str, ...]
+    limit: int
+    before: int | None
+
+
+def parse_job_query(args: Mapping[str, str]) -> JobQuery:
+    """?paper_id=&status=a,b&limit=&cursor= (cursor: the next_cursor of the previous page)."""
+    paper_id = parse_paper_id(args["paper_id"]) if "paper_id" in args else None
+    statuses = tuple(s.strip() for s in args.get("status", "").split(",") if s.strip())
+    for status in statuses:
+        if status not in JOB_STATUSES:
+            raise ApiError(400, f"status {echo(status)} is not one of {', '.join(JOB_STATUSES)}")
+    limit_text = args.get("limit", "50")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
+        raise ApiError(400, f"limit must be a whole number from 1 to {MAX_PAGE}, not {echo(limit_text)}")
+    cursor = args.get("cursor")
+    if cursor is not None and not (cursor.isdigit() and len(cursor) < 19):
+        raise ApiError(400, f"cursor {echo(cursor)} is not one this service gave out")
+    return JobQuery(paper_id, statuses, int(limit_text), int(cursor) if cursor is not None else None)

@@ -209,10 +209,18 @@ class OpenApi:
 
 
 def start_server(tmp_path_factory, name: str, **kw) -> Server:
-    from conftest import reachable_by_jobs
+    """A started server whose every worker is ready (healthy needs only one)."""
+    from conftest import reachable_by_jobs, wait_until
 
     work = reachable_by_jobs(tmp_path_factory.mktemp(name) / "work")
-    return Server(work, **kw).start()
+    srv = Server(work, **kw).start()
+    try:
+        wait_until(lambda: (lambda p: p["idle"] == p["size"])(srv.get("/health").json["pool"]),
+                   timeout=START_TIMEOUT_S, interval=0.05)
+    except BaseException:
+        srv.close()
+        raise
+    return srv
 
 
 @pytest.fixture(scope="module")

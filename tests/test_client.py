@@ -128,3 +128,17 @@ def test_cli_submit_health_and_status(small_queue, tmp_path):
     assert health.returncode == 0 and json.loads(health.stdout)["status"] == "healthy"
     status = _cli("status", "--url", small_queue.url)
     assert status.returncode == 0 and json.loads(status.stdout)["capacity"] == 2
+
+
+def test_fire_and_forget_then_find_the_result_by_paper(small_queue):
+    client = ExecutorClient(small_queue.url, poll_initial=0.1)
+    assert client.paper("cl-paper") is None
+    sub = client.submit("print('by paper')", "cl-paper", timeout=3600, slack_thread_ts="1.5")
+    again = client.submit("print('by paper')", "cl-paper", timeout=3600, slack_thread_ts="1.5")
+    assert again["deduplicated"] == (again["job_id"] == sub["job_id"])  # joined unless already done
+    client.wait_batch(sub["batch_id"], deadline_s=30)
+    client.wait_batch(again["batch_id"], deadline_s=30)
+    found = client.paper("cl-paper")["latest_finished"]
+    assert found["stdout"] == "by paper\n" and found["slack_thread_ts"] == "1.5"
+    listed = client.list_jobs(paper_id="cl-paper", status="completed", limit=1)
+    assert listed["jobs"][0]["paper_id"] == "cl-paper"

@@ -24,6 +24,8 @@ DEPLOY = REPO / "deployment" / "deploy.sh"
 SYSTEM_DEPS = REPO / "deployment" / "system-deps.sh"
 UNIT = REPO / "systemd" / "trainium-executor.service"
 FIREWALL_UNIT = REPO / "systemd" / "trainium-executor-firewall.service"
+IDLE_SERVICE = REPO / "systemd" / "trainium-executor-idle-stop.service"
+IDLE_TIMER = REPO / "systemd" / "trainium-executor-idle-stop.timer"
 RULES = REPO / "deployment" / "nftables" / "trainium-executor-jobs.nft"
 ENV_TEMPLATE = REPO / "systemd" / "trainium-executor.env"
 NGINX_CONF = REPO / "deployment" / "nginx" / "nginx.conf"
@@ -357,6 +359,39 @@ def test_setup_a_second_run_changes_nothing(instance):
     assert mutating == []
 
 
+def test_setup_installs_the_idle_stop_timer_disabled_by_default(instance):
+    instance.dlami()
+    proc = instance.run()
+    assert proc.returncode == 0, proc.stderr
+    system = instance.root / "etc/systemd/system"
+    unit = (system / "trainium-executor-idle-stop.service").read_text()
+    assert ("ExecStart=/opt/aws_neuronx_venv_pytorch_2_9/bin/trainium-executor idle-stop "
+            "--after ${IDLE_STOP_AFTER_MINUTES} --work-dir %S/trainium-jobs") in unit
+    assert (system / "trainium-executor-idle-stop.timer").read_text() == IDLE_TIMER.read_text()
+    assert not [c for c in instance.calls("systemctl") if "idle-stop" in c and "is-" not in c]
+    assert "idle-stop timer installed, disabled (enable with --idle-stop MINUTES)" in proc.stdout
+    assert not (instance.root / "etc/trainium-executor/idle-stop.env").exists()
+
+
+def test_setup_idle_stop_minutes_enables_the_timer_and_no_idle_stop_disables_it(instance):
+    instance.dlami()
+    proc = instance.run("--idle-stop", "45")
+    assert proc.returncode == 0, proc.stderr
+    env = instance.root / "etc/trainium-executor/idle-stop.env"
+    assert env.read_text() == "IDLE_STOP_AFTER_MINUTES=45\n"
+    systemctl = [c.removeprefix("systemctl ") for c in instance.calls("systemctl")]
+    timer = "trainium-executor-idle-stop.timer"
+    assert {f"enable {timer}", f"start {timer}"} <= set(systemctl)
+    again = instance.run("--idle-stop", "45")
+    assert again.returncode == 0 and again.stdout.rstrip().endswith("setup: nothing changed")
+    kept = instance.run()  # a later run for an upgrade leaves it enabled
+    assert "idle-stop timer enabled (IDLE_STOP_AFTER_MINUTES=45)" in kept.stdout
+    off = instance.run("--no-idle-stop")
+    assert off.returncode == 0, off.stderr
+    assert "systemctl disable trainium-executor-idle-stop.timer" in instance.calls("systemctl")
+    assert instance.run("--idle-stop", "soon").returncode == 2
+
+
 def test_setup_restarts_the_service_when_the_project_changed(instance):
     instance.dlami()
     assert instance.run().returncode == 0
@@ -488,6 +523,21 @@ def test_firewall_unit_passes_systemd_analyze_verify(tmp_path):
         pytest.skip("systemd-analyze not installed (make system-deps)")
     proc = subprocess.run(["systemd-analyze", "verify", str(FIREWALL_UNIT)], capture_output=True, text=True)
     assert "trainium-executor-firewall.service" not in proc.stderr, proc.stderr
+
+
+def test_idle_stop_units_pass_systemd_analyze_verify(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed (make system-deps)")
+    venv = tmp_path / "venv"
+    make_executable(venv / "bin" / "trainium-executor", "#!/bin/sh\n")
+    service = tmp_path / IDLE_SERVICE.name
+    service.write_text(IDLE_SERVICE.read_text().replace("@VENV@", str(venv)))
+    timer = tmp_path / IDLE_TIMER.name
+    shutil.copy(IDLE_TIMER, timer)
+    proc = subprocess.run(["systemd-analyze", "verify", str(service), str(timer)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "idle-stop" not in proc.stderr, proc.stderr
 
 
 def test_unit_grants_only_the_capabilities_job_isolation_needs():

@@ -26,6 +26,10 @@ def test_defaults_match_the_original_service():
     assert (c.host, c.port, c.pool.default_timeout, c.max_batch_size) == ("127.0.0.1", 8000, 600.0, 10)
 
 
+def test_the_maximum_timeout_covers_what_the_callers_ask_for():
+    assert parse([]).pool.max_timeout >= 2 * 3600  # their Lambda sends "timeout": 3600
+
+
 def test_front_door_defaults_are_far_from_waitress_defaults():
     c = parse([])  # waitress: 100 connections, 120 s idle timeout, lingering close absent
     assert (c.connection_limit, c.channel_timeout, c.lingering_time) == (10_000, 30, 30.0)
@@ -93,7 +97,8 @@ def test_non_loopback_needs_a_token_or_explicit_opt_out():
     ([], {"EXECUTOR_MAX_TIMEOUT": "inf"}, "max_timeout"),
     ([], {"EXECUTOR_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
     ([], {"EXECUTOR_MAX_BODY_BYTES": "ten"}, "EXECUTOR_MAX_BODY_BYTES"),
-    (["--default-timeout", "700"], {}, "default_timeout"),
+    (["--default-timeout", "7300"], {}, "default_timeout"),
+    (["--default-timeout", "700", "--max-timeout", "600"], {}, "default_timeout"),
     ([], {"EXECUTOR_ALLOW_UNAUTHENTICATED": "maybe"}, "EXECUTOR_ALLOW_UNAUTHENTICATED"),
     ([], {"EXECUTOR_RETENTION_HOURS": "-1"}, "retention_hours"),
     ([], {"EXECUTOR_LOG_LEVEL": "LOUD"}, "log_level"),

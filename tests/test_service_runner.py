@@ -18,7 +18,9 @@ pytestmark = pytest.mark.timeout(120)
 def runner(shared_pool, tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite3")
     config = ServiceConfig(pool=PoolConfig(work_dir=tmp_path, backend="cpu"))
-    yield JobRunner(shared_pool.pool, store, config, Metrics(shared_pool.pool.stats, store.counts))
+    runner = JobRunner(shared_pool.pool, store, config, Metrics(shared_pool.pool.stats, store.counts))
+    yield runner
+    runner.webhooks.shutdown(timeout=1)
     store.close()
 
 
@@ -31,7 +33,7 @@ def test_a_job_the_store_refuses_leaves_nothing_registered(runner):
     assert runner._done_events == {} and runner.store.counts() == {}
 
     ok = Request(items=(Item(paper_id="p", code="print('stored')"),), timeout=10, is_batch=False)
-    _, [(_, job_id)] = runner.accept(ok, "sync")
+    [job_id] = runner.accept(ok, "sync").job_ids
     assert runner.wait([job_id], timeout=60)
     assert runner.store.get_job(job_id).result["stdout"] == "stored\n"
     assert runner._done_events == {}

@@ -63,3 +63,39 @@ def test_prune_removes_only_old_finished_batches(tmp_path):
     assert store.prune(older_than_s=0.01) == 1
     assert store.get_batch("done") is None and store.get_job("d") is None
     assert store.get_batch("pending") is not None
+
+
+def test_a_store_from_before_the_migrations_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    from executor_service.store import _SCHEMA
+
+    old = sqlite3.connect(path)
+    old.executescript(_SCHEMA)  # the first release's schema, user_version 0
+    old.execute("INSERT INTO batches VALUES ('b', 1.0, 'async', NULL)")
+    old.execute("INSERT INTO jobs(job_id, batch_id, paper_id, paper_title, code, timeout, status, created_at)"
+                " VALUES ('j', 'b', 'p', 'Old title', 'print(1)', 5, 'queued', 1.0)")
+    old.commit()
+    old.close()
+    store = JobStore(path)
+    [row] = store.get_batch("b")
+    assert (row.job_id, row.fields, row.timeout_clamped_from) == ("j", {"paper_title": "Old title"}, None)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
+    store.close()
+    JobStore(path).close()  # opening again applies nothing twice
+
+
+def test_a_batch_can_join_another_batchs_job_and_pruning_waits_for_both(tmp_path):
+    store = JobStore(tmp_path / "s.db")
+    store.add_batch("first", "async", [_job("j", "p")])
+    assert store.active_job("p", "print(1)").job_id == "j"
+    assert store.active_job("p", "print(2)") is None
+    store.add_batch("second", "async", [{"job_id": "j", "paper_id": "p", "deduplicated": True},
+                                        _job("k", "q")])
+    assert [(r.job_id, r.deduplicated) for r in store.get_batch("second")] == [("j", True), ("k", False)]
+    store.finish("j", "completed", {})
+    assert store.active_job("p", "print(1)") is None
+    time.sleep(0.05)
+    assert store.prune(older_than_s=0.01) == 0  # "second" still waits for k, and "first" for it
+    store.finish("k", "completed", {})
+    time.sleep(0.05)
+    assert store.prune(older_than_s=0.01) == 2

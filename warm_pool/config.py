@@ -55,7 +55,8 @@ class PoolConfig:
         600.0, "timeout of a job whose request names none; /health reports it as max_execution_time",
         unit="s", minimum=0.001)
     max_timeout: float = setting(
-        600.0, "the largest timeout a job may ask for", unit="s", minimum=0.001)
+        7200.0, "the longest a job may run; the service runs a request asking for more with this "
+        "and says so in its result (timeout_clamped_from)", unit="s", minimum=0.001)
     kill_grace: float = setting(
         2.0, "after a timeout, cancel or shutdown the job gets SIGINT (KeyboardInterrupt), and "
         "SIGKILL this much later", unit="s", minimum=0.001)

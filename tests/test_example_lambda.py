@@ -1,0 +1,153 @@
+"""examples/lambda_function.py as a Lambda would run it, against stand-ins on loopback only.
+
+EC2 and S3 are moto's server (a real local process: never a real account); the service is
+a real server with a real pool; the callback receiver is a real HTTP server. The handler
+runs in its own interpreter with client.py vendored next to it, as deployed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import wait_until
+from service_fixtures import REPO, free_port, start_server
+from webhook_receiver import Receiver
+
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("moto")
+
+pytestmark = pytest.mark.timeout(180)
+
+SECRET = "lambda-callback-secret"
+TOKEN = "lambda-api-token-123"
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    """moto's server on 127.0.0.1: EC2 and S3 stand-ins; yields its URL."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=log, env={**os.environ, **AWS})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        def up():
+            try:
+                return urllib.request.urlopen(url + "/moto-api/", timeout=1).status == 200
+            except OSError:
+                return False
+
+        wait_until(up, timeout=30, interval=0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def aws(moto_url: str, service: str):
+    return boto3.client(service, endpoint_url=moto_url, **{
+        "aws_access_key_id": AWS["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": AWS["AWS_SECRET_ACCESS_KEY"],
+        "region_name": AWS["AWS_DEFAULT_REGION"]})
+
+
+def stopped_instance(moto_url: str) -> str:
+    ec2 = aws(moto_url, "ec2")
+    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    instance_id = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1,
+                                    InstanceType="trn1.2xlarge")["Instances"][0]["InstanceId"]
+    ec2.stop_instances(InstanceIds=[instance_id])
+    return instance_id
+
+
+def state(moto_url: str, instance_id: str) -> str:
+    reservations = aws(moto_url, "ec2").describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return reservations[0]["Instances"][0]["State"]["Name"]
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    rec = Receiver()
+    yield rec
+    rec.close()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    srv = start_server(tmp_path_factory, "lambda", token=TOKEN,
+                       args=["--callback-hosts", "127.0.0.1", "--callback-backoff", "0.2"],
+                       env={"EXECUTOR_API_TOKEN": TOKEN, "EXECUTOR_CALLBACK_SECRET": SECRET})
+    yield srv
+    srv.close()
+
+
+def run_handler(tmp_path, event: dict, env: dict[str, str], remaining_ms: int = 120_000) -> dict:
+    """The handler in a fresh interpreter, deployed as in Lambda: the file and client.py."""
+    package = tmp_path / "package"
+    package.mkdir(exist_ok=True)
+    shutil.copy(REPO / "examples" / "lambda_function.py", package)
+    shutil.copy(REPO / "executor_service" / "client.py", package)  # vendored
+    code = ("import json, sys, lambda_function\n"
+            "class Context:\n"
+            f"    def get_remaining_time_in_millis(self): return {remaining_ms}\n"
+            "print('RESULT ' + json.dumps(lambda_function.handler(json.loads(sys.argv[1]), Context())))\n")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("EXECUTOR_", "AWS_", "PYTHONPATH"))}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(event)], cwd=package,
+                          env={**base, **AWS, **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def test_it_starts_the_stopped_instance_and_submits_fire_and_forget_with_a_callback(
+        tmp_path, moto, service, receiver):
+    instance_id = stopped_instance(moto)
+    s3 = aws(moto, "s3")
+    s3.create_bucket(Bucket="papers")
+    s3.put_object(Bucket="papers", Key="p2/code.py", Body=b"print('from s3')\n")
+    hook = receiver.route("/lambda-batch")
+    event = {"papers": [
+        {"paper_id": "lp1", "code": "print('inline')", "paper_title": "Inline", "slack_thread_ts": "9.1"},
+        {"paper_id": "lp2", "s3_code_key": "p2/code.py", "paper_title": "From S3"}]}
+    env = {"AWS_ENDPOINT_URL": moto, "TRAINIUM_ENDPOINT": service.url, "TRAINIUM_INSTANCE_ID": instance_id,
+           "EXECUTOR_API_TOKEN": TOKEN, "EXECUTOR_CALLBACK_URL": hook, "CODE_BUCKET": "papers",
+           "POLL_INTERVAL_S": "0.2"}
+    started = time.monotonic()
+    result = run_handler(tmp_path, event, env)
+    assert time.monotonic() - started < 30  # it does not wait for the scripts
+    assert result["status"] == "submitted" and result["instance"] == "started"
+    assert state(moto, instance_id) == "running"
+    [batch] = result["batches"]
+    assert set(batch["job_ids"]) == {"lp1", "lp2"} and batch["poll"] == f"/batches/{batch['batch_id']}"
+
+    wait_until(lambda: receiver.received("/lambda-batch"), timeout=60)
+    [got] = receiver.received("/lambda-batch")
+    assert got.signed_with(SECRET)
+    results = got.json["results"]
+    assert results["lp1"]["stdout"] == "inline\n" and results["lp1"]["slack_thread_ts"] == "9.1"
+    assert results["lp2"]["stdout"] == "from s3\n" and results["lp2"]["s3_code_key"] == "p2/code.py"
+
+    # The next scheduled run finds the instance running and the results by paper.
+    again = run_handler(tmp_path, {"papers": [{"paper_id": "lp3", "code": "print(3)"}]}, env)
+    assert again["instance"] == "running"
+    paper = service.get("/papers/lp1").json
+    assert paper["latest_finished"]["paper_title"] == "Inline"
+
+
+def test_it_gives_up_for_this_run_when_the_service_is_not_ready_in_time(tmp_path, moto):
+    instance_id = stopped_instance(moto)
+    env = {"AWS_ENDPOINT_URL": moto, "TRAINIUM_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+           "TRAINIUM_INSTANCE_ID": instance_id, "POLL_INTERVAL_S": "0.2"}
+    result = run_handler(tmp_path, {"papers": [{"paper_id": "x", "code": "print(1)"}]}, env,
+                         remaining_ms=23_000)  # 3 s left after the reserve
+    assert result == {"status": "starting", "instance": "started", "instance_id": instance_id}
+    assert state(moto, instance_id) == "running"
