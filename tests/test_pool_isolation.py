@@ -116,7 +116,7 @@ def test_processes_a_job_leaves_are_killed_and_the_worker_stays(one_worker):
     first = one_worker.run(code)
     leftovers = [int(pid) for pid in first.stdout.split()]
     wait_until(lambda: not any(_alive(pid) for pid in leftovers))
-    uid = psutil.Process(first.worker.pid).uids().real
+    uid = next(w["uid"] for w in one_worker.pool.stats()["workers"] if w["pid"] == first.worker.pid)
     assert [p.pid for p in psutil.process_iter(["uids"])
             if p.info["uids"].real == uid and _alive(p.pid)] == [first.worker.pid]
     assert one_worker.run("print(1)").worker.pid == first.worker.pid

@@ -72,7 +72,10 @@ def leftovers(worker: Worker) -> list[str]:
     slot's other processes (killed here), its /dev/shm files (removed), extra threads."""
     found = []
     if worker.uid is not None:
-        others = [p for p in usage.uid_usage({worker.uid})[worker.uid].pids if p != worker.pid]
+        slot = usage.uid_usage({worker.uid})[worker.uid]
+        # Processes the worker's kill(-1) reached may not have finished exiting: those
+        # are on their way out; one without a pending SIGKILL escaped it.
+        others = [p for p in slot.pids if p != worker.pid and p not in slot.dying]
         if others:
             usage.kill_pids(others)
             found.append(f"{len(others)} processes of the job outlived it")

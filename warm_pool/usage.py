@@ -9,7 +9,7 @@ import os
 import shutil
 import signal
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -22,6 +22,7 @@ class UidUsage:
 
     pids: list[int]
     rss_bytes: int
+    dying: set[int] = field(default_factory=set)  # SIGKILL already pending: on their way out
 
 
 def uid_usage(uids: set[int]) -> dict[int, UidUsage]:
@@ -43,9 +44,26 @@ def uid_usage(uids: set[int]) -> dict[int, UidUsage]:
         if uid not in out or b"\nState:\tZ" in text:  # zombies hold nothing but a pid
             continue
         usage = out[uid]
-        usage.pids.append(int(entry.name))
+        pid = int(entry.name)
+        usage.pids.append(pid)
         usage.rss_bytes += (_field_int(text, b"\nVmRSS:") or 0) * 1024
+        if _sigkill_pending(text):
+            usage.dying.add(pid)
     return out
+
+
+_SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
+def _sigkill_pending(text: bytes) -> bool:
+    """True when SIGKILL is pending for the process (kill(-1) reached it; it is exiting)."""
+    for key in (b"\nShdPnd:", b"\nSigPnd:"):
+        start = text.find(key)
+        if start >= 0:
+            value = text[start + len(key): text.find(b"\n", start + 1)].strip()
+            if int(value or b"0", 16) & _SIGKILL_BIT:
+                return True
+    return False
 
 
 def _field_int(text: bytes, key: bytes) -> int | None:

@@ -229,7 +229,15 @@ def _kill_the_rest() -> None:
     try:
         os.kill(-1, signal.SIGKILL)
     except OSError:  # ESRCH: there was nothing else
-        pass
+        return
+    # Our own children die in a moment: reap them, so that none looks still running.
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                time.sleep(0.001)
+        except ChildProcessError:
+            return
 
 
 def _text_stream(fd: int, errors: str, unbuffered: bool, line_buffering: bool) -> io.TextIOWrapper:
