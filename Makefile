@@ -23,8 +23,9 @@ $(RUN_STAMP): $(PY) requirements.txt requirements-xla.txt pyproject.toml
 	$(PIP) install --quiet --no-deps -e .
 	touch $@
 
-$(DEV_STAMP): $(RUN_STAMP) requirements-dev.txt
-	$(PIP) install -r requirements-dev.txt
+# The tests also run a real Ray cluster (requirements-cluster.txt); `make run` never needs it.
+$(DEV_STAMP): $(RUN_STAMP) requirements-dev.txt requirements-cluster.txt
+	$(PIP) install -r requirements-dev.txt -r requirements-cluster.txt
 	touch $@
 
 run: $(RUN_STAMP)
