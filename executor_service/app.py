@@ -57,6 +57,15 @@ HTTP_MESSAGES = {
 PUBLIC_POOL_FIELDS = ("size", "idle", "busy", "state")
 
 
+def public_cluster(cluster: dict[str, Any]) -> dict[str, Any]:
+    """What anyone may see of a cluster: its nodes and their pools' counts (no addresses,
+    pids or tracebacks: those are /health?verbose=1's, with the token)."""
+    return {"engine": cluster["engine"],
+            "nodes": [{"node_id": n["node_id"], "neuron_cores": n["neuron_cores"], "alive": n["alive"],
+                       "pool": {k: (n["pool"] or {}).get(k) for k in PUBLIC_POOL_FIELDS}}
+                      for n in cluster["nodes"]]}
+
+
 def server_error_message(status: int, detail: str, max_body: int, max_header: int) -> str:
     """The message of an error the WSGI server raised itself, before Flask saw the request."""
     message = HTTP_MESSAGES.get(status, "error")
@@ -67,13 +76,22 @@ def server_error_message(status: int, detail: str, max_body: int, max_header: in
     return f"{message}: {validation.cut(detail)}"
 
 
+def start_pool(config: ServiceConfig):
+    """This instance's warm pool; or, with `ray_address`, the cluster's dispatcher (which
+    alone imports Ray)."""
+    if config.ray_address:
+        from executor_service.cluster import ClusterPool
+
+        return ClusterPool(config.pool, config.ray_address, config.max_attempts).start()
+    from warm_pool import WarmPool
+
+    return WarmPool(config.pool).start()
+
+
 def create_app(config: ServiceConfig, pool=None) -> Flask:
     """The service's WSGI app; `app.extensions["executor"]` holds the runner."""
     if pool is None:
-        from warm_pool import WarmPool
-
-        pool = WarmPool(config.pool)
-        pool.start()
+        pool = start_pool(config)
     store = JobStore(config.store_path)
     metrics = Metrics(pool.stats, store.counts)
     runner = JobRunner(pool, store, config, metrics)
@@ -224,6 +242,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
             stats = runner.pool.stats()
         except Exception as exc:  # noqa: BLE001 - health must answer whatever happens
             stats = {"state": "unknown", "broken_reason": repr(exc)}
+        cluster = stats.pop("cluster", None)
         ready = (stats.get("idle") or 0) + (stats.get("busy") or 0)
         ok = ready >= 1 and stats.get("state") != "broken"
         payload = {
@@ -235,12 +254,16 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
             "pool": stats if verbose else {k: stats.get(k) for k in PUBLIC_POOL_FIELDS},
             **({"isolation": stats.get("isolation")} if verbose else {}),
         }
+        if cluster is not None:
+            payload["cluster"] = cluster if verbose else public_cluster(cluster)
         if not ok:
             if stats.get("state") == "broken":
                 payload["reason"] = ("pool is broken: " + str(stats.get("broken_reason")) if verbose
                                      else "pool is broken (GET /health?verbose=1 with the token says why)")
             elif stats.get("state") in ("closing", "closed"):
                 payload["reason"] = "pool is shutting down"
+            elif cluster is not None and not cluster["nodes"]:
+                payload["reason"] = "no node with neuron_cores has joined the cluster yet"
             else:
                 payload["reason"] = "no worker is ready yet (starting)"
         return jsonify(payload), (200 if ok else 503)

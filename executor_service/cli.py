@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from executor_service.serve import serve
 
-        return serve(config)
+        try:
+            return serve(config)
+        except cfg.ConfigError as exc:  # found only when starting: the pool's or the cluster's
+            print(f"trainium-executor: configuration error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "idle-stop":
         from executor_service import idle
 

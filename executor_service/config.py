@@ -86,6 +86,13 @@ class ServiceConfig:
     callback_timeout: float = setting(
         10.0, "how long one callback attempt may take (connect, send, answer)", unit="s", minimum=0.1,
         maximum=300)
+    ray_address: str | None = setting(
+        None, "run the jobs on a Ray cluster: the head's address HOST:PORT (`ray start --head`); the "
+        "service then keeps the job store and dispatches to one warm pool per node with neuron_cores, "
+        "with the pool settings below (docs/cluster.md)", none="unset: this instance's own pool")
+    max_attempts: int = setting(
+        2, "on a cluster, how many times a job may be started when the node running it is lost "
+        "(Spot reclaim, crash); past it the job ends with error_type node_lost", minimum=1, maximum=10)
     pool: PoolConfig = field(default_factory=PoolConfig)
 
     def __repr__(self) -> str:  # secrets never reach a log line or a traceback
@@ -129,6 +136,11 @@ class ServiceConfig:
             except ValueError as exc:
                 raise ConfigError("callback_hosts (--callback-hosts / EXECUTOR_CALLBACK_HOSTS): "
                                   f"{exc}") from None
+        if self.ray_address is not None:
+            try:
+                split_address(self.ray_address)
+            except ValueError as exc:
+                raise ConfigError(f"ray_address (--ray-address / EXECUTOR_RAY_ADDRESS) {exc}") from None
         if not self.api_token and not self.is_loopback() and not self.allow_unauthenticated:
             raise ConfigError(f"refusing to listen on non-loopback host {self.host!r} without an API "
                               "token: set EXECUTOR_API_TOKEN or EXECUTOR_API_TOKEN_FILE, or pass "
@@ -145,6 +157,14 @@ class ServiceConfig:
             probe.unlink()
         except OSError as exc:
             raise ConfigError(f"{where} is not a writable directory: {exc.strerror or exc}") from None
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """HOST:PORT (or [IPv6]:PORT) as (host, port); ValueError when it is not that."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT, not {validation.echo(address)}")
+    return host.strip("[]"), int(port)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

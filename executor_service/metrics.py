@@ -55,6 +55,18 @@ class _StateCollector:
         for reason, n in ((stats.get("respawns") or {}).get("by_reason") or {}).items():
             respawns.add_metric([str(reason)], n)
         yield respawns
+        cluster = stats.get("cluster")
+        if cluster is not None:  # on a cluster the counts above are sums over its nodes' pools
+            nodes = GaugeMetricFamily("executor_cluster_nodes", "Nodes with NeuronCores, by state",
+                                      labels=["state"])
+            for state in ("placing", "ready", "lost", "dead"):
+                nodes.add_metric([state], sum(1 for n in cluster["nodes"] if n["state"] == state))
+            yield nodes
+            lost = CounterMetricFamily("executor_cluster_lost_jobs", "Jobs whose node was lost, by what "
+                                       "became of them (run_again, node_lost)", labels=["outcome"])
+            for outcome, n in cluster["jobs_on_lost_nodes"].items():
+                lost.add_metric([outcome], n)
+            yield lost
 
 
 class Metrics:

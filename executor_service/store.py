@@ -273,10 +273,13 @@ class JobStore:
         self._tx(insert, durable=True)
 
     def mark_running(self, job_id: str, worker: dict | None) -> None:
-        """A worker took the job (only a queued job can become running)."""
+        """A worker took the job (only a queued job can become running). A running job
+        started again (on a cluster, after its node was lost) gets its new worker; its
+        started_at stays the first start's."""
         self._tx(lambda db: db.execute(
-            "UPDATE jobs SET status=?, started_at=?, worker=? WHERE job_id=? AND status=?",
-            (STATUS_RUNNING, time.time(), json.dumps(worker), job_id, STATUS_QUEUED)))
+            "UPDATE jobs SET status=?, started_at=COALESCE(started_at, ?), worker=? WHERE job_id=?"
+            " AND status IN (?,?)",
+            (STATUS_RUNNING, time.time(), json.dumps(worker), job_id, *ACTIVE_STATUSES)))
 
     def finish(self, job_id: str, status: str, result: dict[str, Any]) -> bool:
         """Record a terminal status and result; False if the job was already terminal."""

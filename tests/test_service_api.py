@@ -65,6 +65,13 @@ def test_verbose_health_shows_the_whole_pool(server, openapi):  # noqa: F811
     assert bad.status == 400 and "verbose" in bad.json["error"]
 
 
+def test_one_instance_never_loads_ray(server):  # noqa: F811
+    """Without --ray-address the service is one instance's own, as before: Ray (when it
+    is installed at all) is never imported into it."""
+    with open(f"/proc/{server.proc.pid}/maps") as maps:
+        assert "_raylet" not in maps.read()
+
+
 def test_execute_seed_example(server, openapi):  # noqa: F811
     code = 'import torch\nprint("Hello from Trainium")\nprint(torch.__version__)'
     resp = server.post("/execute", {"paper_id": "test_123", "code": code})

@@ -129,3 +129,33 @@ def test_front_door_doc_shows_its_settings_as_declared():
     start = text.index("\n", text.index("<!-- settings-table")) + 1
     end = text.index("<!-- /settings-table -->")
     assert text[start:end].strip() == reference_markdown(FRONT_DOOR_SETTINGS).strip()
+
+
+def test_a_cluster_is_asked_for_with_its_address_and_one_instance_is_the_default():
+    assert (parse([]).ray_address, parse([]).max_attempts) == (None, 2)
+    c = parse(["--ray-address", "10.0.0.5:6379"], {"EXECUTOR_MAX_ATTEMPTS": "3"})
+    assert (c.ray_address, c.max_attempts) == ("10.0.0.5:6379", 3)
+    assert parse([], {"EXECUTOR_RAY_ADDRESS": "head.internal:6379"}).ray_address == "head.internal:6379"
+
+
+@pytest.mark.parametrize("argv, named", [(["--ray-address", "10.0.0.5"], "ray_address"),
+                                         (["--ray-address", "10.0.0.5:99999"], "ray_address"),
+                                         (["--max-attempts", "0"], "max_attempts")])
+def test_cluster_settings_are_checked(argv, named):
+    with pytest.raises(ConfigError, match=named):
+        parse(argv)
+
+
+def test_a_cluster_address_where_nothing_answers_stops_the_service_with_a_clear_message(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "executor_service", "serve", "--work-dir", str(tmp_path),
+                           "--ray-address", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 2, proc.stderr
+    assert "configuration error: ray_address" in proc.stderr and "ray start --head" in proc.stderr

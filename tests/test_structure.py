@@ -28,3 +28,27 @@ def test_the_service_process_never_imports_torch():
     offenders = {f"{p.name}: {m}" for p in (REPO / "executor_service").glob("*.py")
                  for m in _imports(p) if m.split(".")[0] in ("torch", "torch_xla", "torch_neuronx")}
     assert not offenders, offenders
+
+
+def _module_level_imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+    return names
+
+
+def test_ray_is_imported_only_when_a_cluster_is_asked_for():
+    """One instance (make run) never loads Ray: only the cluster's modules use it, inside
+    the functions that run once --ray-address is given."""
+    top = {f"{p.name}: {m}" for p in (REPO / "executor_service").glob("*.py")
+           for m in _module_level_imports(p) if m.split(".")[0] == "ray"}
+    assert not top, top
+    users = {p.name for p in (REPO / "executor_service").glob("*.py")
+             if any(m.split(".")[0] == "ray" for m in _imports(p))}
+    assert users <= {"cluster.py", "node_pool.py"}, users
+    loaders = {p.name for p in (REPO / "executor_service").glob("*.py")
+               if "executor_service.cluster" in _module_level_imports(p)}
+    assert not loaders, loaders

@@ -1,0 +1,125 @@
+"""What the cluster's dispatcher (cluster.py) keeps: its record of each node and each job,
+the results it hands back, and the sums over the nodes' pools that /health shows.
+
+The dispatcher's loop thread alone changes the records, under its lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from warm_pool import JobResult, JobSpec, PoolConfig
+
+
+@dataclass
+class ClusterResult(JobResult):
+    """A node's JobResult, plus how many times the job was started and on which node."""
+
+    attempts: int = 0
+    node: str | None = None
+    node_address: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["attempts"] = self.attempts
+        if self.node is not None:
+            out["worker"] = {**(out["worker"] or {}), "node": self.node, "node_address": self.node_address}
+        return out
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """What `on_start` gets on a cluster: the node a job is being started on, and which try."""
+
+    node: str
+    node_address: str
+    attempt: int
+
+
+@dataclass(eq=False)
+class Node:
+    """One Ray node with NeuronCores, as the head sees it (the loop thread alone changes it)."""
+
+    node_id: str
+    address: str
+    neuron_cores: int
+    actor: Any
+    placed_mono: float
+    state: str = "placing"            # placing | ready | lost | dead
+    stats: dict[str, Any] | None = None
+    stats_mono: float = 0.0
+    asking: bool = False              # a stats call is on its way
+    running: dict[str, Any] = field(default_factory=dict)  # job_id -> ClusterJob
+    lost_reason: str | None = None
+    probe_mono: float = 0.0
+    hold_until: float = 0.0           # it refused a job: nothing more until then
+    killed: bool = False              # lost, then answering again: we killed its actor
+    last_sent_mono: float = 0.0
+
+    def free_slots(self) -> int:
+        """Workers ready for one more job here, by its last counts and what is on its way."""
+        s = self.stats
+        if self.state != "ready" or s is None or s.get("state") in ("broken", "closing", "closed"):
+            return 0
+        return max(0, (s.get("idle") or 0) + (s.get("busy") or 0) - len(self.running))
+
+    def describe(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "address": self.address, "neuron_cores": self.neuron_cores,
+                "alive": self.state in ("placing", "ready"), "state": self.state,
+                "lost_reason": self.lost_reason, "running": len(self.running), "pool": self.stats}
+
+
+@dataclass(eq=False)
+class ClusterJob:
+    """A job from submit() until its future has a result."""
+
+    spec: JobSpec
+    future: Future
+    on_start: Callable | None
+    submitted_mono: float = field(default_factory=time.monotonic)
+    submitted_at: float = field(default_factory=time.time)
+    queued_mono: float = field(default_factory=time.monotonic)
+    waited_s: float = 0.0             # in the head's queue, over every attempt
+    attempts: int = 0
+    node: Node | None = None
+    ref: Any = None                   # the current NodePool.run call
+    cancelled: bool = False
+
+
+def pool_sums(pools: list[tuple[str, dict[str, Any]]], state: str, config: PoolConfig) -> dict[str, Any]:
+    """The nodes' pools as one, for /health, /status and /metrics: counts summed, workers
+    and replacements listed with their node; "broken" only when every node's pool is."""
+    total: Counter[str] = Counter()
+    workers, recent, preloaded, backend, isolation = [], [], [], None, None
+    by_reason: Counter[str] = Counter()
+    for node_id, s in pools:
+        for key in ("size", "idle", "busy", "starting", "queued"):
+            total[key] += s.get(key) or 0
+        workers += [{**w, "node": node_id} for w in s.get("workers", [])]
+        by_reason.update((s.get("respawns") or {}).get("by_reason") or {})
+        recent += [{**r, "node": node_id} for r in (s.get("respawns") or {}).get("recent", [])]
+        preloaded = preloaded or list(s.get("preloaded") or [])
+        backend = backend or s.get("backend")
+        isolation = isolation or s.get("isolation")
+    broken = [s for _, s in pools if s.get("state") == "broken"]
+    reason = None
+    if state in ("closing", "closed"):
+        pool_state = state
+    elif pools and len(broken) == len(pools):
+        pool_state = "broken"
+        reason = "every node's pool is broken: " + "; ".join(str(s.get("broken_reason")) for s in broken)
+    else:
+        pool_state = "ready" if total["idle"] + total["busy"] else "starting"
+    return {
+        "backend": backend or (None if config.backend == "auto" else config.backend),
+        "requested_backend": config.backend, "state": pool_state, "broken_reason": reason,
+        **{key: total[key] for key in ("size", "idle", "busy", "starting", "queued")},
+        "max_queue": config.max_queue, "preloaded": preloaded, "workers": workers, "isolation": isolation,
+        "respawns": {"total": sum(by_reason.values()), "by_reason": dict(by_reason), "recent": recent[-20:]},
+        "template_pid": None,
+    }

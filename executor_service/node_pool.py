@@ -1,0 +1,155 @@
+"""The node-pool actor: one per Ray node with NeuronCores, running the warm pool there.
+
+    head: ClusterPool ──actor call (run, cancel, stats, shutdown)──▶ NodePool (a Ray worker process)
+                                                                      └─ WarmPool ─▶ template ─▶ workers
+                                                                         (job uids, one NeuronCore each)
+
+Ray reuses its worker processes, and a NeuronCore is free again only when the process
+that started the Neuron runtime on it exits. So nothing here imports torch or touches a
+device: the pool's template is an interpreter of its own, and only the workers it forks
+start a runtime (their exit frees the core). The actor holds every `neuron_cores` of its
+node (so Ray places nothing else that wants them there) and the pool uses the cores Ray
+assigned it.
+
+Everything the pool guarantees on one instance holds here, with the service's own
+settings: this actor is started with the head's PoolConfig and changes only what is the
+node's own (its work dir, its cores, its job uids, the threads per worker, what Ray put
+in the environment). Its calls are our code on both ends, so Ray's serialization of
+JobSpec and JobResult between them is fine; nothing of a job crosses but its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from warm_pool import (
+    STATUS_CANCELLED,
+    STATUS_INTERRUPTED,
+    ConfigError,
+    JobResult,
+    JobSpec,
+    PoolConfig,
+    WarmPool,
+)
+
+log = logging.getLogger("executor_service.node_pool")
+
+# The job network rules (deployment/nftables) cover this many uids from job_uid_base; a
+# node pool takes the first free range of its size within them (two nodes on one machine,
+# as in the tests, each get their own).
+UID_SPAN = 64
+_IN_USE = "in use by another running pool"
+
+
+class NodePool:
+    """The warm pool of one node; the head creates it as a Ray actor pinned to that node."""
+
+    def __init__(self, config: PoolConfig, node_id: str):
+        self.node_id = node_id
+        self.started_mono = time.monotonic()
+        self.config = node_config(config, node_id, assigned_cores(), os.environ)
+        self.pool = start_on_free_uids(self.config)
+        self.cancelled: set[str] = set()  # cancelled before their run() call got here
+        log.info("node pool started", extra={"node_id": node_id, "work_dir": str(self.config.work_dir),
+                                             "job_uid_base": self.pool.config.job_uid_base})
+
+    async def run(self, spec: JobSpec) -> JobResult:
+        """Run one job on this node's pool; its result (never raises for the job itself).
+
+        Raises what `WarmPool.submit` raises (QueueFull, PoolClosed, PoolBroken): the job
+        did not start here, and the head may send it elsewhere."""
+        if spec.job_id in self.cancelled:
+            self.cancelled.discard(spec.job_id)
+            return JobResult(job_id=spec.job_id, paper_id=spec.paper_id, status=STATUS_CANCELLED,
+                             error_type="cancelled", error_message="cancelled before it started",
+                             finished_at=time.time())
+        future = self.pool.submit(spec)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.cancelled():
+                raise
+            # The pool shut down before a worker took it: it never started here.
+            return JobResult(job_id=spec.job_id, paper_id=spec.paper_id, status=STATUS_INTERRUPTED,
+                             error_type="interrupted", error_message="the node's pool shut down before "
+                             "the job started", finished_at=time.time())
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a job queued or running here; False if it is already ending. One whose
+        run() has not arrived yet (Ray may start an async actor's calls out of order) is
+        remembered, and never starts."""
+        if self.pool.cancel(job_id):
+            return True
+        if len(self.cancelled) < 10_000:
+            self.cancelled.add(job_id)
+        return False
+
+    async def stats(self) -> dict[str, Any]:
+        """The pool's stats (as /health shows one pool), measured off the event loop."""
+        return await asyncio.to_thread(self.pool.stats)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop the pool (running jobs get `grace` s, then end `interrupted`); leave no
+        process and, unless job dirs are kept, no directory of this node's."""
+        await asyncio.to_thread(self.pool.shutdown, grace)
+        if not self.config.keep_job_dirs:
+            shutil.rmtree(self.config.work_dir, ignore_errors=True)
+
+
+def assigned_cores() -> list[int]:
+    """The NeuronCores Ray assigned this actor (it sets NEURON_RT_VISIBLE_CORES to them)."""
+    import ray
+
+    ids = ray.get_runtime_context().get_accelerator_ids().get("neuron_cores") or []
+    return [int(i) for i in ids]
+
+
+def node_config(config: PoolConfig, node_id: str, cores: list[int], environ: dict[str, str]) -> PoolConfig:
+    """The head's pool settings, made this node's own.
+
+    - work dir: `<work_dir>/nodes/<node id>`, so two nodes on one machine (tests) never
+      share a slot's temporary dir; job uids must traverse its parents;
+    - size and cores: one worker per NeuronCore Ray assigned, unless the head set a size;
+    - threads per worker: cores ÷ size, computed here, because Ray sets OMP_NUM_THREADS=1
+      in its workers (the pool would otherwise take that for an operator's choice);
+    - environment: Ray's own variables (its addresses, its job id) never reach a job.
+    """
+    top = Path(config.work_dir)
+    work_dir = top / "nodes" / node_id[:12]  # short: jobs' socket paths below it must fit 107 bytes
+    top.mkdir(parents=True, exist_ok=True)
+    top.chmod(top.stat().st_mode | 0o111)
+    work_dir.parent.mkdir(exist_ok=True)
+    work_dir.parent.chmod(0o711)  # traversable, not listable
+    size = config.pool_size or len(cores) or None
+    threads = config.threads_per_worker
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // (size or 2))
+    ray_env = tuple(sorted(k for k in environ if k.startswith("RAY_")))
+    return dataclasses.replace(
+        config, work_dir=work_dir, pool_size=size, threads_per_worker=threads,
+        neuron_cores=config.neuron_cores or (tuple(cores) or None),
+        scrub_env=tuple(config.scrub_env) + ray_env).validate()
+
+
+def start_on_free_uids(config: PoolConfig) -> WarmPool:
+    """Start a pool on the first range of job uids no live pool holds, within the UID_SPAN
+    uids from job_uid_base that the network rules cover."""
+    base = config.job_uid_base
+    size = config.pool_size or 2
+    for first in range(base, base + UID_SPAN - size + 1, size):
+        pool = WarmPool(dataclasses.replace(config, job_uid_base=first))
+        try:
+            return pool.start()
+        except ConfigError as exc:
+            if _IN_USE not in str(exc):
+                raise
+    raise ConfigError(f"job_uid_base (--job-uid-base / EXECUTOR_JOB_UID_BASE) {base}: every range of "
+                      f"{size} uids among the {UID_SPAN} from it is held by another running pool on this "
+                      "machine")
