@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Put the Trainium Executor on this trn1 instance and start it: one command, idempotent.
 #
-#   sudo bash deployment/setup_instance.sh [--root DIR] [--venv DIR] [--health-timeout S]
+#   sudo bash deployment/setup_instance.sh [--role single|head|node] [--head ADDR]
+#                                          [--root DIR] [--venv DIR] [--health-timeout S]
 #                                          [--no-start] [--skip-driver]
 #                                          [--idle-stop MINUTES | --no-idle-stop]
 #
@@ -38,6 +39,22 @@
 #  8. Waits until GET /health reports a ready pool (pool.idle > 0), then that the same
 #     answer comes through nginx.
 #
+# Several instances (docs/cluster.md), on Ray:
+#  --role head [--head ADDR]   all of the above, plus Ray (requirements-cluster.txt, with
+#     torch pinned as in step 3), /etc/trainium-executor/ray.env (Ray's fixed ports, the
+#     head's address ADDR: by default this instance's first address) and
+#     trainium-executor-ray-head.service (ray start --head --block), started before the
+#     service; EXECUTOR_RAY_ADDRESS=ADDR:PORT in the service's environment file makes the
+#     service the cluster's dispatcher. Step 8 waits for /health to list the cluster (its
+#     pool is ready only once a node has joined).
+#  --role node --head ADDR     steps 1-3 (with Ray), the user, the jobs' group, devices and
+#     network rules, ray.env and trainium-executor-ray-node.service (ray start --address
+#     ADDR:PORT --block): nothing else (no API, token, nginx or idle stop). The head places
+#     a warm pool on it by itself. Job uids: EXECUTOR_JOB_UID_BASE from
+#     /etc/trainium-executor/trainium-executor.env when there is one, else 61000 (the head's).
+# On both, the job network rules (jobs.nft) also reject every port in ray.env, on any
+# address. --role single (the default) is one instance, as above.
+#
 # --root DIR (or SETUP_ROOT) prefixes every path it touches (/opt, /etc, /var/lib), for
 # tests; commands (systemctl, useradd, apt-get, curl) are taken from PATH.
 set -euo pipefail
@@ -49,6 +66,8 @@ HEALTH_INTERVAL="${SETUP_HEALTH_INTERVAL:-2}"
 START=1
 SKIP_DRIVER=0
 IDLE_STOP=""               # minutes; "off" to disable; empty: leave as it is
+ROLE=single                # single | head | node (several instances: docs/cluster.md)
+HEAD_ADDRESS=""            # the Ray head's address (--head)
 SERVICE=trainium-executor
 SERVICE_USER=trainium-executor
 STATE_DIR=/var/lib/trainium-jobs
@@ -61,7 +80,7 @@ NEURON_APT_REPO=https://apt.repos.neuron.amazonaws.com
 # Packages that belong to the Neuron venv and must never be changed by our install.
 PROTECTED_RE='^(torch|torch-xla|torch-neuronx|torch_xla|torch_neuronx|neuronx-cc|libneuronxla)=='
 
-usage() { sed -n '2,44p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -72,6 +91,8 @@ while [ $# -gt 0 ]; do
         --skip-driver) SKIP_DRIVER=1; shift ;;
         --idle-stop) IDLE_STOP="$2"; shift 2 ;;
         --no-idle-stop) IDLE_STOP=off; shift ;;
+        --role) ROLE="$2"; shift 2 ;;
+        --head) HEAD_ADDRESS="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "setup: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -81,6 +102,20 @@ case "$IDLE_STOP" in
     ""|off) ;;
     *[!0-9.]*|.*|*.*.*) echo "setup: --idle-stop takes a number of minutes, not $IDLE_STOP" >&2; exit 2 ;;
 esac
+case "$ROLE" in
+    single|head|node) ;;
+    *) echo "setup: --role takes single, head or node, not $ROLE" >&2; exit 2 ;;
+esac
+case "$HEAD_ADDRESS" in
+    *[!0-9A-Za-z.-]*) echo "setup: --head takes the head's address (IPv4 or a name, no port), not $HEAD_ADDRESS" >&2
+                      exit 2 ;;
+esac
+if [ "$ROLE" = node ] && [ -z "$HEAD_ADDRESS" ]; then
+    echo "setup: --role node needs --head ADDR: the address of the cluster's head" >&2
+    exit 2
+fi
+CLUSTER=0
+[ "$ROLE" = single ] || CLUSTER=1
 PROJECT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SETUP_PYTHON="${SETUP_PYTHON:-python3}"
 CHANGES=()
@@ -88,6 +123,14 @@ CHANGES=()
 say() { echo "setup: $*"; }
 changed() { CHANGES+=("$1"); say "$1"; }
 die() { echo "setup: error: $*" >&2; exit 1; }
+summary() {
+    if [ ${#CHANGES[@]} -eq 0 ]; then
+        say "nothing changed"
+    else
+        say "done, ${#CHANGES[@]} change(s):"
+        printf '  - %s\n' "${CHANGES[@]}"
+    fi
+}
 
 if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then
     die "run as root (sudo bash $0)"
@@ -179,10 +222,16 @@ esac
 # --- 3. This project into the venv ----------------------------------------------------
 fingerprint() {  # what was installed: the project's sources, requirements and unit
     (cd "$PROJECT_DIR" && find warm_pool executor_service systemd pyproject.toml requirements.txt \
-        -type f ! -name '*.pyc' 2>/dev/null | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
+        requirements-cluster.txt -type f ! -name '*.pyc' 2>/dev/null | LC_ALL=C sort | xargs sha256sum \
+        | sha256sum | cut -d' ' -f1)
 }
 STAMP="$ROOT$CONF_DIR/.installed"
 WANT="$(fingerprint) $VENV_REAL"
+REQUIREMENTS=(-r "$PROJECT_DIR/requirements.txt")
+if [ "$CLUSTER" -eq 1 ]; then  # Ray, for the cluster's head or a node
+    WANT="$WANT with-ray"
+    REQUIREMENTS+=(-r "$PROJECT_DIR/requirements-cluster.txt")
+fi
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
     say "project already installed in $VENV_REAL"
     PROJECT_CHANGED=0
@@ -191,7 +240,7 @@ else
     constraints="$(mktemp)"
     trap 'rm -f "$constraints"' EXIT
     printf '%s\n' "$before" > "$constraints"
-    "$PY" -m pip install --quiet -c "$constraints" -r "$PROJECT_DIR/requirements.txt"
+    "$PY" -m pip install --quiet -c "$constraints" "${REQUIREMENTS[@]}"
     "$PY" -m pip install --quiet --no-deps --force-reinstall "$PROJECT_DIR"
     after="$("$PY" -m pip freeze --all | grep -Ei "$PROTECTED_RE" || true)"
     [ "$before" = "$after" ] || die "the install changed the Neuron packages:
@@ -199,7 +248,7 @@ before: $before
 after:  $after"
     mkdir -p "$ROOT$CONF_DIR"
     echo "$WANT" > "$STAMP"
-    changed "installed trainium-executor and requirements.txt into $VENV_REAL (torch untouched)"
+    changed "installed trainium-executor and ${REQUIREMENTS[*]##*/} into $VENV_REAL (torch untouched)"
     PROJECT_CHANGED=1
 fi
 
@@ -217,45 +266,94 @@ if [ ! -d "$ROOT$CONF_DIR" ]; then
 fi
 chmod 0755 "$ROOT$CONF_DIR"
 
-TOKEN_FILE="$ROOT$CONF_DIR/api-token"
-if [ -s "$TOKEN_FILE" ]; then
-    say "API token exists ($CONF_DIR/api-token)"
-else
-    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$TOKEN_FILE")
-    changed "generated the API token in $CONF_DIR/api-token (read it with: sudo cat $CONF_DIR/api-token)"
-fi
-chown root:root "$TOKEN_FILE" 2>/dev/null || true
-chmod 0600 "$TOKEN_FILE"
-
 ENV_FILE="$ROOT$CONF_DIR/$SERVICE.env"
 ENV_CHANGED=0
-if [ ! -f "$ENV_FILE" ]; then
-    install -m 0644 "$PROJECT_DIR/systemd/$SERVICE.env" "$ENV_FILE"
-    changed "installed $CONF_DIR/$SERVICE.env"
-    ENV_CHANGED=1
-elif ! cmp -s "$PROJECT_DIR/systemd/$SERVICE.env" "$ENV_FILE"; then
-    say "kept the edited $CONF_DIR/$SERVICE.env (template: $PROJECT_DIR/systemd/$SERVICE.env)"
+if [ "$ROLE" = node ]; then  # no service here: no token, no environment file of its own
+    say "node of a cluster: no API token, no service environment file"
+else
+    TOKEN_FILE="$ROOT$CONF_DIR/api-token"
+    if [ -s "$TOKEN_FILE" ]; then
+        say "API token exists ($CONF_DIR/api-token)"
+    else
+        (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$TOKEN_FILE")
+        changed "generated the API token in $CONF_DIR/api-token (read it with: sudo cat $CONF_DIR/api-token)"
+    fi
+    chown root:root "$TOKEN_FILE" 2>/dev/null || true
+    chmod 0600 "$TOKEN_FILE"
+
+    if [ ! -f "$ENV_FILE" ]; then
+        install -m 0644 "$PROJECT_DIR/systemd/$SERVICE.env" "$ENV_FILE"
+        changed "installed $CONF_DIR/$SERVICE.env"
+        ENV_CHANGED=1
+    elif ! cmp -s "$PROJECT_DIR/systemd/$SERVICE.env" "$ENV_FILE"; then
+        say "kept the edited $CONF_DIR/$SERVICE.env (template: $PROJECT_DIR/systemd/$SERVICE.env)"
+    fi
+    # Before the front door the service itself listened on 0.0.0.0:8000; nginx has that port
+    # now and the service belongs on loopback behind it.
+    if grep -Eq "^EXECUTOR_HOST=0\.0\.0\.0\s*$|^EXECUTOR_PORT=$FRONT_PORT\s*$" "$ENV_FILE"; then
+        sed -i -E -e 's/^EXECUTOR_HOST=0\.0\.0\.0\s*$/EXECUTOR_HOST=127.0.0.1/' \
+            -e "s/^EXECUTOR_PORT=$FRONT_PORT\\s*\$/EXECUTOR_PORT=$SERVICE_PORT_DEFAULT/" "$ENV_FILE"
+        changed "moved the service behind nginx in $CONF_DIR/$SERVICE.env (127.0.0.1:$SERVICE_PORT_DEFAULT)"
+        ENV_CHANGED=1
+    fi
+    if ! grep -q '^EXECUTOR_PORT=' "$ENV_FILE"; then  # the service's own default is nginx's port
+        echo "EXECUTOR_PORT=$SERVICE_PORT_DEFAULT" >> "$ENV_FILE"
+        changed "set EXECUTOR_PORT=$SERVICE_PORT_DEFAULT in $CONF_DIR/$SERVICE.env (port $FRONT_PORT is nginx's)"
+        ENV_CHANGED=1
+    fi
+    SERVICE_HOST="$(sed -n 's/^EXECUTOR_HOST=\([^[:space:]]*\).*/\1/p' "$ENV_FILE" | tail -n1)"
+    case "${SERVICE_HOST:-127.0.0.1}" in
+        127.*|localhost|::1) ;;
+        *) say "warning: the service listens on $SERVICE_HOST: reachable without nginx in front" ;;
+    esac
 fi
-# Before the front door the service itself listened on 0.0.0.0:8000; nginx has that port
-# now and the service belongs on loopback behind it.
-if grep -Eq "^EXECUTOR_HOST=0\.0\.0\.0\s*$|^EXECUTOR_PORT=$FRONT_PORT\s*$" "$ENV_FILE"; then
-    sed -i -E -e 's/^EXECUTOR_HOST=0\.0\.0\.0\s*$/EXECUTOR_HOST=127.0.0.1/' \
-        -e "s/^EXECUTOR_PORT=$FRONT_PORT\\s*\$/EXECUTOR_PORT=$SERVICE_PORT_DEFAULT/" "$ENV_FILE"
-    changed "moved the service behind nginx in $CONF_DIR/$SERVICE.env (127.0.0.1:$SERVICE_PORT_DEFAULT)"
-    ENV_CHANGED=1
-fi
-if ! grep -q '^EXECUTOR_PORT=' "$ENV_FILE"; then  # the service's own default is nginx's port
-    echo "EXECUTOR_PORT=$SERVICE_PORT_DEFAULT" >> "$ENV_FILE"
-    changed "set EXECUTOR_PORT=$SERVICE_PORT_DEFAULT in $CONF_DIR/$SERVICE.env (port $FRONT_PORT is nginx's)"
-    ENV_CHANGED=1
-fi
-SERVICE_HOST="$(sed -n 's/^EXECUTOR_HOST=\([^[:space:]]*\).*/\1/p' "$ENV_FILE" | tail -n1)"
-case "${SERVICE_HOST:-127.0.0.1}" in
-    127.*|localhost|::1) ;;
-    *) say "warning: the service listens on $SERVICE_HOST: reachable without nginx in front" ;;
-esac
-PORT="$(sed -n 's/^EXECUTOR_PORT=\([0-9][0-9]*\).*/\1/p' "$ENV_FILE" | tail -n1)"
+env_value() {  # env_value FILE NAME: the last NAME=value in FILE (empty when there is none)
+    sed -n "s/^$2=\([^[:space:]]*\).*/\1/p" "$1" 2>/dev/null | tail -n1 || true
+}
+PORT="$(env_value "$ENV_FILE" EXECUTOR_PORT)"
 PORT="${PORT:-$SERVICE_PORT_DEFAULT}"
+
+# --- 4b. Several instances: Ray's ports and the head's address --------------------------
+RAY_ENV="$ROOT$CONF_DIR/ray.env"
+RAY_ENV_CHANGED=0
+if [ "$CLUSTER" -eq 1 ]; then
+    if [ -z "$HEAD_ADDRESS" ]; then  # the head: this instance's first address
+        HEAD_ADDRESS="$(env_value "$RAY_ENV" CLUSTER_HEAD_ADDRESS)"
+        [ -n "$HEAD_ADDRESS" ] || HEAD_ADDRESS="$(hostname -I | awk '{print $1}')"
+        [ -n "$HEAD_ADDRESS" ] || die "could not find this instance's address: give it with --head ADDR"
+    fi
+    if [ ! -f "$RAY_ENV" ]; then
+        sed "s/@HEAD_ADDRESS@/$HEAD_ADDRESS/" "$PROJECT_DIR/systemd/$SERVICE-ray.env" > "$RAY_ENV"
+        chmod 0644 "$RAY_ENV"
+        changed "installed $CONF_DIR/ray.env (Ray's ports; the head at $HEAD_ADDRESS)"
+        RAY_ENV_CHANGED=1
+    elif [ "$(env_value "$RAY_ENV" CLUSTER_HEAD_ADDRESS)" != "$HEAD_ADDRESS" ]; then
+        sed -i "s/^CLUSTER_HEAD_ADDRESS=.*/CLUSTER_HEAD_ADDRESS=$HEAD_ADDRESS/" "$RAY_ENV"
+        changed "the head is at $HEAD_ADDRESS now ($CONF_DIR/ray.env)"
+        RAY_ENV_CHANGED=1
+    else
+        say "$CONF_DIR/ray.env up to date (the head at $HEAD_ADDRESS)"
+    fi
+    GCS_PORT="$(env_value "$RAY_ENV" CLUSTER_GCS_PORT)"
+    RAY_PORTS=""
+    for name in CLUSTER_GCS_PORT CLUSTER_DASHBOARD_PORT CLUSTER_NODE_MANAGER_PORT CLUSTER_OBJECT_MANAGER_PORT \
+                CLUSTER_METRICS_EXPORT_PORT CLUSTER_DASHBOARD_AGENT_GRPC_PORT CLUSTER_DASHBOARD_AGENT_LISTEN_PORT \
+                CLUSTER_RUNTIME_ENV_AGENT_PORT AUTOSCALER_METRIC_PORT DASHBOARD_METRIC_PORT; do
+        value="$(env_value "$RAY_ENV" "$name")"
+        [ -n "$value" ] || die "$CONF_DIR/ray.env has no $name (template: systemd/$SERVICE-ray.env)"
+        RAY_PORTS="$RAY_PORTS$value, "
+    done
+    RAY_PORTS="$RAY_PORTS$(env_value "$RAY_ENV" CLUSTER_MIN_WORKER_PORT)-$(env_value "$RAY_ENV" CLUSTER_MAX_WORKER_PORT)"
+    if [ "$ROLE" = head ]; then  # the service is the cluster's dispatcher
+        WANT_ADDRESS="$HEAD_ADDRESS:$GCS_PORT"
+        if [ "$(env_value "$ENV_FILE" EXECUTOR_RAY_ADDRESS)" != "$WANT_ADDRESS" ]; then
+            sed -i '/^EXECUTOR_RAY_ADDRESS=/d' "$ENV_FILE"
+            echo "EXECUTOR_RAY_ADDRESS=$WANT_ADDRESS" >> "$ENV_FILE"
+            changed "set EXECUTOR_RAY_ADDRESS=$WANT_ADDRESS in $CONF_DIR/$SERVICE.env: the service dispatches to the nodes"
+            ENV_CHANGED=1
+        fi
+    fi
+fi
 
 # --- 5. Job isolation: the jobs' group, the devices, the network rules -----------------
 JOB_GROUP=trainium-jobs
@@ -280,7 +378,7 @@ for dev in "$ROOT"/dev/neuron[0-9]*; do  # the devices already present, without 
     chgrp "$JOB_GROUP" "$dev" && chmod 0660 "$dev"
 done
 
-UID_BASE="$(sed -n 's/^EXECUTOR_JOB_UID_BASE=\([0-9][0-9]*\).*/\1/p' "$ENV_FILE" | tail -n1)"
+UID_BASE="$(env_value "$ENV_FILE" EXECUTOR_JOB_UID_BASE)"
 UID_BASE="${UID_BASE:-61000}"
 if ! command -v nft >/dev/null 2>&1 && [ ! -x "$ROOT/usr/sbin/nft" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y nftables
@@ -288,17 +386,23 @@ if ! command -v nft >/dev/null 2>&1 && [ ! -x "$ROOT/usr/sbin/nft" ]; then
 fi
 RULES_FILE="$ROOT$CONF_DIR/jobs.nft"
 rules_new="$(mktemp)"
-sed -e "s/@UID_FIRST@/$UID_BASE/g" -e "s/@UID_LAST@/$((UID_BASE + 63))/g" -e "s/@PORTS@/$FRONT_PORT, $PORT/g" \
-    "$PROJECT_DIR/deployment/nftables/trainium-executor-jobs.nft" > "$rules_new"
+RULE_FILES=("$PROJECT_DIR/deployment/nftables/trainium-executor-jobs.nft")
+BLOCKED="169.254.169.254, fd00:ec2::254 or ports $FRONT_PORT, $PORT"
+if [ "$CLUSTER" -eq 1 ]; then  # and no port of Ray's, on any address
+    RULE_FILES+=("$PROJECT_DIR/deployment/nftables/trainium-executor-ray.nft")
+    BLOCKED="$BLOCKED; nor Ray's ports $RAY_PORTS anywhere"
+fi
+cat "${RULE_FILES[@]}" | sed -e "s/@UID_FIRST@/$UID_BASE/g" -e "s/@UID_LAST@/$((UID_BASE + 63))/g" \
+    -e "s/@PORTS@/$FRONT_PORT, $PORT/g" -e "s/@RAY_PORTS@/${RAY_PORTS:-}/g" > "$rules_new"
 RULES_CHANGED=0
 if cmp -s "$rules_new" "$RULES_FILE"; then
     say "network rules for job uids up to date ($CONF_DIR/jobs.nft)"
     rm -f "$rules_new"
 else
-    nft -c -f "$rules_new" || { rm -f "$rules_new"; die "nft -c refused deployment/nftables/trainium-executor-jobs.nft"; }
+    nft -c -f "$rules_new" || { rm -f "$rules_new"; die "nft -c refused ${RULE_FILES[*]#"$PROJECT_DIR/"}"; }
     install -m 0644 "$rules_new" "$RULES_FILE"
     rm -f "$rules_new"
-    changed "installed $CONF_DIR/jobs.nft: uids $UID_BASE-$((UID_BASE + 63)) may not reach 169.254.169.254, fd00:ec2::254 or ports $FRONT_PORT, $PORT"
+    changed "installed $CONF_DIR/jobs.nft: uids $UID_BASE-$((UID_BASE + 63)) may not reach $BLOCKED"
     RULES_CHANGED=1
 fi
 FIREWALL=trainium-executor-firewall
@@ -326,38 +430,55 @@ if [ "$START" -eq 1 ]; then
     fi
 fi
 
-# --- 6. The unit ----------------------------------------------------------------------
-UNIT_FILE="$ROOT/etc/systemd/system/$SERVICE.service"
-unit_new="$(mktemp)"
-sed "s#@VENV@#$VENV_REAL#g" "$PROJECT_DIR/systemd/$SERVICE.service" > "$unit_new"
-UNIT_CHANGED=0
-if cmp -s "$unit_new" "$UNIT_FILE"; then
-    say "unit $SERVICE.service up to date"
-    rm -f "$unit_new"
-else
-    mkdir -p "$(dirname "$UNIT_FILE")"
-    install -m 0644 "$unit_new" "$UNIT_FILE"
-    rm -f "$unit_new"
-    systemctl daemon-reload
-    changed "installed /etc/systemd/system/$SERVICE.service (ExecStart from $VENV_REAL)"
-    UNIT_CHANGED=1
-fi
+# --- 6. The units ---------------------------------------------------------------------
+install_unit() {  # install_unit NAME: systemd/NAME.service with @VENV@ filled in; UNIT_CHANGED=1 if new
+    local target="$ROOT/etc/systemd/system/$1.service" unit_new
+    unit_new="$(mktemp)"
+    sed "s#@VENV@#$VENV_REAL#g" "$PROJECT_DIR/systemd/$1.service" > "$unit_new"
+    UNIT_CHANGED=0
+    if cmp -s "$unit_new" "$target"; then
+        say "unit $1.service up to date"
+        rm -f "$unit_new"
+    else
+        mkdir -p "$(dirname "$target")"
+        install -m 0644 "$unit_new" "$target"
+        rm -f "$unit_new"
+        systemctl daemon-reload
+        changed "installed /etc/systemd/system/$1.service (ExecStart from $VENV_REAL)"
+        UNIT_CHANGED=1
+    fi
+}
 
-if [ "$START" -eq 0 ]; then
-    say "not starting the service (--no-start)"
-else
-    if ! systemctl is-enabled --quiet "$SERVICE"; then
-        systemctl enable "$SERVICE"
-        changed "enabled $SERVICE (starts at boot)"
+run_unit() {  # run_unit NAME CHANGES: enable and start it, or restart it when CHANGES > 0
+    if [ "$START" -eq 0 ]; then
+        say "not starting $1 (--no-start)"
+        return
     fi
-    if ! systemctl is-active --quiet "$SERVICE"; then
-        systemctl start "$SERVICE"
-        changed "started $SERVICE"
-    elif [ $((PROJECT_CHANGED + UNIT_CHANGED + ENV_CHANGED)) -gt 0 ]; then
-        systemctl restart "$SERVICE"
-        changed "restarted $SERVICE to pick up the changes"
+    if ! systemctl is-enabled --quiet "$1"; then
+        systemctl enable "$1"
+        changed "enabled $1 (starts at boot)"
     fi
+    if ! systemctl is-active --quiet "$1"; then
+        systemctl start "$1"
+        changed "started $1"
+    elif [ "$2" -gt 0 ]; then
+        systemctl restart "$1"
+        changed "restarted $1 to pick up the changes"
+    fi
+}
+
+if [ "$CLUSTER" -eq 1 ]; then  # Ray first: on the head, the service connects to it
+    RAY_UNIT="$SERVICE-ray-$ROLE"
+    install_unit "$RAY_UNIT"
+    run_unit "$RAY_UNIT" $((PROJECT_CHANGED + UNIT_CHANGED + RAY_ENV_CHANGED))
 fi
+if [ "$ROLE" = node ]; then
+    say "node: Ray joins the head at $HEAD_ADDRESS:$GCS_PORT; the head's /health?verbose=1 lists it under cluster.nodes"
+    summary
+    exit 0
+fi
+install_unit "$SERVICE"
+run_unit "$SERVICE" $((PROJECT_CHANGED + UNIT_CHANGED + ENV_CHANGED))
 
 # --- 6b. The idle-stop timer (disabled unless asked for) ------------------------------------
 IDLE_UNIT=trainium-executor-idle-stop
@@ -451,19 +572,25 @@ if [ "$START" -eq 1 ]; then
 fi
 
 # --- 8. Wait for a ready pool, then for the same through nginx -----------------------------
-health_ready() {  # true when $1/health answers with pool.idle > 0
+health_ready() {  # true when $1/health answers with pool.idle > 0 (a head's: lists its cluster,
+                  # whose pool is ready only once a node has joined)
     local body
-    body="$(curl -fsS --max-time 5 "$1/health" 2>/dev/null)" || return 1
-    printf '%s' "$body" | python3 -c '
-import json, sys
+    body="$(curl -sS --max-time 5 "$1/health" 2>/dev/null)" || return 1
+    printf '%s' "$body" | SETUP_ROLE="$ROLE" python3 -c '
+import json, os, sys
 try:
-    pool = json.load(sys.stdin).get("pool") or {}
+    health = json.load(sys.stdin)
 except ValueError:
     sys.exit(1)
-sys.exit(0 if int(pool.get("idle") or 0) > 0 else 1)'
+if os.environ["SETUP_ROLE"] == "head":
+    sys.exit(0 if "cluster" in health else 1)
+sys.exit(0 if int((health.get("pool") or {}).get("idle") or 0) > 0 else 1)'
 }
 
 if [ "$START" -eq 1 ]; then
+    if [ "$ROLE" = head ]; then
+        say "the head's service dispatches to the nodes (--role node --head $HEAD_ADDRESS on each)"
+    fi
     say "waiting up to ${HEALTH_TIMEOUT}s for http://127.0.0.1:$PORT/health to report a ready pool"
     deadline=$(( $(date +%s) + ${HEALTH_TIMEOUT%.*} ))
     until health_ready "http://127.0.0.1:$PORT"; do
@@ -487,9 +614,4 @@ if [ "$START" -eq 1 ]; then
     say "front door: http://127.0.0.1:$FRONT_PORT/health answers through nginx"
 fi
 
-if [ ${#CHANGES[@]} -eq 0 ]; then
-    say "nothing changed"
-else
-    say "done, ${#CHANGES[@]} change(s):"
-    printf '  - %s\n' "${CHANGES[@]}"
-fi
+summary

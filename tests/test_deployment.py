@@ -26,6 +26,9 @@ UNIT = REPO / "systemd" / "trainium-executor.service"
 FIREWALL_UNIT = REPO / "systemd" / "trainium-executor-firewall.service"
 IDLE_SERVICE = REPO / "systemd" / "trainium-executor-idle-stop.service"
 IDLE_TIMER = REPO / "systemd" / "trainium-executor-idle-stop.timer"
+RAY_HEAD_UNIT = REPO / "systemd" / "trainium-executor-ray-head.service"
+RAY_NODE_UNIT = REPO / "systemd" / "trainium-executor-ray-node.service"
+RAY_ENV = REPO / "systemd" / "trainium-executor-ray.env"
 RULES = REPO / "deployment" / "nftables" / "trainium-executor-jobs.nft"
 ENV_TEMPLATE = REPO / "systemd" / "trainium-executor.env"
 NGINX_CONF = REPO / "deployment" / "nginx" / "nginx.conf"
@@ -98,6 +101,9 @@ echo "groupadd $*" >> "$FAKE_LOG"
 mkdir -p "$SETUP_ROOT/etc"
 echo "${!#}:x:997:" >> "$SETUP_ROOT/etc/group"
 """,
+    "hostname": r"""#!/usr/bin/env bash
+echo "10.1.2.3 172.17.0.1 "
+""",
     "udevadm": r"""#!/usr/bin/env bash
 echo "udevadm $*" >> "$FAKE_LOG"
 """,
@@ -124,8 +130,12 @@ echo "curl $*" >> "$FAKE_LOG"
 out=""; prev=""
 for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done
 if [ -n "$out" ]; then echo "-----BEGIN PGP PUBLIC KEY BLOCK-----" > "$out"; exit 0; fi
+cluster='"cluster":{"engine":"ray","nodes":[]}'  # what a head's /health adds
+case "$*" in *"/health"*)  # a head whose cluster has no node yet: 503, no ready worker
+  [ -n "$FAKE_NO_NODES" ] && { echo '{"status":"unhealthy","pool":{"size":0,"idle":0},'"$cluster}"; exit 0; }
+esac
 case "$*" in *":8000/health"*)
-  echo '{"status":"healthy","pool":{"size":2,"idle":2,"busy":0,"state":"ready"}}'
+  echo '{"status":"healthy","pool":{"size":2,"idle":2,"busy":0,"state":"ready"},'"$cluster}"
   [ -z "$FAKE_FRONT_DOOR_DOWN" ] || exit 7
   exit 0 ;;
 esac
@@ -135,7 +145,8 @@ case "$*" in *"/health"*)
   ready_after="${FAKE_HEALTH_READY_AFTER:-1}"
   [ "$ready_after" = "never" ] && { echo '{"status":"starting","pool":{"idle":0,"starting":2}}'; exit 0; }
   [ "$n" -lt "$ready_after" ] && exit 7
-  echo '{"status":"healthy","pool":{"backend":"neuron","size":2,"idle":2,"busy":0}}'; exit 0 ;;
+  echo '{"status":"healthy","pool":{"backend":"neuron","size":2,"idle":2,"busy":0},'"$cluster}"
+  exit 0 ;;
 esac
 exit 0
 """,
@@ -494,6 +505,146 @@ def test_setup_no_start_installs_but_does_not_start(instance):
     assert instance.unit.exists()
     assert set(instance.calls("systemctl")) == {"systemctl daemon-reload"}
     assert not instance.calls("curl")
+
+
+# --- several instances: --role head | node ------------------------------------------------
+
+def ray_env(instance: FakeInstance) -> dict[str, str]:
+    lines = (instance.root / "etc/trainium-executor/ray.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_setup_head_adds_ray_its_unit_and_points_the_service_at_it(instance):
+    instance.dlami()
+    proc = instance.run("--role", "head", "--head", "10.0.0.5")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    installs = [c for c in instance.calls("pip install") if "requirements.txt" in c]
+    assert len(installs) == 1 and "requirements-cluster.txt" in installs[0] and " -c " in installs[0]
+    ports = ray_env(instance)
+    assert ports["CLUSTER_HEAD_ADDRESS"] == "10.0.0.5" and ports["CLUSTER_GCS_PORT"] == "6379"
+    env = (instance.root / "etc/trainium-executor/trainium-executor.env").read_text().splitlines()
+    assert "EXECUTOR_RAY_ADDRESS=10.0.0.5:6379" in env
+    unit = (instance.root / "etc/systemd/system/trainium-executor-ray-head.service").read_text()
+    assert "ExecStart=/opt/aws_neuronx_venv_pytorch_2_9/bin/ray start --head --block" in unit
+    systemctl = [c.removeprefix("systemctl ") for c in instance.calls("systemctl")]
+    assert systemctl.index("start trainium-executor-ray-head") < systemctl.index("start trainium-executor")
+    rules = (instance.root / "etc/trainium-executor/jobs.nft").read_text()
+    ray_rule = next(line for line in rules.splitlines() if line.startswith("add rule"))
+    assert "meta skuid 61000-61063 tcp dport { 6379, 8265, 6380, 6381, 6382, 6383, 6384, 6385, 44217, " \
+           "44227, 10100-10199 } counter reject" in ray_rule
+    assert "tcp dport { 8000, 8001 }" in rules  # and still the API's ports
+    assert "healthy: http://127.0.0.1:8001/health" in proc.stdout
+    assert instance.calls("nginx")  # the head keeps the front door
+
+
+def test_setup_head_finishes_before_any_node_has_joined(instance):
+    instance.dlami()
+    proc = instance.run("--role", "head", "--head", "10.0.0.5", "--health-timeout", "2", FAKE_NO_NODES="1")
+    assert proc.returncode == 0, proc.stderr
+    single = instance.run("--role", "single", "--health-timeout", "1", FAKE_NO_NODES="1")
+    assert single.returncode == 1 and "no ready pool" in single.stderr  # one instance needs its pool
+
+
+def test_setup_head_defaults_to_this_instances_first_address(instance):
+    instance.dlami()
+    assert instance.run("--role", "head").returncode == 0
+    assert ray_env(instance)["CLUSTER_HEAD_ADDRESS"] == "10.1.2.3"
+
+
+def test_setup_node_installs_ray_its_unit_and_the_job_confinement_only(instance):
+    instance.dlami()
+    (instance.root / "dev").mkdir()
+    proc = instance.run("--role", "node", "--head", "10.0.0.5")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    system = instance.root / "etc/systemd/system"
+    unit = (system / "trainium-executor-ray-node.service").read_text()
+    assert "ExecStart=/opt/aws_neuronx_venv_pytorch_2_9/bin/ray start --block" in unit
+    assert ray_env(instance)["CLUSTER_HEAD_ADDRESS"] == "10.0.0.5"
+    systemctl = [c.removeprefix("systemctl ") for c in instance.calls("systemctl")]
+    assert {"enable trainium-executor-ray-node", "start trainium-executor-ray-node",
+            "start trainium-executor-firewall"} <= set(systemctl)
+    assert systemctl.index("start trainium-executor-firewall") < systemctl.index(
+        "start trainium-executor-ray-node")
+    assert not (system / "trainium-executor.service").exists()  # no API here: no service,
+    assert not (instance.root / "etc/trainium-executor/api-token").exists()  # token,
+    assert not instance.calls("nginx") and not instance.calls("curl")  # front door or health wait
+    assert not (system / "trainium-executor-idle-stop.timer").exists()
+    assert "groupadd --system trainium-jobs" in instance.calls("groupadd")
+    rules = (instance.root / "etc/trainium-executor/jobs.nft").read_text()
+    assert "meta skuid 61000-61063 tcp dport { 6379," in rules
+    assert any("requirements-cluster.txt" in c for c in instance.calls("pip install"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--role", "node"], "--role node needs --head ADDR"),
+    (["--role", "primary"], "--role takes single, head or node"),
+    (["--role", "node", "--head", "10.0.0.5:6379"], "no port"),
+])
+def test_setup_refuses_a_cluster_role_it_cannot_set_up(instance, args, message):
+    proc = instance.run(*args)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not instance.calls()
+
+
+@pytest.mark.parametrize("role", ["head", "node"])
+def test_setup_cluster_roles_second_run_changes_nothing(instance, role):
+    instance.dlami()
+    assert instance.run("--role", role, "--head", "10.0.0.5").returncode == 0
+    proc = instance.run("--role", role, "--head", "10.0.0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith("setup: nothing changed")
+    assert not [c for c in instance.calls("systemctl") if "is-" not in c]
+
+
+def test_setup_moving_the_head_updates_the_node_and_restarts_ray(instance):
+    instance.dlami()
+    assert instance.run("--role", "node", "--head", "10.0.0.5").returncode == 0
+    proc = instance.run("--role", "node", "--head", "10.0.0.9")
+    assert proc.returncode == 0, proc.stderr
+    assert ray_env(instance)["CLUSTER_HEAD_ADDRESS"] == "10.0.0.9"
+    assert "systemctl restart trainium-executor-ray-node" in instance.calls("systemctl")
+
+
+def test_ray_units_pass_systemd_analyze_verify(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed (make system-deps)")
+    venv = tmp_path / "venv"
+    make_executable(venv / "bin" / "ray", "#!/bin/sh\n")
+    units = []
+    for unit in (RAY_HEAD_UNIT, RAY_NODE_UNIT):
+        units.append(tmp_path / unit.name)
+        units[-1].write_text(unit.read_text().replace("@VENV@", str(venv)))
+    shutil.copy(FIREWALL_UNIT, tmp_path / FIREWALL_UNIT.name)
+    proc = subprocess.run(["systemd-analyze", "verify", *map(str, units), str(tmp_path / FIREWALL_UNIT.name)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "ray-" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("unit", [RAY_HEAD_UNIT, RAY_NODE_UNIT], ids=lambda p: p.name)
+def test_ray_units_fix_every_port_and_close_rays_temporary_dir(unit):
+    text = unit.read_text()
+    lines = {line.strip() for line in text.splitlines()}
+    exec_start = text.split("ExecStart=", 1)[1].split("\n#", 1)[0]
+    assert "ray start" in exec_start and "--block" in exec_start and "--disable-usage-stats" in exec_start
+    names = [line.split("=", 1)[0] for line in RAY_ENV.read_text().splitlines()
+             if line.startswith("CLUSTER_") and line.split("=", 1)[0].endswith("_PORT")]
+    node_only = {"CLUSTER_GCS_PORT", "CLUSTER_DASHBOARD_PORT"} if unit == RAY_NODE_UNIT else set()
+    for name in names:  # every port of ray.env, so that the job rules can name it
+        if name not in node_only:
+            assert "${" + name + "}" in exec_start, name
+    assert "CacheDirectory=trainium-ray" in lines and "CacheDirectoryMode=0700" in lines
+    assert "EnvironmentFile=/etc/trainium-executor/ray.env" in lines
+    assert "Requires=trainium-executor-firewall.service" in lines
+    caps = "CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN CAP_DAC_OVERRIDE CAP_FOWNER"
+    assert f"AmbientCapabilities={caps}" in lines and "User=trainium-executor" in lines
+    if unit == RAY_HEAD_UNIT:
+        assert "--temp-dir %C/trainium-ray/tmp" in exec_start and "--include-dashboard=false" in exec_start
+
+
+def test_ray_env_turns_off_usage_stats_and_rays_memory_monitor():
+    lines = RAY_ENV.read_text().splitlines()
+    assert "RAY_USAGE_STATS_ENABLED=0" in lines and "RAY_memory_monitor_refresh_ms=0" in lines
 
 
 # --- systemd unit ---------------------------------------------------------------------
