@@ -43,6 +43,17 @@ def test_the_rules_file_is_valid_nftables(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_the_cluster_rules_are_valid_nftables(tmp_path):
+    """jobs.nft with the rule that setup_instance.sh --role head|node appends (Ray's ports);
+    tests/test_cluster.py loads them in a real cluster's namespace and tries them."""
+    from ray_cluster import render_rules
+
+    rules = tmp_path / "jobs.nft"
+    rules.write_text(render_rules(61000, 61063, (8000, 8001)))
+    proc = subprocess.run([nft(), "-c", "-f", str(rules)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 # Runs as root inside the private namespace: sets up the stand-ins, loads the rules,
 # starts the real service, and has a job try the metadata service, the API and a port
 # of its own. Prints one JSON line.
