@@ -45,6 +45,8 @@ log = logging.getLogger("executor_service.node_pool")
 # node pool takes the first free range of its size within them (two nodes on one machine,
 # as in the tests, each get their own).
 UID_SPAN = 64
+# What Ray sets in the environment of a worker that holds neuron_cores (besides RAY_*).
+RAY_SET = ("NEURON_RT_VISIBLE_CORES", "OMP_NUM_THREADS")
 _IN_USE = "in use by another running pool"
 
 
@@ -53,8 +55,8 @@ class NodePool:
 
     def __init__(self, config: PoolConfig, node_id: str):
         self.node_id = node_id
-        self.started_mono = time.monotonic()
         self.config = node_config(config, node_id, assigned_cores(), os.environ)
+        remove_departed(self.config.work_dir.parent, live_node_ids())
         self.pool = start_on_free_uids(self.config)
         self.cancelled: set[str] = set()  # cancelled before their run() call got here
         log.info("node pool started", extra={"node_id": node_id, "work_dir": str(self.config.work_dir),
@@ -111,15 +113,33 @@ def assigned_cores() -> list[int]:
     return [int(i) for i in ids]
 
 
+def live_node_ids() -> set[str]:
+    """The ids of the cluster's live nodes."""
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def remove_departed(nodes_dir: Path, live: set[str]) -> None:
+    """Remove the work dirs of nodes that left without shutting their pool down (killed,
+    reclaimed): what their interrupted jobs left there. Their pools' processes ended with
+    them (a template kills its workers and job uids' processes when its actor goes)."""
+    for entry in nodes_dir.iterdir():
+        if entry.is_dir() and not any(node_id.startswith(entry.name) for node_id in live):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def node_config(config: PoolConfig, node_id: str, cores: list[int], environ: dict[str, str]) -> PoolConfig:
     """The head's pool settings, made this node's own.
 
     - work dir: `<work_dir>/nodes/<node id>`, so two nodes on one machine (tests) never
       share a slot's temporary dir; job uids must traverse its parents;
     - size and cores: one worker per NeuronCore Ray assigned, unless the head set a size;
-    - threads per worker: cores ÷ size, computed here, because Ray sets OMP_NUM_THREADS=1
-      in its workers (the pool would otherwise take that for an operator's choice);
-    - environment: Ray's own variables (its addresses, its job id) never reach a job.
+    - threads per worker: the head's setting, else cores ÷ size, computed here: Ray sets
+      OMP_NUM_THREADS=1 in its workers, which the pool would take for an operator's choice;
+    - environment: what Ray put in this process's (its RAY_* variables, addresses and ids;
+      the cores it assigned, OMP_NUM_THREADS) never reaches the template or a job, which
+      see what they would on one instance (each worker sets its own core and threads).
     """
     top = Path(config.work_dir)
     work_dir = top / "nodes" / node_id[:12]  # short: jobs' socket paths below it must fit 107 bytes
@@ -131,7 +151,7 @@ def node_config(config: PoolConfig, node_id: str, cores: list[int], environ: dic
     threads = config.threads_per_worker
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // (size or 2))
-    ray_env = tuple(sorted(k for k in environ if k.startswith("RAY_")))
+    ray_env = tuple(sorted(k for k in environ if k.startswith("RAY_"))) + RAY_SET
     return dataclasses.replace(
         config, work_dir=work_dir, pool_size=size, threads_per_worker=threads,
         neuron_cores=config.neuron_cores or (tuple(cores) or None),

@@ -182,6 +182,7 @@ for name, path in (("listing", %(temp)r), ("parent", os.path.dirname(%(temp)r)))
         out[name] = "listed"
     except OSError as exc:
         out[name] = type(exc).__name__
+out["ray_env"] = sorted(k for k in os.environ if k.startswith("RAY_") or k == "NEURON_RT_VISIBLE_CORES")
 try:
     socket.create_connection(("127.0.0.1", %(control)d), timeout=3).close()
     out["control"] = "reached"
@@ -227,6 +228,7 @@ def test_a_job_can_reach_neither_rays_ports_nor_its_sockets(cluster):
     assert set(seen["ports"].values()) == {"ConnectionRefusedError"}, seen["ports"]
     assert set(seen["sockets"].values()) == {"PermissionError"}, seen["sockets"]
     assert seen["listing"] == "PermissionError" and seen["parent"] == "PermissionError"
+    assert seen["ray_env"] == []  # nothing of Ray's environment reaches a job
     assert seen["control"] == "reached"
 
 
@@ -318,4 +320,7 @@ def test_the_head_restarting_reports_running_jobs_and_runs_queued_ones(cluster):
     assert after["success"] and after["stdout"] == "after\n"
     alive = {p["pid"] for p in cluster.call("processes")}
     assert not alive & set(workers)  # the old pools' workers (and their jobs) died with the head
+    live = {n["node_id"][:12] for n in cluster.health()["cluster"]["nodes"]}
+    left = {d.name for d in (cluster.root / "work" / "nodes").iterdir()}
+    assert left == live  # the new pools removed what nodes killed earlier left behind
 
