@@ -1,9 +1,11 @@
-"""`python -m benchmarks.run [--quick] [--backends cpu,xla]`: cold against warm, one run.
+"""`python -m benchmarks.run [--quick] [--backends cpu,xla] [--no-cluster]`: cold against warm, one run.
 
 For each backend, in this order so that nothing else competes for the two cores:
 cold per-script runs and the cold batch (no pool running); then a library pool
 (latency, dispatch, throughput, memory, timeouts, replacement last since it kills);
-then the HTTP service (latency, dispatch, the warm batch, throughput). Prints a table,
+then the HTTP service (latency, dispatch, the warm batch, throughput). Then several
+instances on Ray (benchmarks/cluster.py; needs Ray and root): the same batch on 1 node
+and on 2, and an empty job's dispatch through Ray against the local pool. Prints a table,
 writes benchmarks/results/latest.json and, when matplotlib imports, latency.png.
 """
 
@@ -18,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cold, library, report, service, workloads
+from benchmarks import cluster, cold, library, report, service, workloads
 from benchmarks.report import ratio, summarize
 from benchmarks.table import goals, render
 
@@ -42,11 +44,16 @@ class Plan:
     throughput_jobs: int = 2000
     throughput_seconds: float = 3.0
     throughput_clients: tuple[int, ...] = (1, 4, 8)
+    # Several instances: a batch of jobs that each wait this long, on 1 then 2 nodes of 2 workers.
+    cluster_batch: int = 8
+    cluster_job_s: float = 1.0
+    cluster_dispatch_runs: int = 200
 
 
 QUICK = Plan(cold_runs=2, cold_runs_xla=2, warm_runs=5, batch_size=2, dispatch_runs=20, kills=2,
              kills_xla=2, timeouts_soft=1, timeouts_hard=0, memory_jobs=10, throughput_jobs=100,
-             throughput_seconds=0.5, throughput_clients=(2,))
+             throughput_seconds=0.5, throughput_clients=(2,), cluster_batch=4, cluster_job_s=0.5,
+             cluster_dispatch_runs=20)
 
 
 def log(msg: str) -> None:
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default=None,
                         help="comma-separated, default cpu,xla (cpu only with --quick)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results directory [{RESULTS}]")
+    parser.add_argument("--no-cluster", action="store_true", help="skip the several-instances section")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     backends = (args.backends or ("cpu" if args.quick else "cpu,xla")).split(",")
@@ -138,6 +146,18 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - one backend failing must not hide the other
                 log(f"{backend}: FAILED: {exc}")
                 results["errors"][backend] = f"{type(exc).__name__}: {exc}"
+        why_not = "--no-cluster" if args.no_cluster else cluster.available()
+        if why_not:
+            log(f"cluster: skipped ({why_not})")
+            results["cluster"] = {"skipped": why_not}
+        else:
+            log("cluster: several instances on Ray, in a private namespace")
+            try:
+                results["cluster"] = cluster.bench_cluster(plan.cluster_batch, plan.cluster_job_s,
+                                                           plan.cluster_dispatch_runs, work)
+            except Exception as exc:  # noqa: BLE001 - reported with the rest
+                log(f"cluster: FAILED: {exc}")
+                results["errors"]["cluster"] = f"{type(exc).__name__}: {exc}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["machine"]["load_avg_end"] = report.load_avg()

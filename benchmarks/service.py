@@ -24,8 +24,10 @@ from benchmarks.report import run_clients, summarize
 class Service:
     """One service process; `with Service(...) as svc:` starts it and stops it."""
 
-    def __init__(self, backend: str, work_dir: Path, pool_size: int = 2, start_timeout: float = 180.0):
+    def __init__(self, backend: str, work_dir: Path, pool_size: int = 2, start_timeout: float = 180.0,
+                 args: tuple[str, ...] = ()):
         self.backend, self.work_dir, self.pool_size = backend, work_dir, pool_size
+        self.args = args  # more flags (e.g. --ray-address)
         self.start_timeout = start_timeout
         self.port = _free_port()
         self.proc: subprocess.Popen | None = None
@@ -47,24 +49,29 @@ class Service:
             env.setdefault("PJRT_DEVICE", "CPU")
         cmd = [sys.executable, "-m", "executor_service", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--backend", self.backend, "--pool-size", str(self.pool_size),
-               "--work-dir", str(self.work_dir), "--log-level", "WARNING"]
+               "--work-dir", str(self.work_dir), "--log-level", "WARNING", *self.args]
         start = time.perf_counter()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + self.start_timeout
+        if not self.wait_idle(self.pool_size, self.start_timeout):
+            self.stop()
+            raise RuntimeError(f"service not healthy within {self.start_timeout} s: {self._log_tail()}")
+        self.ready_s = time.perf_counter() - start
+
+    def wait_idle(self, count: int, timeout: float) -> bool:
+        """Wait until /health is 200 with at least `count` idle workers."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"service exited {self.proc.returncode}: {self._log_tail()}")
             try:
                 status, body = self.request("GET", "/health")
-                if status == 200 and (body.get("pool") or {}).get("idle", 0) >= self.pool_size:
-                    self.ready_s = time.perf_counter() - start
-                    return
+                if status == 200 and (body.get("pool") or {}).get("idle", 0) >= count:
+                    return True
             except (OSError, http.client.HTTPException, ValueError):
                 pass
             time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"service not healthy within {self.start_timeout} s: {self._log_tail()}")
+        return False
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 30 s; the service kills its own pool."""

@@ -99,6 +99,10 @@ def render(results: dict[str, Any]) -> str:
                    + f"; kill_grace={t['sigint'].get('kill_grace')}")
         out += _memory_lines(s["memory"])
         out += _throughput_lines(s["throughput"])
+    c = results.get("cluster")
+    if c:
+        out += ["", "== several instances: Ray, on this machine (benchmarks/cluster.py) =="]
+        out += _cluster_lines(c) if "batch" in c else [f"skipped: {c.get('skipped')}"]
     if results.get("errors"):
         out += ["", "ERRORS:"] + [f"  {k}: {v}" for k, v in results["errors"].items()]
     out += ["", "== goals (reported, not asserted) =="]
@@ -130,3 +134,18 @@ def _throughput_lines(tp: dict[str, Any]) -> list[str]:
             err = " (errors)" if row.get("errors") else ""
             parts.append(f"{where} {row['clients']} clients {_f(row['jobs_per_s'])}/s{err}")
     return ["empty-job throughput: " + ", ".join(parts)]
+
+
+def _cluster_lines(c: dict[str, Any]) -> list[str]:
+    b, d = c["batch"], c["dispatch"]
+
+    def pair(stats: dict[str, Any]) -> str:
+        return f"{_f(stats.get('p50_ms'), 2)}/{_f(stats.get('p95_ms'), 2)}"
+
+    return [f"batch of {c['batch_size']} jobs of {c['job_s']:g} s, {c['nodes_workers']} workers a node: "
+            f"1 node {_f(b['one_node_s'], 2)} s, 2 nodes {_f(b['two_nodes_s'], 2)} s → scaling "
+            f"{_f(b['scaling'], 2)}× (the jobs wait: the nodes share this machine's cores)",
+            f"empty job p50/p95 (ms): library local {pair(d['local_library'])}, through Ray "
+            f"{pair(d['cluster_library'])} (+{_f(d['overhead_library_p50_ms'], 2)} p50); HTTP local "
+            f"{pair(d['local_http'])}, through Ray {pair(d['cluster_http'])} "
+            f"(+{_f(d['overhead_http_p50_ms'], 2)} p50)"]

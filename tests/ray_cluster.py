@@ -4,9 +4,11 @@ Ray picks addresses of its own and `ray stop` kills every Ray process it can see
 nothing here may run in the machine's own namespaces: `ClusterNamespace`
 (cluster_fixtures.py) starts `python tests/ray_cluster.py` as PID 1 of a new network,
 PID and mount namespace (`unshare --net --pid --fork --mount-proc`), where loopback is
-the only interface and /proc shows only the namespace's processes. That agent reads
-one JSON command a line on stdin and answers one JSON line on stdout; when it exits,
-the kernel kills whatever is left in the namespace.
+the only interface and /proc shows only the namespace's processes. PID 1 is an init
+(`as_init`): it reaps the orphans the namespace's processes leave (a zombie still counts
+as a live Ray process to `ray stop`) while its child, the agent, reads one JSON command
+a line on stdin and answers one JSON line on stdout. When they exit, the kernel kills
+whatever is left in the namespace.
 
 `LocalRay` is the cluster itself: a head (`ray start --head`) and nodes, each a separate
 `ray start --block` process group with `--resources '{"neuron_cores": 2}'`, all with the
@@ -30,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,8 +181,8 @@ class LocalRay:
 
     def stop(self) -> None:
         """Every Ray process of the namespace, and the nodes' groups."""
-        if os.getpid() != 1:  # `ray stop` kills every Ray process it can see: never outside
-            raise RuntimeError("LocalRay.stop must run as PID 1 of its own PID namespace")
+        if not in_own_namespace():  # `ray stop` kills every Ray process it can see: never outside
+            raise RuntimeError("LocalRay.stop runs only below as_init, in a PID namespace of its own")
         subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=60)
         for node in self.nodes.values():
             try:
@@ -188,7 +191,38 @@ class LocalRay:
                 pass
 
 
-# --- the agent: PID 1 of the namespace, driven over stdin/stdout -------------------------
+def as_init(main: Callable[[], None]) -> None:
+    """As PID 1 of a new PID namespace: run `main` in a child and reap every process that
+    ends in the namespace, as an init does, until that child ends; exit with its status."""
+    if os.getpid() != 1:
+        sys.exit(f"{sys.argv[0]} runs as PID 1 of a PID namespace of its own (unshare --pid --fork)")
+    child = os.fork()
+    if child == 0:
+        code = 0
+        try:
+            main()
+        except BaseException:  # noqa: BLE001 - reported, then the namespace ends
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    while True:
+        pid, status = os.wait()
+        if pid == child:
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def in_own_namespace() -> bool:
+    """True below as_init: PID 1 is the same program as this process (its fork)."""
+    try:
+        with open("/proc/1/cmdline", "rb") as init, open("/proc/self/cmdline", "rb") as me:
+            return init.read() == me.read()
+    except OSError:
+        return False
+
+
+# --- the agent: below PID 1 of the namespace, driven over stdin/stdout --------------------
 
 class Agent:
     """The cluster, the service and a client, answering one JSON command a line."""
@@ -199,17 +233,13 @@ class Agent:
         self.ray = LocalRay(root)
         self.server: Any = None
         self.listeners: list[socket.socket] = []
-        # Held while we wait for a child of our own with subprocess.run: the reaper must not
-        # take its exit status first.
-        self.foreground = threading.Lock()
 
     def op_start(self, nodes: int, work_dir: str, uid_base: int, args: list[str],
                  rules: bool = True) -> dict[str, Any]:
         from service_fixtures import Server
 
-        with self.foreground:
-            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-            self.ray.start_head()
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        self.ray.start_head()
         for _ in range(nodes):
             self.ray.add_node()
         self.server = Server(Path(work_dir), args=["--ray-address", self.ray.address, *args],
@@ -218,8 +248,7 @@ class Agent:
         if rules:
             text = render_rules(uid_base, uid_base + 63, (self.server.port,))
             (self.root / "jobs.nft").write_text(text)
-            with self.foreground:
-                subprocess.run(["nft", "-f", str(self.root / "jobs.nft")], check=True, capture_output=True)
+            subprocess.run(["nft", "-f", str(self.root / "jobs.nft")], check=True, capture_output=True)
         self.server.start()
         return {"address": self.ray.address, "api_port": self.server.port,
                 "temp_dir": str(self.ray.temp_dir), "nodes": self.op_nodes()}
@@ -314,28 +343,7 @@ class Agent:
         self.ray.stop()
         return {"service_exit": status}
 
-    def reap_orphans(self) -> None:
-        """Wait for the namespace's orphans, as an init does: they become our children when
-        their parent dies (a killed node's processes), and a zombie left unreaped still
-        counts as a live Ray process to `ray stop`. Children we started ourselves are left
-        to their Popen objects."""
-        import psutil
-
-        while True:
-            ours = {n.proc.pid for n in self.ray.nodes.values()}
-            if self.server is not None and self.server.proc is not None:
-                ours.add(self.server.proc.pid)
-            with self.foreground:
-                for child in psutil.Process().children():
-                    try:
-                        if child.pid not in ours and child.status() == psutil.STATUS_ZOMBIE:
-                            os.waitpid(child.pid, os.WNOHANG)
-                    except (psutil.Error, ChildProcessError):
-                        pass
-            time.sleep(0.2)
-
     def serve(self) -> None:
-        threading.Thread(target=self.reap_orphans, daemon=True).start()
         for line in sys.stdin:
             command = json.loads(line)
             op = command.pop("op")
@@ -351,6 +359,4 @@ class Agent:
 
 
 if __name__ == "__main__":
-    if os.getpid() != 1:
-        sys.exit("ray_cluster.py runs as PID 1 of a namespace of its own (see cluster_fixtures.py)")
-    Agent(Path(sys.argv[1])).serve()
+    as_init(lambda: Agent(Path(sys.argv[1])).serve())

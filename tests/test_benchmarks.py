@@ -35,3 +35,9 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert cpu["isolation"]["uid"]["p50_ms"] > 0 and cpu["isolation"]["none"]["p50_ms"] > 0
     assert cpu["isolation"]["uid"]["check_ms_mean"] > 0
     assert {g["backend"] for g in results["goals"]} == {"cpu"}
+    cluster = results["cluster"]  # several instances on Ray: run wherever the cluster tests run
+    if "skipped" not in cluster:
+        assert cluster["batch"]["one_node_s"] > 0 and cluster["batch"]["two_nodes_s"] > 0
+        assert cluster["batch"]["scaling"] > 1.3  # the jobs wait: 2 nodes take half as long
+        assert {"local_library", "cluster_library", "local_http", "cluster_http"} <= set(cluster["dispatch"])
+        assert "several instances: Ray" in proc.stdout
