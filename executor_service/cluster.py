@@ -140,7 +140,8 @@ class ClusterPool:
         give running ones `grace` seconds, then stop every node's pool (its jobs end
         `interrupted`), kill the actors and leave the cluster."""
         with self._changed:
-            if self.state in ("closing", "closed"):
+            if self.state in ("closing", "closed") or self._ray is None:
+                self.state = "closed"
                 return
             self.state = "closing"
             handed_back = [job for job in self.queue if not job.cancelled]
@@ -153,7 +154,8 @@ class ClusterPool:
         with self._changed:
             self._changed.wait_for(lambda: not self.jobs, grace)
             actors = [n.actor for n in self.nodes.values() if n.state in ("placing", "ready")]
-        stops = [actor.shutdown.remote(self.config.kill_grace) for actor in actors]
+        # Their grace is over: each node's pool stops its jobs now, as the local pool does.
+        stops = [actor.shutdown.remote(0.0) for actor in actors]
         with self._changed:  # the loop collects the interrupted results meanwhile
             self._changed.wait_for(lambda: not self.jobs, self.config.kill_grace + 15)
             left = list(self.jobs.values())
@@ -165,7 +167,8 @@ class ClusterPool:
         for job in left:
             self._finish(job, self._synthetic(job, STATUS_INTERRUPTED, "interrupted",
                                               "the service stopped while this job was running"))
-        self._ray.wait(stops, num_returns=len(stops), timeout=5)
+        if stops:
+            self._ray.wait(stops, num_returns=len(stops), timeout=5)
         for actor in actors:
             self._ray.kill(actor, no_restart=True)
         self._ray.shutdown()
