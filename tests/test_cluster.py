@@ -257,6 +257,8 @@ def test_a_node_killed_mid_batch_has_its_jobs_run_again_elsewhere(cluster):
 
     on = wait_until(lambda: (lambda c: c if len(c) >= 2 else None)(running_nodes()), timeout=30, interval=0.1)
     victim = next(iter(on))
+    pool = next(n["pool"] for n in cluster.health()["cluster"]["nodes"] if n["node_id"] == victim)
+    first, last = map(int, pool["job_uids"].split("-"))
     names = node_names(cluster)
     cluster.call("kill_node", name=names[victim])
 
@@ -273,6 +275,8 @@ def test_a_node_killed_mid_batch_has_its_jobs_run_again_elsewhere(cluster):
     health = cluster.health()["cluster"]
     assert health["jobs_on_lost_nodes"]["run_again"] >= len(again)
     assert victim not in {n["node_id"] for n in health["nodes"]}  # dropped
+    left = [p for p in cluster.call("processes") if p["uid"] is not None and first <= p["uid"] <= last]
+    assert not left, left  # nothing of the killed node's pool or its jobs lives on
     metrics = cluster.get("/metrics").json
     counted = re.search(r'executor_cluster_lost_jobs_total\{outcome="run_again"\} (\d+)', metrics)
     assert counted and int(counted.group(1)) >= len(again), metrics
