@@ -126,7 +126,7 @@ def _dynamo_what_if(plan: Plan, work: Path) -> dict[str, Any]:
     every training job. torch_xla imports it anyway, which is why xla does not suffer.
     """
     log("cpu: what-if: train with torch._dynamo preloaded")
-    pool, _ = library.start_pool("cpu", work / "cpu-dynamo", preload=("torch", "torch._dynamo"))
+    pool, _ = library.start_pool("cpu", work / "cpu-dynamo", backend_preload=("torch", "torch._dynamo"))
     try:
         return library.latencies(pool, workloads.workloads("cpu")["train"], plan.warm_runs)
     finally:

@@ -57,7 +57,7 @@ def test_auto_picks_xla_when_torch_xla_imports(make_pool):
 
 def test_template_import_failure_breaks_the_pool_without_respawning(tmp_path):
     pool = WarmPool(PoolConfig(backend="cpu", pool_size=2, work_dir=tmp_path,
-                               preload=("torch", "no_such_module_anywhere"))).start()
+                               backend_preload=("torch", "no_such_module_anywhere"))).start()
     try:
         assert pool.wait_ready(60) is False
         stats = pool.stats()

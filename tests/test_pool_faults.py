@@ -120,7 +120,8 @@ def test_shutdown_interrupts_running_jobs_and_leaves_no_process(make_pool):
     wait_until(lambda: pool.pool.stats()["busy"] >= 1)
     pool.pool.shutdown(grace=0.5)
     assert fut.result(timeout=10).status == "interrupted"
-    assert all(f.cancelled() or f.result().status == "completed" for f in queued)
+    assert all(f.cancelled() or f.result().status == "completed" for f in queued), [
+        "cancelled" if f.cancelled() else (f.result().status, f.result().error_message) for f in queued]
     # make_pool's teardown asserts that no process is left behind
 
 
