@@ -152,8 +152,14 @@ def _copy(item: _Found, dest: str, owner: int, skipped: list[dict[str, str]]) ->
         if why:
             _skip(skipped, item.name, why)
             return None
-        target = os.path.join(dest, *item.name.split("/"))
-        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        parts = item.name.split("/")
+        folder = dest
+        for part in [None, *parts[:-1]]:  # each level 0700, whatever the umask
+            folder = os.path.join(folder, part) if part else folder
+            if not os.path.isdir(folder):
+                os.makedirs(folder, exist_ok=True)
+                os.chmod(folder, 0o700)
+        target = os.path.join(folder, parts[-1])
         digest = hashlib.sha256()
         left = st.st_size
         with open(target, "wb", opener=lambda p, f: os.open(p, f | os.O_EXCL, 0o600)) as out:
