@@ -64,6 +64,10 @@ class ServiceConfig:
     allow_unauthenticated: bool = setting(
         False, "allow listening on a non-loopback address without a token")
     log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
+    artifacts_s3_uri: str | None = setting(
+        None, "upload each finished job's result.json and artifacts to "
+        "s3://bucket/prefix/<paper_id>/<job_id>/ (boto3, default credentials: the instance role)",
+        none="no upload")
     pool: PoolConfig = field(default_factory=PoolConfig)
 
     def __repr__(self) -> str:  # the token never reaches a log line or a traceback
@@ -93,6 +97,10 @@ class ServiceConfig:
         self.pool.validate()
         if not self.host:
             raise ConfigError("host (--host / EXECUTOR_HOST) must not be empty")
+        uri = self.artifacts_s3_uri
+        if uri is not None and (not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]):
+            raise ConfigError("artifacts_s3_uri (--artifacts-s3-uri / EXECUTOR_ARTIFACTS_S3_URI) must look "
+                              f"like s3://bucket/prefix, not {uri[:64]!r}")
         if self.api_token is not None and not self.api_token.strip():
             raise ConfigError("api_token (EXECUTOR_API_TOKEN) must not be blank")
         if not self.api_token and not self.is_loopback() and not self.allow_unauthenticated:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -42,7 +43,7 @@ def test_openapi_documents_every_route_the_app_serves(tmp_path):
     config = ServiceConfig(pool=PoolConfig(work_dir=tmp_path, backend="cpu"))
     app = create_app(config, WarmPool(config.pool))  # never started: routes only
     try:
-        served = {(method, rule.rule.replace("<", "{").replace(">", "}"))
+        served = {(method, re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule))
                   for rule in app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}}
     finally:
         app.extensions["executor"].shutdown(grace=1)
