@@ -252,3 +252,29 @@ def test_a_data_set_dir_a_job_uid_owns_or_inside_the_jobs_tree_is_refused(tmp_pa
         _plan(tmp_path, job_path=(inside,))
     with pytest.raises(ConfigError, match="not a directory"):
         _plan(tmp_path, job_path=(tmp_path / "missing",))
+
+
+def test_a_script_using_xla_model_runs_warm_on_the_xla_backend(tmp_path):
+    """Its imports are preloaded and xla_model's device context exists before the
+    baseline. (The XLA:CPU runtime still starts native threads for larger graphs, which
+    the thread count after a job reports: see docs/job-environment.md.)"""
+    from benchmarks.workloads import workloads
+
+    code = workloads("xla")["real_shaped"]
+    assert "xm.mark_step()" in code
+    pool = start_pool(tmp_path / "xla", backend="xla", pool_size=1)
+    try:
+        first = pool.run(code, timeout=120)
+        assert first.success, first.stderr[-3000:]
+        assert {a.name for a in first.artifacts} == {"loss.png", "model.pt"}
+        small = pool.run("import torch\nimport torch_xla.core.xla_model as xm\nd = xm.xla_device()\n"
+                         "m = torch.nn.Linear(4, 2).to(d)\nm(torch.randn(8, 4).to(d)).sum().backward()\n"
+                         "xm.mark_step()\nprint('ok')\n")
+        pool.wait_full()
+        again = pool.run("print('again')")
+        assert small.stdout == "ok\n" and again.worker.pid == small.worker.pid
+        reasons = [d for r in pool.pool.stats()["respawns"]["recent"] for d in r["detail"]]
+        unexpected = ("registry", "imported modules", "patched")
+        assert not [d for d in reasons if any(w in d for w in unexpected)], reasons
+    finally:
+        pool.pool.shutdown(grace=5)

@@ -65,7 +65,8 @@ def _cold(code: str, job: Path, cache: Path) -> subprocess.CompletedProcess:
     (job / "main.py").write_text(code)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EXECUTOR_", "AWS_"))}
     env.update(MPLBACKEND="Agg", DATASET_CACHE_DIR=str(cache), HOME=str(job), OMP_NUM_THREADS="1",
-               MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HELPERS), str(REPO)]))
+               MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(HELPERS), str(REPO)]))
     return subprocess.run([sys.executable, "main.py"], cwd=job, env=env, capture_output=True, text=True,
                           timeout=180, stdin=subprocess.DEVNULL)
 

@@ -257,7 +257,21 @@ class Placement:
     def template_env(self) -> dict[str, str]:
         env = self.config.template_env(neuron=self.neuron)
         env["MPLBACKEND"] = "Agg"  # when the template imports matplotlib: no display here
+        # OpenBLAS (numpy's, scipy's) sizes its thread pool once, when the template loads
+        # it: to each worker's share, as a job's `python main.py` with the worker's
+        # OMP_NUM_THREADS would. With one thread it never starts a pool at all.
+        env.update(self.thread_env())
         return env
+
+    def thread_env(self) -> dict[str, str]:
+        """Intra-op threads of each worker (and of its jobs' own child processes)."""
+        threads = self.config.threads_per_worker
+        if threads is None and "OMP_NUM_THREADS" not in os.environ:  # an operator's choice wins
+            threads = max(1, (os.cpu_count() or 1) // len(self.cores))
+        if not threads:
+            return {}
+        return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                "OPENBLAS_NUM_THREADS": str(threads)}
 
     def job_env(self) -> dict[str, str]:
         """What every job's environment adds: no display for matplotlib, the job helper
@@ -271,11 +285,7 @@ class Placement:
         """Per-worker environment: the job environment; intra-op threads; on neuron, its one
         NeuronCore."""
         env = self.job_env()
-        threads = self.config.threads_per_worker
-        if threads is None and "OMP_NUM_THREADS" not in os.environ:  # an operator's choice wins
-            threads = max(1, (os.cpu_count() or 1) // len(self.cores))
-        if threads:
-            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env.update(self.thread_env())
         if backend == "neuron" and core is not None:
             from warm_pool import neuron
 

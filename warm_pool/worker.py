@@ -64,6 +64,15 @@ def init_device(backend: str) -> str | None:
         import torch_neuronx  # noqa: F401 - registers the Neuron PJRT plugin
     device = torch_xla.device()
     (torch.ones(2, device=device) + 1).sum().item()
+    # What a first training step does to the process, done before the baseline: a
+    # backward pass on the device starts autograd's thread for it, and the step marker
+    # creates torch_xla.core.xla_model's context for the device (most generated scripts
+    # call xm.mark_step()). Done by a job, both would make the worker look dirty.
+    import torch_xla.core.xla_model as xm
+
+    weight = torch.ones(2, device=device, requires_grad=True)
+    (weight * 2).sum().backward()
+    xm.mark_step()
     return str(device)
 
 
@@ -94,15 +103,20 @@ def warm_up() -> None:
 
 
 def _start_native_pools(torch: Any) -> None:
-    square = torch.ones(256, 256)
-    (square @ square).sum().item()
+    """Start the pools a job's first large product would start, when they have more than
+    one thread (with one, the default when workers fill the cores, none ever starts)."""
+    if torch.get_num_threads() > 1:
+        square = torch.ones(256, 256)
+        (square @ square).sum().item()
     numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        matrix = numpy.ones((256, 256))
-        matrix @ matrix  # noqa: B018 - run for its side effect (OpenBLAS starts its threads)
+    blas_threads = os.environ.get("OPENBLAS_NUM_THREADS", "")
+    if numpy is None or (blas_threads.isdigit() and int(blas_threads) <= 1):
+        return
+    matrix = numpy.ones((256, 256))
+    matrix @ matrix  # noqa: B018 - run for its side effect (OpenBLAS starts its threads)
     blas = sys.modules.get("scipy.linalg.blas")
-    if blas is not None and numpy is not None:
-        blas.dgemm(1.0, numpy.ones((256, 256)), numpy.ones((256, 256)))
+    if blas is not None:
+        blas.dgemm(1.0, matrix, matrix)
 
 
 def check_job_access(paths: tuple[str, ...]) -> None:
