@@ -17,6 +17,7 @@ from typing import Any
 
 _MISSING = object()
 _TQDM_ATTRS = ("monitor", "_instances", "_lock")
+_TQDM_JOIN_S = 1.0
 
 
 @dataclass
@@ -61,8 +62,12 @@ class LibraryState:
         """Stop every monitor thread the job's bars started; put the classes back."""
         for klass in _tqdm_classes():
             monitor = vars(klass).get("monitor")
-            if monitor is not None and hasattr(monitor, "exit"):
-                monitor.exit()  # sets its event and joins it: it is waiting on that event
+            if monitor is not None and hasattr(monitor, "was_killed"):
+                # What TMonitor.exit() does, with a bound: it waits on that event, but a
+                # thread the job left may hold the lock it takes next (then the thread is
+                # still alive, and the worker is found dirty for it).
+                monitor.was_killed.set()
+                monitor.join(_TQDM_JOIN_S)
             saved = self.tqdm_classes.get(klass)
             if saved is None:  # a class the job defined: it goes with the job
                 continue

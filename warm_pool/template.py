@@ -5,7 +5,9 @@ It is started with `python -P -m warm_pool.template FD SETTINGS_JSON` (never for
 the multi-threaded service: fork copies one thread and every lock the others held).
 It imports the backend's modules and does nothing else with them: no device, no torch
 operation, because neither the XLA/Neuron runtime nor OpenMP thread pools survive a
-fork (a child of a parent that started them hangs). Before each fork it checks the XLA
+fork (a child of a parent that started them hangs). Then the optional preloads
+(preload.py: what generated scripts commonly import, warmed up on the CPU, skipped and
+reported when missing, failing or starting a thread). Before each fork it checks the XLA
 runtime is still uninitialised, the same check torch-xla's own fork-based spawner
 makes. Having imported everything, it takes the interpreter's fingerprint once
 (integrity.py); every worker inherits it and checks it after each job.
