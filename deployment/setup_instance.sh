@@ -14,7 +14,9 @@
 #     /opt/trainium-executor/venv and installs requirements-neuron.txt from the Neuron pip
 #     repository (https://pip.repos.neuron.amazonaws.com; the PyPI projects of the same
 #     names are empty placeholders).
-#  3. Installs requirements.txt and this project (--no-deps) into that venv, with
+#  3. Installs requirements.txt, requirements-jobs.txt (what generated scripts import:
+#     torchvision matching the venv's torch, matplotlib, tqdm, pandas, scikit-learn) and
+#     this project (--no-deps) into that venv, with
 #     torch/torch-xla/torch-neuronx/neuronx-cc/libneuronxla pinned by a constraints file
 #     so they are never touched, and checks afterwards that they were not.
 #  4. Creates the system user trainium-executor, /etc/trainium-executor, the API token
@@ -179,6 +181,7 @@ esac
 # --- 3. This project into the venv ----------------------------------------------------
 fingerprint() {  # what was installed: the project's sources, requirements and unit
     (cd "$PROJECT_DIR" && find warm_pool executor_service systemd pyproject.toml requirements.txt \
+        requirements-jobs.txt \
         -type f ! -name '*.pyc' 2>/dev/null | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
 }
 STAMP="$ROOT$CONF_DIR/.installed"
@@ -191,7 +194,8 @@ else
     constraints="$(mktemp)"
     trap 'rm -f "$constraints"' EXIT
     printf '%s\n' "$before" > "$constraints"
-    "$PY" -m pip install --quiet -c "$constraints" -r "$PROJECT_DIR/requirements.txt"
+    "$PY" -m pip install --quiet -c "$constraints" -r "$PROJECT_DIR/requirements.txt" \
+        -r "$PROJECT_DIR/requirements-jobs.txt"
     "$PY" -m pip install --quiet --no-deps --force-reinstall "$PROJECT_DIR"
     after="$("$PY" -m pip freeze --all | grep -Ei "$PROTECTED_RE" || true)"
     [ "$before" = "$after" ] || die "the install changed the Neuron packages:
