@@ -17,9 +17,14 @@ $(PY):
 
 # The service and the CPU stand-in backend (torch + torch-xla). A venv that already has
 # torch (an instance's Neuron venv) keeps its own: nothing here reinstalls it.
-$(RUN_STAMP): $(PY) requirements.txt requirements-xla.txt pyproject.toml
+# Then what generated scripts import (requirements-jobs.txt), with the venv's torch
+# packages pinned, so torchvision matches that torch and nothing replaces it.
+TORCH_PINS := $(VENV)/.torch-constraints
+$(RUN_STAMP): $(PY) requirements.txt requirements-xla.txt requirements-jobs.txt pyproject.toml
 	$(PIP) install --quiet -r requirements.txt
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -r requirements-xla.txt
+	$(PIP) freeze --all | grep -Ei '^(torch|torch-xla|torch_xla|torch-neuronx|torch_neuronx|neuronx-cc|libneuronxla)==' > $(TORCH_PINS)
+	$(PIP) install --quiet -c $(TORCH_PINS) -r requirements-jobs.txt
 	$(PIP) install --quiet --no-deps -e .
 	touch $@
 

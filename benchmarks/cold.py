@@ -15,8 +15,14 @@ import time
 
 
 def cold_env(backend: str) -> dict[str, str]:
-    """The environment a cold script runs with; xla runs on the CPU PJRT device here."""
+    """The environment a cold script runs with, as the pool gives jobs theirs: no display
+    for matplotlib, the shipped job helpers (dataset_loader) on PYTHONPATH; xla runs on
+    the CPU PJRT device here."""
+    from warm_pool import JOB_HELPERS_DIR
+
     env = dict(os.environ)
+    env["MPLBACKEND"] = "Agg"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(JOB_HELPERS_DIR), env.get("PYTHONPATH")) if p)
     if backend == "xla":
         env.setdefault("PJRT_DEVICE", "CPU")
     return env

@@ -22,9 +22,11 @@ _ids = itertools.count()
 
 
 def start_pool(backend: str, work_dir: Path, size: int = 2, timeout: float = 180.0,
-               isolation: str = "auto") -> tuple[WarmPool, float]:
+               isolation: str = "auto", backend_preload: tuple[str, ...] | None = None
+               ) -> tuple[WarmPool, float]:
     """Start a pool and wait until all `size` workers are idle; return it and the seconds it took."""
-    pool = WarmPool(PoolConfig(backend=backend, pool_size=size, work_dir=work_dir, isolation=isolation))
+    pool = WarmPool(PoolConfig(backend=backend, pool_size=size, work_dir=work_dir, isolation=isolation,
+                               backend_preload=backend_preload))
     start = time.perf_counter()
     pool.start()
     if not pool.wait_ready(timeout) or not wait_idle(pool, size, timeout):

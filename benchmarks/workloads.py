@@ -1,7 +1,11 @@
 """The scripts the benchmark times, each a complete `main.py`.
 
-The cpu backend runs the first three; the xla backend runs all four, and its training
-loop runs on the XLA device, so every xla script pays for `import torch_xla` when cold.
+The cpu backend runs trivial, matmul, train and real_shaped; the xla backend runs those
+and xla_ops, and its training loops run on the XLA device, so every xla script pays for
+`import torch_xla` when cold. real_shaped is what the service's callers really send
+(docs/job-environment.md): torch, torchvision, matplotlib and tqdm imported, a data set
+from the shipped dataset_loader, a tiny model trained a few steps, a loss plot and a
+checkpoint saved.
 """
 
 from __future__ import annotations
@@ -35,8 +39,41 @@ for epoch in range(20):
 print(f"METRICS: {{json.dumps({{'training_loss': loss.item(), 'epochs': 20}})}}")
 """
 
+REAL_SHAPED = """\
+import json
+import matplotlib.pyplot as plt
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+from tqdm import tqdm
+from dataset_loader import load_dataset
+{device_setup}
+torch.manual_seed(0)
+train_loader, _ = load_dataset("synthetic", batch_size=32, num_samples=256, input_shape=(3, 16, 16),
+                               num_classes=4)
+model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                      nn.Linear(128, 4)).to(device)
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+flip = T.RandomHorizontalFlip()
+losses = []
+for x, y in tqdm(train_loader, desc="train"):
+    x, y = flip(x).to(device), y.to(device)
+    optimizer.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    {step_sync}
+    losses.append(loss.item())
+plt.plot(losses)
+plt.savefig("loss.png")
+torch.save(model.state_dict(), "model.pt")
+print(f"METRICS: {{json.dumps({{'training_loss': losses[-1], 'steps': len(losses)}})}}")
+"""
+
 CPU_SETUP = 'device = torch.device("cpu")'
 XLA_SETUP = "import torch_xla\ndevice = torch_xla.device()"
+# How most generated scripts reach the device (torch_xla.core.xla_model).
+XM_SETUP = "import torch_xla.core.xla_model as xm\ndevice = xm.xla_device()"
 
 XLA_OPS = """\
 import torch
@@ -58,9 +95,11 @@ def workloads(backend: str) -> dict[str, str]:
     """Name → script for the per-script latency comparison on `backend`."""
     if backend == "xla":
         train = TRAIN.format(device_setup=XLA_SETUP, step_sync="torch_xla.sync()")
-        return {"trivial": TRIVIAL, "matmul": MATMUL, "train": train, "xla_ops": XLA_OPS}
+        real = REAL_SHAPED.format(device_setup=XM_SETUP, step_sync="xm.mark_step()")
+        return {"trivial": TRIVIAL, "matmul": MATMUL, "train": train, "real_shaped": real, "xla_ops": XLA_OPS}
     train = TRAIN.format(device_setup=CPU_SETUP, step_sync="pass")
-    return {"trivial": TRIVIAL, "matmul": MATMUL, "train": train}
+    real = REAL_SHAPED.format(device_setup=CPU_SETUP, step_sync="pass")
+    return {"trivial": TRIVIAL, "matmul": MATMUL, "train": train, "real_shaped": real}
 
 
 def batch(backend: str, size: int = 10) -> list[dict[str, str]]:

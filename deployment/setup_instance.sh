@@ -15,7 +15,9 @@
 #     /opt/trainium-executor/venv and installs requirements-neuron.txt from the Neuron pip
 #     repository (https://pip.repos.neuron.amazonaws.com; the PyPI projects of the same
 #     names are empty placeholders).
-#  3. Installs requirements.txt and this project (--no-deps) into that venv, with
+#  3. Installs requirements.txt, requirements-jobs.txt (what generated scripts import:
+#     torchvision matching the venv's torch, matplotlib, tqdm, pandas, scikit-learn) and
+#     this project (--no-deps) into that venv, with
 #     torch/torch-xla/torch-neuronx/neuronx-cc/libneuronxla pinned by a constraints file
 #     so they are never touched, and checks afterwards that they were not.
 #  4. Creates the system user trainium-executor, /etc/trainium-executor, the API token
@@ -222,12 +224,12 @@ esac
 # --- 3. This project into the venv ----------------------------------------------------
 fingerprint() {  # what was installed: the project's sources, requirements and unit
     (cd "$PROJECT_DIR" && find warm_pool executor_service systemd pyproject.toml requirements.txt \
-        requirements-cluster.txt -type f ! -name '*.pyc' 2>/dev/null | LC_ALL=C sort | xargs sha256sum \
-        | sha256sum | cut -d' ' -f1)
+        requirements-jobs.txt requirements-cluster.txt -type f ! -name '*.pyc' 2>/dev/null | LC_ALL=C sort \
+        | xargs sha256sum | sha256sum | cut -d' ' -f1)
 }
 STAMP="$ROOT$CONF_DIR/.installed"
 WANT="$(fingerprint) $VENV_REAL"
-REQUIREMENTS=(-r "$PROJECT_DIR/requirements.txt")
+REQUIREMENTS=(-r "$PROJECT_DIR/requirements.txt" -r "$PROJECT_DIR/requirements-jobs.txt")
 if [ "$CLUSTER" -eq 1 ]; then  # Ray, for the cluster's head or a node
     WANT="$WANT with-ray"
     REQUIREMENTS+=(-r "$PROJECT_DIR/requirements-cluster.txt")

@@ -11,10 +11,10 @@ import logging
 import time
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from executor_service import auth, jobs, validation
+from executor_service import artifacts, auth, jobs, validation
 from executor_service.config import ServiceConfig
 from executor_service.jobs import RETRY_AFTER_S, Accepted, JobRunner, batch_response
 from executor_service.metrics import CONTENT_TYPE, Metrics
@@ -292,6 +292,37 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
     @app.get("/jobs/<job_id>")
     def get_job(job_id: str):
         return jsonify(runner.job_document(job_id))
+
+    def job_row(job_id: str):
+        row = runner.store.get_job(job_id)
+        if row is None:
+            raise jobs.UnknownJob(f"no job {validation.echo(job_id)}")
+        return row
+
+    @app.get("/jobs/<job_id>/artifacts")
+    def list_artifacts(job_id: str):
+        row = job_row(job_id)
+        kept = runner.store.artifacts(job_id)
+        for item in kept:
+            item["url"] = f"/jobs/{job_id}/artifacts/{item['name']}"
+        skipped = (row.result or {}).get("artifacts_skipped", [])
+        return jsonify(job_id=job_id, status=row.status, artifacts=kept,
+                       total_bytes=sum(a["size"] for a in kept), skipped=skipped,
+                       export=runner.store.export(job_id))
+
+    @app.get("/jobs/<job_id>/artifacts/<path:name>")
+    def get_artifact(job_id: str, name: str):
+        job_row(job_id)
+        found = runner.store.artifact(job_id, name)
+        if found is None:  # only names the store holds are served: no path ever comes from the URL
+            raise ApiError(404, f"job {validation.echo(job_id)} has no artifact {validation.echo(name)}")
+        path = config.pool.artifacts_dir / job_id / found["name"]
+        resp = send_file(path, mimetype=artifacts.DEFAULT_TYPE, as_attachment=True,
+                         download_name=found["name"].rsplit("/", 1)[-1], etag=found["sha256"],
+                         conditional=True, max_age=0)
+        resp.headers["Content-Type"] = found["content_type"]  # as is: send_file would add a charset
+        resp.headers.update(artifacts.HEADERS)
+        return resp
 
     @app.delete("/jobs/<job_id>")
     def cancel_job(job_id: str):

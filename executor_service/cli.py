@@ -1,5 +1,5 @@
-"""`trainium-executor serve | submit FILE... | health | status | idle-stop` (also `python -m
-executor_service`).
+"""`trainium-executor serve | submit FILE... | health | status | artifacts JOB_ID | datasets fetch NAME...
+| idle-stop` (also `python -m executor_service`).
 
 serve      run the service (every flag also from its EXECUTOR_* environment variable)
 submit     send scripts as one async batch, wait for it, print the batch response as JSON
@@ -7,6 +7,8 @@ health     print GET /health (exit 0 when healthy, 1 otherwise)
 status     print GET /status
 idle-stop  run a command (shutdown -h now) when no job has been queued or running for
            --after MINUTES, judged from the job store (the idle-stop systemd timer runs it)
+artifacts  list a job's artifacts, or download them all with -o DIR
+datasets   fill the data set cache jobs read (datasets fetch NAME... --source URL|s3://...|torchvision)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
 
     idle.add_arguments(sub.add_parser("idle-stop", help="stop the instance when it has been idle"),
                        os.environ.get("EXECUTOR_WORK_DIR") or str(PoolConfig().work_dir))
+    arts = sub.add_parser("artifacts", help="list a job's artifacts, or download them (-o DIR)")
+    client_args(arts)
+    arts.add_argument("job_id")
+    arts.add_argument("-o", "--output", type=Path, default=None, help="download every artifact into DIR")
+    datasets = sub.add_parser("datasets", help="fill the data set cache (on the instance, as root)")
+    dsub = datasets.add_subparsers(dest="datasets_command", required=True)
+    fetch = dsub.add_parser("fetch", help="copy or download data sets into the cache")
+    fetch.add_argument("names", nargs="+", help="cifar10 cifar100 mnist fashion_mnist imdb wikitext2")
+    fetch.add_argument("--source", required=True,
+                       help="http(s)://, file:// or s3://bucket/prefix holding <name>/<file> (a copy of "
+                            "another cache); torchvision (image sets); huggingface (imdb, wikitext2)")
+    fetch.add_argument("--datasets-dir", type=Path, default=None,
+                       help="the cache [env EXECUTOR_DATASETS_DIR, default <work_dir>/datasets]")
     return parser
 
 
@@ -84,13 +100,15 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return serve(config)
-        except cfg.ConfigError as exc:  # found only when starting: the pool's or the cluster's
+        except cfg.ConfigError as exc:  # found only when starting: the pool's dirs and uids, the cluster
             print(f"trainium-executor: configuration error: {exc}", file=sys.stderr)
             return 2
     if args.command == "idle-stop":
         from executor_service import idle
 
         return idle.main(args)
+    if args.command == "datasets":
+        return _fetch_datasets(args)
 
     from executor_service.client import ExecutorError
 
@@ -102,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if body.get("status") == "healthy" else 1
         if args.command == "status":
             print(json.dumps(client.status(), indent=2))
+            return 0
+        if args.command == "artifacts":
+            if args.output is None:
+                print(json.dumps(client.list_artifacts(args.job_id), indent=2))
+            else:
+                for path in client.download_artifacts(args.job_id, str(args.output)):
+                    print(path)
             return 0
         seen: set[str] = set()
         batch = [{"paper_id": _paper_id(f, seen), "code": f.read_text(encoding="utf-8")}
@@ -117,6 +142,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ExecutorError, OSError) as exc:
         print(f"trainium-executor: {exc}", file=sys.stderr)
         return 1
+
+
+def _fetch_datasets(args: argparse.Namespace) -> int:
+    """Run the shipped dataset_loader's fetch (it alone knows the cache format) into the
+    cache, then make what it wrote readable by every job uid."""
+    from warm_pool import JOB_HELPERS_DIR, PoolConfig, settings
+
+    if args.datasets_dir is not None:
+        dest = args.datasets_dir
+    else:
+        dest = PoolConfig(**settings.from_sources(PoolConfig, None, os.environ)).datasets_path
+    dest.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, str(JOB_HELPERS_DIR / "dataset_loader.py"), "fetch", *args.names,
+                           "--dest", str(dest), "--source", args.source], check=False)
+    for path in [dest, *dest.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    return proc.returncode
 
 
 if __name__ == "__main__":

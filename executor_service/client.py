@@ -21,8 +21,11 @@ the service POSTs the result to `callback_url` (signed, see docs/webhooks.md), a
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -181,6 +184,46 @@ class ExecutorClient:
                 return self.get_job(job_id)
             raise
 
+    def list_artifacts(self, job_id: str) -> dict[str, Any]:
+        """GET /jobs/<id>/artifacts: {"artifacts": [{name, size, sha256, content_type, url}], ...}."""
+        return self.request("GET", f"/jobs/{_quote(job_id)}/artifacts")
+
+    def get_artifact(self, job_id: str, name: str) -> bytes:
+        """One artifact's bytes."""
+        req = urllib.request.Request(f"{self.base_url}/jobs/{_quote(job_id)}/artifacts/{_quote(name, '/')}")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.request_timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as exc:
+            body = _decode(exc.read())
+            message = body.get("error") if isinstance(body, dict) else str(body)
+            raise ExecutorError(exc.code, message or "request failed", body) from None
+
+    def download_artifacts(self, job_id: str, dest: str) -> list[str]:
+        """Save every artifact of a job below dest (subdirectories kept); return the paths.
+
+        Names come from the service, but are checked again here (no absolute path, no
+        '..', no hidden parts), and each file's SHA-256 against the listing.
+        """
+        saved = []
+        for item in self.list_artifacts(job_id)["artifacts"]:
+            name = item["name"]
+            parts = name.split("/")
+            if not all(_SAFE_PART.match(p) for p in parts):
+                raise ExecutorError(None, f"refusing an artifact name that is not a plain relative path: "
+                                          f"{name!r}")
+            data = self.get_artifact(job_id, name)
+            if hashlib.sha256(data).hexdigest() != item["sha256"]:
+                raise ExecutorError(None, f"artifact {name} does not match its SHA-256")
+            path = os.path.join(dest, *parts)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+            saved.append(path)
+        return saved
+
     def wait_batch(self, batch_id: str, deadline_s: float | None = None) -> dict[str, Any]:
         """Poll with backoff until the batch is completed; the original batch shape."""
         deadline = time.monotonic() + deadline_s if deadline_s else None
@@ -202,6 +245,13 @@ class ExecutorClient:
         submitted = self.submit_batch(batch, timeout=timeout, deadline=deadline, callback_url=callback_url)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.wait_batch(submitted["batch_id"], deadline_s=left)
+
+
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 ._+=-]{0,127}$")
+
+
+def _quote(text: str, safe: str = "") -> str:
+    return urllib.parse.quote(text, safe=safe)
 
 
 def original_shape(batch: dict[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,7 @@ from warm_pool import (
     PoolConfig,
     QueueFull,
 )
+from warm_pool import artifacts as pool_artifacts
 
 log = logging.getLogger("executor_service.cluster")
 
@@ -122,6 +123,8 @@ class ClusterPool:
             signal.signal(sig, handler)
         self._ray = ray
         self._actor_class = ray.remote(NodePool)
+        # The jobs' artifacts come back from their nodes to here, as on one instance.
+        self.config.artifacts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self.lock:
             self.state = "running"
         self._thread = threading.Thread(target=self._loop, name="cluster-dispatch", daemon=True)
@@ -362,7 +365,10 @@ class ClusterPool:
         job.ref = None
         if error is None:
             self.jobs.pop(job.spec.job_id, None)
-            return self._wrap(job, value)
+            result, files = value
+            kept = pool_artifacts.unpack(str(self.config.artifacts_dir), job.spec.job_id,
+                                         result.artifacts, files)
+            return self._wrap(job, dataclasses.replace(result, artifacts=kept))
         cause = getattr(error, "cause", None)
         if isinstance(error, self._ray.exceptions.RayTaskError) and isinstance(
                 cause, (QueueFull, PoolClosed, PoolBroken)):

@@ -93,6 +93,10 @@ class ServiceConfig:
     max_attempts: int = setting(
         2, "on a cluster, how many times a job may be started when the node running it is lost "
         "(Spot reclaim, crash); past it the job ends with error_type node_lost", minimum=1, maximum=10)
+    artifacts_s3_uri: str | None = setting(
+        None, "upload each finished job's result.json and artifacts to "
+        "s3://bucket/prefix/<paper_id>/<job_id>/ (boto3, default credentials: the instance role)",
+        none="no upload")
     pool: PoolConfig = field(default_factory=PoolConfig)
 
     def __repr__(self) -> str:  # secrets never reach a log line or a traceback
@@ -124,6 +128,10 @@ class ServiceConfig:
         self.pool.validate()
         if not self.host:
             raise ConfigError("host (--host / EXECUTOR_HOST) must not be empty")
+        uri = self.artifacts_s3_uri
+        if uri is not None and (not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]):
+            raise ConfigError("artifacts_s3_uri (--artifacts-s3-uri / EXECUTOR_ARTIFACTS_S3_URI) must look "
+                              f"like s3://bucket/prefix, not {uri[:64]!r}")
         if self.api_token is not None and not self.api_token.strip():
             raise ConfigError("api_token (EXECUTOR_API_TOKEN) must not be blank")
         if self.callback_hosts and not self.callback_secret:

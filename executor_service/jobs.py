@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
 import threading
 import time
 import uuid
@@ -29,6 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from executor_service import artifacts
 from executor_service.analysis import result_document
 from executor_service.config import ServiceConfig
 from executor_service.metrics import Metrics
@@ -171,6 +174,8 @@ class JobRunner:
         self._last_prune = 0.0
         self.webhooks = Deliverer(store, config.callback_secret, self._callback_document,
                                   config.callback_attempts, config.callback_backoff, config.callback_timeout)
+        self.exporter = (artifacts.S3Exporter(config.artifacts_s3_uri, store, config.pool.artifacts_dir)
+                         if config.artifacts_s3_uri else None)
 
     # lifecycle -------------------------------------------------------------------
 
@@ -182,6 +187,8 @@ class JobRunner:
         if interrupted or queued:
             log.info("recovered jobs", extra={"interrupted": interrupted, "requeued": queued})
         self._prune()
+        if self.exporter is not None:
+            self.exporter.start()
         self._thread = threading.Thread(target=self._loop, name="dispatch", daemon=True)
         self._thread.start()
         self.webhooks.start()
@@ -205,6 +212,21 @@ class JobRunner:
             n = self.store.prune(self.config.retention_hours * 3600)
             if n:
                 log.info("pruned old batches", extra={"batches": n})
+        self._sweep_artifacts()
+
+    def _sweep_artifacts(self) -> None:
+        """Remove the artifacts of jobs the store no longer holds (pruned, or never stored)."""
+        root = self.config.pool.artifacts_dir
+        try:
+            names = [n for n in os.listdir(root) if not n.startswith(".")]
+        except OSError:
+            return
+        with self._lock:
+            running = set(self._submitted)
+        known = self.store.known_jobs(names)
+        for name in names:
+            if name not in known and name not in running:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
     def shutdown(self, grace: float) -> None:
         """Stop taking work; running jobs get `grace` seconds; queued ones stay queued."""
@@ -225,6 +247,8 @@ class JobRunner:
         except Exception:  # noqa: BLE001 - shutting down whatever happens
             log.exception("webhook pass at shutdown failed")
         self.webhooks.shutdown(timeout=5)
+        if self.exporter is not None:
+            self.exporter.close()
 
     # accepting and dispatching -------------------------------------------------------
 
@@ -326,16 +350,21 @@ class JobRunner:
         try:
             if fut.cancelled():
                 return  # pool shut down before the job started: it stays queued
+            kept: list[dict[str, Any]] = []
             try:
                 result: JobResult = fut.result()
                 data = result_document(result.to_dict(), row.code)
                 status = result.status if result.status in TERMINAL_STATUSES else "completed"
+                kept = artifacts.records(result)
             except Exception as exc:  # noqa: BLE001 - the pool promised results, be safe anyway
                 log.exception("job future raised", extra={"job_id": row.job_id})
                 data = synthetic_result(row, "completed", "internal", f"internal error: {exc!r}")
                 status = "completed"
-            if self.store.finish(row.job_id, status, data):
+            if self.store.finish(row.job_id, status, data, kept):
                 self.metrics.job_finished(data)
+                if self.exporter is not None:
+                    stored = self.store.get_job(row.job_id)
+                    self.exporter.submit(row.job_id, row.paper_id, stored.to_public() if stored else data)
             log.info("job finished", extra={"job_id": row.job_id, "paper_id": row.paper_id,
                                             "status": status, "error_type": data.get("error_type"),
                                             "execution_time": data.get("execution_time")})

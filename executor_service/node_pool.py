@@ -37,6 +37,7 @@ from warm_pool import (
     JobSpec,
     PoolConfig,
     WarmPool,
+    artifacts,
 )
 
 log = logging.getLogger("executor_service.node_pool")
@@ -62,8 +63,9 @@ class NodePool:
         log.info("node pool started", extra={"node_id": node_id, "work_dir": str(self.config.work_dir),
                                              "job_uid_base": self.pool.config.job_uid_base})
 
-    async def run(self, spec: JobSpec) -> JobResult:
-        """Run one job on this node's pool; its result (never raises for the job itself).
+    async def run(self, spec: JobSpec) -> tuple[JobResult, list[tuple[str, bytes]]]:
+        """Run one job on this node's pool: its result (never raises for the job itself)
+        and its kept artifacts' bytes, which leave this node with it (the head keeps them).
 
         Raises what `WarmPool.submit` raises (QueueFull, PoolClosed, PoolBroken): the job
         did not start here, and the head may send it elsewhere."""
@@ -71,17 +73,20 @@ class NodePool:
             self.cancelled.discard(spec.job_id)
             return JobResult(job_id=spec.job_id, paper_id=spec.paper_id, status=STATUS_CANCELLED,
                              error_type="cancelled", error_message="cancelled before it started",
-                             finished_at=time.time())
+                             finished_at=time.time()), []
         future = self.pool.submit(spec)
         try:
-            return await asyncio.wrap_future(future)
+            result = await asyncio.wrap_future(future)
+            files = await asyncio.to_thread(artifacts.pack, str(self.config.artifacts_dir), spec.job_id,
+                                            result.artifacts)
+            return result, files
         except asyncio.CancelledError:
             if not future.cancelled():
                 raise
             # The pool shut down before a worker took it: it never started here.
             return JobResult(job_id=spec.job_id, paper_id=spec.paper_id, status=STATUS_INTERRUPTED,
                              error_type="interrupted", error_message="the node's pool shut down before "
-                             "the job started", finished_at=time.time())
+                             "the job started", finished_at=time.time()), []
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job queued or running here; False if it is already ending. One whose

@@ -60,6 +60,21 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs(batch_id);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status);
+CREATE TABLE IF NOT EXISTS artifacts (   -- files a job left that were kept (pruned with it)
+    job_id       TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+    name         TEXT NOT NULL,           -- relative, '/'-separated (warm_pool.artifacts rules)
+    size         INTEGER NOT NULL,
+    sha256       TEXT NOT NULL,
+    content_type TEXT NOT NULL,           -- what GET /jobs/<id>/artifacts/<name> answers with
+    PRIMARY KEY (job_id, name)
+);
+CREATE TABLE IF NOT EXISTS exports (     -- the upload of a job's result and artifacts (S3)
+    job_id     TEXT PRIMARY KEY REFERENCES jobs(job_id) ON DELETE CASCADE,
+    uri        TEXT NOT NULL,
+    status     TEXT NOT NULL,             -- uploaded | failed
+    error      TEXT,
+    at         REAL NOT NULL
+);
 """
 
 # Schema changes after the first release, applied in order to old and new stores alike
@@ -281,13 +296,70 @@ class JobStore:
             " AND status IN (?,?)",
             (STATUS_RUNNING, time.time(), json.dumps(worker), job_id, *ACTIVE_STATUSES)))
 
-    def finish(self, job_id: str, status: str, result: dict[str, Any]) -> bool:
-        """Record a terminal status and result; False if the job was already terminal."""
+    def finish(self, job_id: str, status: str, result: dict[str, Any],
+               artifacts: list[dict[str, Any]] | None = None) -> bool:
+        """Record a terminal status and result, and the artifacts kept (name, size, sha256,
+        content_type); False if the job was already terminal."""
         assert status in TERMINAL_STATUSES, status
-        cur = self._tx(lambda db: db.execute(
-            "UPDATE jobs SET status=?, finished_at=?, result=? WHERE job_id=? AND status IN (?,?)",
-            (status, time.time(), json.dumps(result), job_id, STATUS_QUEUED, STATUS_RUNNING)))
-        return cur.rowcount == 1
+
+        def update(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "UPDATE jobs SET status=?, finished_at=?, result=? WHERE job_id=? AND status IN (?,?)",
+                (status, time.time(), json.dumps(result), job_id, STATUS_QUEUED, STATUS_RUNNING))
+            if cur.rowcount == 1 and artifacts:
+                db.executemany("INSERT OR REPLACE INTO artifacts(job_id, name, size, sha256, content_type) "
+                               "VALUES (?,?,?,?,?)", [(job_id, a["name"], a["size"], a["sha256"],
+                                                       a["content_type"]) for a in artifacts])
+            return cur.rowcount
+
+        return self._tx(update) == 1
+
+    def artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        """A job's kept artifacts, by name."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, size, sha256, content_type FROM artifacts WHERE job_id=? "
+                                    "ORDER BY name", (job_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def artifact(self, job_id: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT name, size, sha256, content_type FROM artifacts WHERE job_id=? "
+                                   "AND name=?", (job_id, name)).fetchone()
+        return dict(row) if row else None
+
+    def known_jobs(self, job_ids: list[str]) -> set[str]:
+        """Which of these job ids the store holds."""
+        found: set[str] = set()
+        with self._lock:
+            for i in range(0, len(job_ids), 500):
+                chunk = job_ids[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(f"SELECT job_id FROM jobs WHERE job_id IN ({marks})",
+                                        chunk).fetchall()
+                found.update(r[0] for r in rows)
+        return found
+
+    def record_export(self, job_id: str, uri: str, status: str, error: str | None) -> None:
+        self._tx(lambda db: db.execute(
+            "INSERT OR REPLACE INTO exports(job_id, uri, status, error, at) SELECT ?,?,?,?,? "
+            "WHERE EXISTS (SELECT 1 FROM jobs WHERE job_id=?)",
+            (job_id, uri, status, error, time.time(), job_id)))
+
+    def export(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT uri, status, error FROM exports WHERE job_id=?",
+                                   (job_id,)).fetchone()
+        return dict(row) if row else None
+
+    def not_exported(self, limit: int = 1000) -> list[JobRow]:
+        """Finished jobs whose upload was never tried (the service stopped first)."""
+        placeholders = ",".join("?" * len(TERMINAL_STATUSES))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE status IN ({placeholders}) AND NOT EXISTS (SELECT 1 FROM exports "
+                f"WHERE exports.job_id = jobs.job_id) ORDER BY seq LIMIT ?",
+                (*TERMINAL_STATUSES, limit)).fetchall()
+        return [_row(r) for r in rows]
 
     # reading ---------------------------------------------------------------------------
 

@@ -134,6 +134,20 @@ def test_execute_jobs_and_batches_answer_as_on_one_node(cluster, openapi):  # no
     openapi.validate("GET", "/batches/{batch_id}", batch_answer)
 
 
+def test_a_jobs_artifacts_come_back_from_its_node_to_the_head(cluster):
+    ensure_nodes(cluster, 1)
+    code = ("import json, os\nos.makedirs('out', exist_ok=True)\n"
+            "open('out/curve.csv', 'w').write('step,loss\\n1,0.5\\n')\n"
+            "json.dump({'loss': 0.5}, open('metrics.json', 'w'))\n")
+    result = cluster.post("/execute", {"paper_id": "p-artifacts", "code": code}).json
+    assert result["success"] and result["artifacts"] == ["metrics.json", "out/curve.csv"]
+    listed = cluster.get(f"/jobs/{result['job_id']}/artifacts").json
+    assert sorted(a["name"] for a in listed["artifacts"]) == ["metrics.json", "out/curve.csv"]
+    csv = cluster.get(f"/jobs/{result['job_id']}/artifacts/out/curve.csv")
+    assert csv.status == 200 and csv.json == "step,loss\n1,0.5\n"
+    assert cluster.get(f"/jobs/{result['job_id']}/artifacts/metrics.json").json == {"loss": 0.5}
+
+
 def test_cancelling_a_job_running_on_a_node(cluster):
     ensure_nodes(cluster, 1)
     accepted = cluster.post("/jobs", {"paper_id": "p-cancel", "code": SLEEP.format(s=120)})

@@ -119,7 +119,7 @@ def test_processes_a_job_leaves_are_killed_and_the_worker_stays(one_worker):
     uid = next(w["uid"] for w in one_worker.pool.stats()["workers"] if w["pid"] == first.worker.pid)
     assert [p.pid for p in psutil.process_iter(["uids"])
             if p.info["uids"].real == uid and _alive(p.pid)] == [first.worker.pid]
-    assert one_worker.run("print(1)").worker.pid == first.worker.pid
+    assert one_worker.run("print(1)").worker.pid == first.worker.pid, one_worker.pool.stats()["respawns"]
 
 
 def _alive(pid: int) -> bool:

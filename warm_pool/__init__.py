@@ -12,14 +12,17 @@ Public API (everything the HTTP service uses comes from here)::
     result: JobResult = fut.result()   # job failures are results, never exceptions
     pool.cancel("j1")                  # queued or running; result.status == "cancelled"
     pool.stats()                       # dict for /health: backend, size, idle, busy, ...
+    result.artifacts                   # files the job left that were kept (artifacts.py;
+                                       # artifacts.pack/unpack move them to another machine)
     pool.shutdown(grace=30.0)          # drain running jobs up to grace, then kill
 
 ``submit`` raises ``QueueFull``, ``PoolClosed`` or ``PoolBroken``; nothing else about a
 job ever raises.
 """
 
-from warm_pool import settings
-from warm_pool.config import BACKENDS, PoolConfig
+from warm_pool import artifacts, settings
+from warm_pool.artifacts import Artifact
+from warm_pool.config import BACKENDS, DEFAULT_ARTIFACTS, DEFAULT_PRELOAD, JOB_HELPERS_DIR, PoolConfig
 from warm_pool.errors import PoolBroken, PoolClosed, PoolError, QueueFull
 from warm_pool.pool import WarmPool
 from warm_pool.result import (
@@ -37,7 +40,8 @@ from warm_pool.result import (
 from warm_pool.settings import ConfigError
 
 __all__ = [
-    "BACKENDS", "STATUS_CANCELLED", "STATUS_COMPLETED", "STATUS_INTERRUPTED", "STATUS_QUEUED",
-    "STATUS_RUNNING", "TERMINAL_STATUSES", "ConfigError", "JobResult", "JobSpec", "PoolBroken",
-    "PoolClosed", "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef", "settings", "utc_iso",
+    "BACKENDS", "DEFAULT_ARTIFACTS", "DEFAULT_PRELOAD", "JOB_HELPERS_DIR", "STATUS_CANCELLED",
+    "STATUS_COMPLETED", "STATUS_INTERRUPTED", "STATUS_QUEUED", "STATUS_RUNNING", "TERMINAL_STATUSES",
+    "Artifact", "ConfigError", "JobResult", "JobSpec", "PoolBroken", "PoolClosed", "PoolConfig", "PoolError",
+    "QueueFull", "WarmPool", "WorkerRef", "artifacts", "settings", "utc_iso",
 ]

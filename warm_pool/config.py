@@ -8,6 +8,7 @@ fields at the end are for code that embeds the library (tests, benchmarks).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +29,30 @@ PRELOAD = {
     "neuron": ("torch", "torch_xla", "torch_neuronx"),
 }
 
-# Environment variables the service may hold that job code must never see. Every
-# EXECUTOR_* variable is scrubbed as well (see template_env).
-DEFAULT_SCRUB_ENV = ("EXECUTOR_API_TOKEN", "EXECUTOR_API_TOKEN_FILE")
+# What generated training scripts commonly import beyond torch (the `preload` setting's
+# default; those not installed are skipped). preload.py adds what their common calls
+# import later and warms up what they fill lazily.
+DEFAULT_PRELOAD = ("numpy", "tqdm", "matplotlib.pyplot", "torchvision", "pandas", "sklearn", "transformers")
 
-__all__ = ["BACKENDS", "PRELOAD", "ConfigError", "PoolConfig"]
+# Files a job leaves in its directory that are kept as its artifacts (the default of
+# the `artifacts_pattern` setting): figures, checkpoints, metrics.
+DEFAULT_ARTIFACTS = ("*.png", "*.jpg", "*.jpeg", "*.svg", "*.pdf", "*.pt", "*.pth", "*.json", "*.csv",
+                     "*.txt")
+
+# The job helpers this package ships (dataset_loader), importable by every job after
+# the directories of the `job_path` setting.
+JOB_HELPERS_DIR = Path(__file__).resolve().parent / "job_helpers"
+
+# Environment variables the service may hold that job code must never see. Every
+# EXECUTOR_* and AWS_* variable is scrubbed as well (see template_env): the service's
+# cloud credentials (artifact upload) are not the jobs'.
+DEFAULT_SCRUB_ENV = ("EXECUTOR_API_TOKEN", "EXECUTOR_API_TOKEN_FILE")
+SCRUB_PREFIXES = ("EXECUTOR_", "AWS_")
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+__all__ = ["BACKENDS", "DEFAULT_ARTIFACTS", "DEFAULT_PRELOAD", "JOB_HELPERS_DIR", "PRELOAD", "ConfigError",
+           "PoolConfig"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +125,25 @@ class PoolConfig:
         none="cores / pool size, or OMP_NUM_THREADS if set")
     keep_job_dirs: bool = setting(
         False, "keep each job's directory after its result (debugging)")
+    preload: tuple[str, ...] = setting(
+        DEFAULT_PRELOAD, "modules the template imports once for every job, after the backend's own "
+        "(torch...), comma-separated; `default` stands for the default list. One that is not "
+        "installed, fails to import or starts a thread is skipped and reported in /health "
+        "(pool.preload_skipped); a job importing a module that was not preloaded costs its worker")
+    job_path: tuple[Path, ...] = setting(
+        (), "directories of helper modules every job can import (after its own dir, before the "
+        "shipped dataset_loader), comma-separated or the flag repeated; read-only to jobs: refused "
+        "at start if writable by other users", repeat=True, none="only the shipped job helpers")
+    datasets_dir: Path | None = setting(
+        None, "data set cache handed to jobs as DATASET_CACHE_DIR (dataset_loader reads it; "
+        "`trainium-executor datasets fetch` fills it); readable by every job, writable by none",
+        none="<work_dir>/datasets")
+    artifacts_pattern: tuple[str, ...] = setting(
+        DEFAULT_ARTIFACTS, "files a job leaves in its directory (or below it) that are kept as its "
+        "artifacts: shell patterns matched against file names, comma-separated", none="none kept")
+    max_artifacts_mb: int = setting(
+        100, "most bytes of artifacts kept per job (smallest files first; the rest are listed as "
+        "skipped)", unit="MiB", minimum=0, zero="keep no artifacts")
     neuron_cores: tuple[int, ...] | None = setting(
         None, "NeuronCores to use on neuron, comma-separated", minimum=0,
         none="every core neuron-ls reports")
@@ -132,13 +171,16 @@ class PoolConfig:
     # Extra environment for the template and workers.
     extra_env: tuple[tuple[str, str], ...] = ()
     # Replace the backend's preload list (tests); None: PRELOAD[backend].
-    preload: tuple[str, ...] | None = None
+    backend_preload: tuple[str, ...] | None = None
     # Where the Neuron driver's sysfs counters live (tests point it at a fake tree).
     neuron_sysfs_root: Path = Path("/sys")
 
     def validate(self) -> PoolConfig:
         """Raise ConfigError naming the first bad setting; return self when all are fine."""
         check_all(self)
+        bad = [name for name in self.preload if name != "default" and not _MODULE_NAME.match(name)]
+        if bad:
+            raise ConfigError(f"preload (--preload / EXECUTOR_PRELOAD): {bad[0][:64]!r} is not a module name")
         if self.default_timeout > self.max_timeout:
             raise ConfigError("default_timeout (--default-timeout / EXECUTOR_DEFAULT_TIMEOUT) must not "
                               "exceed max_timeout (--max-timeout / EXECUTOR_MAX_TIMEOUT)")
@@ -153,6 +195,33 @@ class PoolConfig:
     def jobs_dir(self) -> Path:
         """Where job directories are created."""
         return Path(self.work_dir) / "jobs"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where each job's artifacts are kept (<job_id>/<name>), closed to jobs."""
+        return Path(self.work_dir) / "artifacts"
+
+    @property
+    def datasets_path(self) -> Path:
+        """The data set cache (DATASET_CACHE_DIR of every job)."""
+        return Path(self.datasets_dir) if self.datasets_dir is not None else Path(self.work_dir) / "datasets"
+
+    @property
+    def matplotlib_dir(self) -> Path:
+        """matplotlib's config and font cache for the template: built once, kept across starts."""
+        return Path(self.work_dir) / "matplotlib"
+
+    def job_paths(self) -> tuple[str, ...]:
+        """What every job has on sys.path after its own dir: the operator's dirs, then ours."""
+        paths = [os.path.abspath(p) for p in self.job_path] + [str(JOB_HELPERS_DIR)]
+        return tuple(dict.fromkeys(paths))
+
+    def preload_list(self) -> tuple[str, ...]:
+        """The optional preloads, `default` expanded, each once."""
+        names: list[str] = []
+        for name in self.preload:
+            names.extend(DEFAULT_PRELOAD if name == "default" else (name,))
+        return tuple(dict.fromkeys(names))
 
     def python_executable(self) -> str:
         """The interpreter the template runs on."""
@@ -169,7 +238,7 @@ class PoolConfig:
     def template_env(self, neuron: bool = False) -> dict[str, str]:
         """The environment the template (and every worker and job) starts with."""
         env = {k: v for k, v in os.environ.items()
-               if k not in self.scrub_env and not k.startswith("EXECUTOR_")}
+               if k not in self.scrub_env and not k.startswith(SCRUB_PREFIXES)}
         env.update(dict(self.extra_env))
         if neuron:
             from warm_pool import neuron as neuron_env

@@ -168,7 +168,7 @@ class Fingerprint:
     tagged: list[int] = field(default_factory=list)      # indexes of items with a version tag
     untagged: list[int] = field(default_factory=list)    # the others, compared in full
     audit_hooks_added: list[str] = field(default_factory=list)
-    seen: set[int] = field(default_factory=set)  # ids of the watched objects
+    seen: set[int] = field(default_factory=set)           # ids of the watched objects
 
     @classmethod
     def take(cls) -> Fingerprint:
@@ -181,13 +181,18 @@ class Fingerprint:
         return fp
 
     def _watch_new_modules(self) -> None:
-        """Add the modules loaded since the last walk (and what they hold) to the items."""
-        new = {name: m for name, m in list(sys.modules.items())
-               if isinstance(m, types.ModuleType) and name not in self.modules
-               and name not in ("__main__", "__mp_main__")}
-        if not new:
+        """Add the modules loaded since the last walk (and what they hold) to the items.
+
+        Cheap when nothing is new (a worker's start): only sys.modules' names are read.
+        Everything else touched here would be copied into the worker, page by page
+        (fork shares memory until it is written, and reading a Python object writes
+        its reference count).
+        """
+        fresh = sys.modules.keys() - self.modules.keys() - {"__main__", "__mp_main__"}
+        if not fresh:
             return
         seen = self.seen
+        new = {name: m for name in sorted(fresh) if isinstance(m := sys.modules.get(name), types.ModuleType)}
         first = len(self.items)
         with warnings.catch_warnings():  # some modules warn when a deprecated attribute is read
             warnings.simplefilter("ignore")

@@ -5,8 +5,10 @@ interpreter and process state a script commonly changes: cwd, environment, sys.p
 argv, modules imported from the job dir, logging (every logger's level, handlers,
 filters), warnings, builtins, signal handlers, std streams and hooks, recursion and
 int-to-str limits, resource limits, umask, CPU affinity, torch's global settings and
-print options. `Baseline.restore()` puts it back after each job and returns what it
-could not (dirty): threads or child processes still alive, atexit handlers, a resource
+print options, and what common libraries keep (library_state.py: pyplot figures,
+rcParams, tqdm's monitor thread, numpy's seed). `Baseline.restore()` puts it back after
+each job, drops the modules the job imported from its own dir and the job helper dirs,
+and returns what it could not (dirty): threads or child processes still alive, atexit handlers, a resource
 limit the job lowered for good. What a job does to library code and global registries
 is the fingerprint's business (integrity.py). A dirty worker is replaced, never reused.
 """
@@ -26,6 +28,8 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+from warm_pool.library_state import LibraryState
 
 _SIGNALS = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
 
@@ -110,6 +114,7 @@ class Baseline:
     path_obj: list[str] = field(repr=False, default_factory=list)
     argv_obj: list[str] = field(repr=False, default_factory=list)
     filters_obj: list[Any] = field(repr=False, default_factory=list)
+    libraries: LibraryState = field(repr=False, default_factory=LibraryState)
 
     @classmethod
     def take(cls) -> Baseline:
@@ -139,12 +144,18 @@ class Baseline:
             path_obj=sys.path,
             argv_obj=sys.argv,
             filters_obj=warnings.filters,
+            libraries=LibraryState.take(),
         )
 
-    def restore(self, job_dir: str) -> list[str]:
-        """Put the clean state back; return why this worker must be replaced, if at all."""
+    def restore(self, job_dir: str, job_paths: tuple[str, ...] = ()) -> list[str]:
+        """Put the clean state back; return why this worker must be replaced, if at all.
+
+        Modules imported from the job's dir or from a job helper dir (`job_paths`) are
+        dropped: the next job imports them afresh, whatever this one did to them.
+        """
         dirty: list[str] = []
         signal.setitimer(signal.ITIMER_REAL, 0)
+        dirty.extend(self.libraries.restore())
         for sig, handler in self.signals.items():
             if signal.getsignal(sig) is not handler and handler is not None:
                 signal.signal(sig, handler)
@@ -157,7 +168,7 @@ class Baseline:
         sys.path[:] = self.path
         sys.argv[:] = self.argv
         warnings.filters = self.filters_obj
-        self._drop_job_modules(job_dir)
+        self._drop_job_modules((job_dir, *job_paths))
         sys.modules["__main__"] = self.main_module
         logging.root.handlers[:] = self.root_handlers
         logging.root.setLevel(self.root_level)
@@ -217,12 +228,14 @@ class Baseline:
             namespace.clear()  # from here until update() no builtin name resolves
             namespace.update(self.builtins)
 
-    def _drop_job_modules(self, job_dir: str) -> None:
-        prefix = os.path.join(job_dir, "")
+    def _drop_job_modules(self, dirs: tuple[str, ...]) -> None:
+        prefixes = tuple(os.path.join(d, "") for d in dirs)
         for name in set(sys.modules) - self.modules:
             module = sys.modules.get(name)
             origin = getattr(module, "__file__", None) or ""
-            if origin.startswith(prefix) or name == "__mp_main__":
+            if not isinstance(origin, str):  # a job can set anything as __file__
+                origin = ""
+            if origin.startswith(prefixes) or name == "__mp_main__":
                 del sys.modules[name]
 
     def leftovers(self) -> list[str]:

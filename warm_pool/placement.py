@@ -10,6 +10,10 @@
 - the files' ownership: the work dir and the jobs dir traversable but not listable by
   job uids, each job's dir handed to its slot's uid when the job starts (`hand_over`),
   the capture files and the job store closed to them;
+- what every job reads and none may change: the job helper dirs (on its sys.path and
+  PYTHONPATH) and the data set cache (its DATASET_CACHE_DIR), checked at start
+  (`check_shared_dirs`): outside the trees jobs may write, and writable by their owner
+  alone, else a ConfigError naming the setting;
 - each slot's temporary directory (a job's TMPDIR): ``<work_dir>/tmp/<slot>``, emptied
   before every job. It is not inside the job's own dir because its path must stay short:
   programs put AF_UNIX sockets there (multiprocessing's resource sharer, which a
@@ -22,6 +26,7 @@ import grp
 import logging
 import os
 import shutil
+import stat
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -38,6 +43,8 @@ _MIB = 1024 * 1024
 # programs add below TMPDIR for theirs (multiprocessing: /pymp-XXXXXXXX/listener-XXXXXXXX).
 _SOCKET_PATH_MAX = 107
 _SOCKET_SUFFIX = 32
+# How many entries of a shared dir (job helpers, data sets) the start-up check looks at.
+_CHECK_ENTRIES = 100_000
 
 
 @dataclass
@@ -77,6 +84,7 @@ class Placement:
                             "only; run as root or grant %s to confine them", ", ".join(missing))
         placement = cls(config, _plan_cores(config, on_neuron, neuron_info), isolation, on_neuron,
                         neuron_info, _job_groups(config, on_neuron), sandbox.landlock_abi())
+        placement.check_shared_dirs()
         longest = placement.tmp_dir(len(placement.cores) - 1)
         if len(longest) + _SOCKET_SUFFIX > _SOCKET_PATH_MAX:
             raise ConfigError(f"work_dir (--work-dir / EXECUTOR_WORK_DIR) {config.work_dir} is too long: "
@@ -112,10 +120,59 @@ class Placement:
                 "max_file_bytes": self.config.max_disk_mb * _MIB}
 
     def needed_paths(self) -> tuple[str, ...]:
-        """What a job's uid must be able to reach: the interpreter's libraries, the jobs dir."""
+        """What a job's uid must be able to reach: the interpreter's libraries, the jobs dir,
+        the job helper dirs and the data set cache."""
         paths = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], sys.prefix,
-                 str(self.config.jobs_dir)}
+                 str(self.config.jobs_dir), str(self.config.datasets_path), *self.config.job_paths()}
         return tuple(sorted(paths))
+
+    def check_shared_dirs(self) -> None:
+        """ConfigError when a job helper dir or the data set cache could be changed by a job
+        (inside a tree jobs write to, or writable by anyone but its owner, or owned by a
+        job uid): a job could then change what later jobs import or read."""
+        datasets = self.config.datasets_path
+        checks = [(p, "job_path (--job-path / EXECUTOR_JOB_PATH)") for p in self.config.job_paths()]
+        if os.path.isdir(datasets) or self.config.datasets_dir is not None:
+            checks.append((str(datasets), "datasets_dir (--datasets-dir / EXECUTOR_DATASETS_DIR)"))
+        for path, label in checks:
+            self._check_shared(path, label)
+
+    def _check_shared(self, path: str, label: str) -> None:
+        real = os.path.realpath(path)
+        if not os.path.isdir(real):
+            if "datasets_dir" in label and not os.path.lexists(path):
+                return  # created at start (prepare_dirs), by us, as it must be
+            raise ConfigError(f"{label} {path} is not a directory")
+        for tree in self.writable():
+            tree_real = os.path.realpath(tree)
+            if os.path.commonpath([real, tree_real]) in (real, tree_real):
+                raise ConfigError(f"{label} {path} overlaps {tree}, where jobs write: jobs could change it")
+        parent = os.path.dirname(real)
+        while parent != os.path.dirname(parent):  # up to /: no one may swap the dir out
+            st = os.stat(parent)
+            if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+                raise ConfigError(f"{label} {path}: its parent {parent} is writable by every user "
+                                  "(without the sticky bit), so anyone could replace it")
+            parent = os.path.dirname(parent)
+        for entry, st in _walk(real):
+            why = self._writable_by_jobs(st)
+            if why:
+                raise ConfigError(f"{label} {path}: {entry} is {why}; jobs must not be able to change "
+                                  f"what other jobs import or read (chmod go-w, chown to the service)")
+
+    def _writable_by_jobs(self, st: os.stat_result) -> str | None:
+        if stat.S_ISLNK(st.st_mode):  # a link's own mode means nothing; its dir's does
+            return None
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & stat.S_IWOTH:
+            return f"writable by every user (mode {mode:04o})"
+        if self.isolation == "uid":
+            first, last = self.config.job_uid_base, self.config.job_uid_base + len(self.cores) - 1
+            if first <= st.st_uid <= last:
+                return f"owned by job uid {st.st_uid}"
+            if mode & stat.S_IWGRP and (first <= st.st_gid <= last or st.st_gid in self.groups):
+                return f"writable by the jobs' group {st.st_gid} (mode {mode:04o})"
+        return None
 
     def describe(self) -> dict[str, Any]:
         """For /health: how jobs are isolated."""
@@ -153,9 +210,16 @@ class Placement:
         """Create the work dir's layout with the modes isolation needs."""
         work, jobs = self.config.work_dir, self.config.jobs_dir
         capture, tmp = os.path.join(work, "capture"), os.path.join(work, "tmp")
-        for path in (work, jobs, capture, tmp):
+        artifacts = self.config.artifacts_dir
+        for path in (work, jobs, capture, tmp, artifacts):
             os.makedirs(path, exist_ok=True)
         os.chmod(capture, 0o700)
+        os.chmod(artifacts, 0o700)  # what jobs left, for the service alone to serve
+        # Read by every job, written by none (check_shared_dirs ran at plan time).
+        for shared in (self.config.datasets_path, self.config.matplotlib_dir):
+            if not os.path.isdir(shared):
+                os.makedirs(shared, mode=0o755, exist_ok=True)
+                os.chmod(shared, 0o755)
         if self.isolation == "uid":
             # Job uids must traverse to their own dir, but not list anyone's.
             for path in (work, jobs, tmp):
@@ -191,16 +255,37 @@ class Placement:
     # --- environment ----------------------------------------------------------------------
 
     def template_env(self) -> dict[str, str]:
-        return self.config.template_env(neuron=self.neuron)
+        env = self.config.template_env(neuron=self.neuron)
+        env["MPLBACKEND"] = "Agg"  # when the template imports matplotlib: no display here
+        # OpenBLAS (numpy's, scipy's) sizes its thread pool once, when the template loads
+        # it: to each worker's share, as a job's `python main.py` with the worker's
+        # OMP_NUM_THREADS would. With one thread it never starts a pool at all.
+        env.update(self.thread_env())
+        return env
 
-    def worker_env(self, worker_id: int, core: int | None, backend: str | None) -> dict[str, str]:
-        """Per-worker environment: intra-op threads; on neuron, its one NeuronCore."""
-        env = {"MPLBACKEND": "Agg"}
+    def thread_env(self) -> dict[str, str]:
+        """Intra-op threads of each worker (and of its jobs' own child processes)."""
         threads = self.config.threads_per_worker
         if threads is None and "OMP_NUM_THREADS" not in os.environ:  # an operator's choice wins
             threads = max(1, (os.cpu_count() or 1) // len(self.cores))
-        if threads:
-            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        if not threads:
+            return {}
+        return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                "OPENBLAS_NUM_THREADS": str(threads)}
+
+    def job_env(self) -> dict[str, str]:
+        """What every job's environment adds: no display for matplotlib, the job helper
+        dirs on PYTHONPATH (for the job's own child interpreters too), the data set cache."""
+        inherited = os.environ.get("PYTHONPATH", "")
+        path = os.pathsep.join([*self.config.job_paths(), *([inherited] if inherited else [])])
+        return {"MPLBACKEND": "Agg", "PYTHONPATH": path,
+                "DATASET_CACHE_DIR": str(self.config.datasets_path)}
+
+    def worker_env(self, worker_id: int, core: int | None, backend: str | None) -> dict[str, str]:
+        """Per-worker environment: the job environment; intra-op threads; on neuron, its one
+        NeuronCore."""
+        env = self.job_env()
+        env.update(self.thread_env())
         if backend == "neuron" and core is not None:
             from warm_pool import neuron
 
@@ -237,6 +322,24 @@ class Placement:
         if worker.growth is None:
             worker.growth = neuron.IdleGrowth(jobs=self.config.neuron_idle_growth_jobs)
         return worker.growth.observe(mem.used_bytes)
+
+
+def _walk(root: str):
+    """(path, lstat) of root and what it holds, at most _CHECK_ENTRIES; links not followed."""
+    stack, seen = [root], 0
+    while stack and seen < _CHECK_ENTRIES:
+        path = stack.pop()
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        seen += 1
+        yield path, st
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                stack.extend(os.path.join(path, name) for name in os.listdir(path))
+            except OSError:
+                continue
 
 
 def _plan_cores(config: PoolConfig, on_neuron: bool, info: Any) -> list[int | None]:

@@ -84,6 +84,10 @@ class TemplateReady(Message):
     preloaded: tuple[str, ...]
     import_seconds: float
     fingerprint_items: int
+    # Optional preloads left out, and why (not installed, import failed, started a thread).
+    preload_skipped: dict[str, str]
+    # Native threads a preload added to the template (reported, see preload.py).
+    preload_threads: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -228,7 +232,10 @@ def _check(kind: str, name: str, value: Any, hint: Any) -> Any:
         ok = type(value) is list and all(type(v) is str and len(v) <= MAX_TEXT for v in value)
         value = tuple(value) if ok else value
     elif origin is dict:
-        ok = type(value) is dict and all(type(k) is str and type(v) is str for k, v in value.items())
+        item = typing.get_args(hint)[1]
+        ok = type(value) is dict and len(value) <= 1000 and all(
+            type(k) is str and len(k) <= MAX_TEXT and type(v) is item
+            and (item is not str or len(v) <= MAX_TEXT) for k, v in value.items())
     if not ok:
         raise ProtocolError(f"{kind}.{name} has the wrong type ({type(value).__name__})")
     return value

@@ -24,6 +24,7 @@ class Job:
     job_dir: str
     timeout: float
     tmp_dir: str = ""  # the slot's, set when a worker takes the job
+    uid: int | None = None  # the slot's, set when a worker takes the job (isolation uid)
     submitted_mono: float = field(default_factory=time.monotonic)
     submitted_at: float = field(default_factory=time.time)
     started_mono: float | None = None
@@ -57,7 +58,6 @@ class Worker:
     preloaded: tuple[str, ...] = ()
     device: str | None = None
     confinement: dict[str, str] = field(default_factory=dict)
-    threads_at_ready: int | None = None
     jobs_run: int = 0
     job: Job | None = None
     retire_reason: str | None = None

@@ -10,7 +10,7 @@ the METRICS: values) is the service's business (executor_service/analysis.py).
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # Job status words.
@@ -76,6 +76,10 @@ class JobResult:
     # The job's device-memory peak on its NeuronCore (neuron backend only).
     peak_device_memory_mb: float | None = None
     worker: WorkerRef | None = None
+    # Files the job left that were kept (artifacts.Artifact: name, size, sha256), and
+    # those that matched the pattern but were refused ({"name", "reason"}).
+    artifacts: list[Any] = field(default_factory=list)
+    artifacts_skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def success(self) -> bool:
@@ -104,4 +108,6 @@ class JobResult:
             "started_at": utc_iso(self.started_at),
             "finished_at": utc_iso(self.finished_at),
             "worker": asdict(self.worker) if self.worker else None,
+            "artifacts": [a.name for a in self.artifacts],
+            "artifacts_skipped": list(self.artifacts_skipped),
         }

@@ -46,6 +46,7 @@ class Spec:
     zero: str | None = None    # what 0 means, when 0 means something of its own
     none: str | None = None    # what leaving it unset means, when the default is None
     flag: bool = True          # False: environment only (secrets never go on a command line)
+    repeat: bool = False       # a list whose flag may be given several times (values add up)
     secret: bool = False       # never shown in docs defaults or logs
 
 
@@ -191,6 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser, classes: Iterable[type]) -> N
                                                        f"{s.describe_default()}]")
             else:
                 parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.upper(),
+                                    action="append" if s.spec.repeat else "store",
                                     help=f"{s.spec.help} [env {s.env}, default {s.describe_default()}]")
 
 
@@ -205,6 +207,8 @@ def from_sources(cls: type, args: argparse.Namespace | None, environ: Mapping[st
         if s.name in given:
             continue
         raw = getattr(args, s.name, None) if args is not None else None
+        if isinstance(raw, list):  # a repeated flag: its values add up
+            raw = ",".join(raw)
         if raw is not None:
             values[s.name] = s.convert(raw, s.flag)
         elif s.env in environ:

@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from multiprocessing import connection, reduction
 from typing import Any
 
-from warm_pool import limits, outcome, protocol, sandbox, usage
+from warm_pool import artifacts, limits, outcome, protocol, sandbox, usage
 from warm_pool.capture import Capture
 from warm_pool.config import PoolConfig
 from warm_pool.errors import PoolBroken, PoolClosed, QueueFull
@@ -74,6 +74,8 @@ class Supervisor:
         self.broken_reason: str | None = None
         self.backend: str | None = None
         self.preloaded: tuple[str, ...] = ()
+        self.preload_skipped: dict[str, str] = {}
+        self.preload_threads: dict[str, int] = {}
         self.template: TemplateLink | None = None
         self.start_failures = 0
         self.last_start_error: str | None = None  # a worker's start-up traceback
@@ -150,6 +152,8 @@ class Supervisor:
                 "starting": states.count("starting") + max(0, self.size - len(states)),
                 "queued": len(self.queue),
                 "preloaded": list(self.preloaded),
+                "preload_skipped": dict(self.preload_skipped),
+                "preload_threads": dict(self.preload_threads),
                 "workers": [w.stats() for w in sorted(self.workers.values(), key=lambda w: w.slot)],
                 "respawns": {"total": sum(self.respawns.values()), "by_reason": dict(self.respawns),
                              "recent": list(self.replacements)},
@@ -268,6 +272,7 @@ class Supervisor:
             return
         if isinstance(msg, protocol.TemplateReady):
             self.backend, self.preloaded = msg.backend, msg.preloaded
+            self.preload_skipped, self.preload_threads = dict(msg.preload_skipped), dict(msg.preload_threads)
             if self.state == "starting":
                 self.state = "ready"
         elif isinstance(msg, protocol.TemplateFailed):
@@ -397,7 +402,6 @@ class Supervisor:
         if isinstance(msg, protocol.WorkerReady) and state == "starting" and msg.worker_id == worker.id:
             worker.preloaded, worker.device, worker.confinement = msg.preloaded, msg.device, msg.confinement
             worker.ready_seconds = now - worker.spawned_mono
-            worker.threads_at_ready = usage.thread_count(worker.pid) if worker.pid else None
             self.start_failures, self.last_start_error = 0, None
             worker.state = "idle"
         elif isinstance(msg, protocol.WorkerFailed) and worker.state == "starting":
@@ -550,6 +554,7 @@ class Supervisor:
         job.device = self.placement.device_tracker(worker.core, self.backend)
         job.deadline = now + job.timeout
         job.tmp_dir = self.placement.tmp_dir(worker.slot)
+        job.uid = worker.uid
         self.placement.hand_over(job.job_dir, job.tmp_dir, job.main_path, worker.uid)
         if job.on_start is not None:  # before the job runs: the caller records it as running
             try:
@@ -583,10 +588,27 @@ class Supervisor:
                                           self.capture.path(job_id, "stderr"))
             self.capture.release(job_id)
             self.jobs.pop(job_id, None)
-            if not self.config.keep_job_dirs:
-                _remove_job_dir(job)
-            self.callbacks.append(lambda job=job, result=result: _complete(job.future, result))
+            if job.tmp_dir and not self.config.keep_job_dirs and not any(
+                    w.job is not None and w.job.tmp_dir == job.tmp_dir for w in self.workers.values()):
+                shutil.rmtree(job.tmp_dir, ignore_errors=True)  # unless the slot's next job has it
+            # Outside the lock (callbacks run after it is released): copying artifacts
+            # takes as long as the files are big.
+            self.callbacks.append(lambda job=job, result=result: self._finish_job(job, result))
         self.finishing = still
+
+    def _finish_job(self, job: Job, result: Any) -> None:
+        """Keep the job's artifacts, remove its dir, and hand the result to its caller."""
+        if job.started_mono is not None:
+            owner = job.uid if job.uid is not None else os.geteuid()
+            try:
+                result.artifacts, result.artifacts_skipped = artifacts.collect(
+                    job.job_dir, str(self.config.artifacts_dir / job.spec.job_id), owner,
+                    self.config.artifacts_pattern, self.config.max_artifacts_mb * 1024 * 1024)
+            except Exception as exc:  # noqa: BLE001 - the result matters more than its files
+                result.artifacts_skipped = [{"name": "*", "reason": f"collection failed: {exc!r}"[:300]}]
+        if not self.config.keep_job_dirs:
+            _remove_job_dir(job, tmp=False)
+        _complete(job.future, result)
 
 
 def _complete(future: Future, result: Any) -> None:
@@ -596,13 +618,13 @@ def _complete(future: Future, result: Any) -> None:
         future.set_result(result)
 
 
-def _remove_job_dir(job: Job) -> None:
+def _remove_job_dir(job: Job, tmp: bool = True) -> None:
     try:  # the common case, cheaply: the script wrote nothing beside main.py
         os.unlink(job.main_path)
         os.rmdir(job.job_dir)
     except OSError:
         shutil.rmtree(job.job_dir, ignore_errors=True)
-    if job.tmp_dir:
+    if tmp and job.tmp_dir:
         shutil.rmtree(job.tmp_dir, ignore_errors=True)
 
 

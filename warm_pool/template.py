@@ -5,7 +5,9 @@ It is started with `python -P -m warm_pool.template FD SETTINGS_JSON` (never for
 the multi-threaded service: fork copies one thread and every lock the others held).
 It imports the backend's modules and does nothing else with them: no device, no torch
 operation, because neither the XLA/Neuron runtime nor OpenMP thread pools survive a
-fork (a child of a parent that started them hangs). Before each fork it checks the XLA
+fork (a child of a parent that started them hangs). Then the optional preloads
+(preload.py: what generated scripts commonly import, warmed up on the CPU, skipped and
+reported when missing, failing or starting a thread). Before each fork it checks the XLA
 runtime is still uninitialised, the same check torch-xla's own fork-based spawner
 makes. Having imported everything, it takes the interpreter's fingerprint once
 (integrity.py); every worker inherits it and checks it after each job.
@@ -35,6 +37,7 @@ import traceback
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 
+from warm_pool import preload as optional_preload
 from warm_pool import protocol, sandbox
 from warm_pool.integrity import Fingerprint
 
@@ -99,12 +102,13 @@ class Template:
     """The template's state: its control connection and the workers it forked."""
 
     def __init__(self, control: socket.socket, backend: str, confinement: sandbox.Confinement,
-                 needed: tuple[str, ...]):
+                 needed: tuple[str, ...], job_paths: tuple[str, ...] = ()):
         self.sock = control
         self.conn = Connection(os.dup(control.fileno()))
         self.backend = backend
         self.confinement = confinement
         self.needed = needed
+        self.job_paths = job_paths
         self.workers: dict[int, int] = {}  # pid -> worker_id
         self.slot_uids: set[int] = set()
         self.child_r, self.child_w = os.pipe()
@@ -192,7 +196,7 @@ class Template:
         from warm_pool import worker
 
         return worker.main(fd, msg.worker_id, self.backend, msg.core, _PRELOADED, _FINGERPRINT,
-                           applied, self.needed)
+                           applied, self.needed, self.job_paths)
 
     def reap(self) -> None:
         """Wait for every exited child; report workers, silently reap adopted orphans."""
@@ -277,32 +281,63 @@ def main(argv: list[str] | None = None) -> int:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     # The supervisor decides when we end (EOF); ignore the terminal's Ctrl-C.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    started = time.perf_counter()
+    started = time.perf_counter() - settings.get("seconds_before", 0.0)
+    optional = optional_preload.Preloaded()
     try:
         backend, preload = resolve_backend(settings["backend"])
-        if settings.get("preload") is not None:
-            preload = tuple(settings["preload"])
+        if settings.get("backend_preload") is not None:
+            preload = tuple(settings["backend_preload"])
         if backend == "xla":
             os.environ.setdefault("PJRT_DEVICE", "CPU")
         imported, error = import_modules(preload)
         if error is None:
             _, error = import_modules(_SUPPORT_MODULES)
         if error is None:
+            optional = _load_optional(settings, list(imported), started, argv[0])
             _FINGERPRINT = Fingerprint.take()
     except BaseException:  # noqa: BLE001
         imported, error, backend = [], traceback.format_exc(), settings["backend"]
     if error is not None:
         conn.send_bytes(protocol.TemplateFailed(protocol.clip(error)).encode())
         return 1
-    _PRELOADED = tuple(imported)
+    _PRELOADED = tuple(dict.fromkeys([*imported, *optional.imported]))
+    skipped = {k: protocol.clip(v, 500) for k, v in optional.skipped.items()}
     conn.send_bytes(protocol.TemplateReady(os.getpid(), backend, _PRELOADED, time.perf_counter() - started,
-                                           len(_FINGERPRINT)).encode())
+                                           len(_FINGERPRINT), skipped, optional.native_threads).encode())
     conn.close()
     c = settings["confinement"]
     confinement = sandbox.Confinement(c["uid_base"], tuple(c["groups"]), tuple(c["writable"]),
                                       c["max_file_bytes"])
-    Template(control, backend, confinement, tuple(settings["needed"])).serve()
+    Template(control, backend, confinement, tuple(settings["needed"]),
+             tuple(settings.get("job_paths", ()))).serve()
     return 0
+
+
+def _load_optional(settings: dict, backend_modules: list[str], started: float,
+                   control_fd: str) -> optional_preload.Preloaded:
+    """The optional preloads (and the backend modules' companions); skipped ones reported.
+
+    matplotlib's config dir is the service's own for the template (its font cache built
+    once, kept across starts) and is taken out of the environment again, so jobs see
+    none of it. A module that leaves a thread behind cannot be unloaded: the template
+    starts over (exec, same pid and control socket) without it.
+    """
+    ours = settings.get("matplotlib_dir") and "MPLCONFIGDIR" not in os.environ
+    if ours:
+        os.environ["MPLCONFIGDIR"] = settings["matplotlib_dir"]
+    try:
+        return optional_preload.load(backend_modules + list(settings.get("preload", ())),
+                                     settings.get("skip"))
+    except optional_preload.ThreadStarted as exc:
+        settings["skip"] = {**settings.get("skip", {}), exc.module: str(exc)}
+        settings["seconds_before"] = time.perf_counter() - started
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-P", "-m", "warm_pool.template", control_fd,
+                                  json.dumps(settings)])
+        raise  # not reached
+    finally:
+        if ours:
+            os.environ.pop("MPLCONFIGDIR", None)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,12 @@ class TemplateLink:
 
     def __init__(self, config: PoolConfig, placement: Placement):
         ours, theirs = socket.socketpair()
+        backend_preload = config.backend_preload
         settings = {"backend": config.backend,
-                    "preload": list(config.preload) if config.preload is not None else None,
+                    "backend_preload": list(backend_preload) if backend_preload is not None else None,
+                    "preload": list(config.preload_list()),
+                    "matplotlib_dir": str(config.matplotlib_dir),
+                    "job_paths": list(config.job_paths()),
                     "confinement": placement.confinement_settings(),
                     "needed": list(placement.needed_paths())}
         self.proc = subprocess.Popen(

@@ -90,18 +90,6 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def thread_count(pid: int) -> int | None:
-    """Threads of a process, from /proc (None if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Threads:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def disk_usage(roots: tuple[str, ...], uid: int | None, max_files: int) -> tuple[int, int]:
     """(bytes, files) a job holds: its directory trees, and its uid's files in /dev/shm.
 

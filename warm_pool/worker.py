@@ -35,11 +35,14 @@ from typing import Any
 from warm_pool import protocol
 from warm_pool.integrity import Fingerprint
 from warm_pool.isolation import Baseline
+from warm_pool.library_state import reseed_numpy
 
 _BUFFER_SIZE = io.DEFAULT_BUFFER_SIZE
 # Exit status of a worker whose job cut its channel to the supervisor (os.closerange):
 # it cannot report the job, so it ends, and the supervisor says why.
 EXIT_CHANNEL_LOST = 117
+# How long the end of a job waits for the processes it started to be gone.
+_KILL_WAIT_S = 2.0
 
 
 def init_device(backend: str) -> str | None:
@@ -61,6 +64,15 @@ def init_device(backend: str) -> str | None:
         import torch_neuronx  # noqa: F401 - registers the Neuron PJRT plugin
     device = torch_xla.device()
     (torch.ones(2, device=device) + 1).sum().item()
+    # What a first training step does to the process, done before the baseline: a
+    # backward pass on the device starts autograd's thread for it, and the step marker
+    # creates torch_xla.core.xla_model's context for the device (most generated scripts
+    # call xm.mark_step()). Done by a job, both would make the worker look dirty.
+    import torch_xla.core.xla_model as xm
+
+    weight = torch.ones(2, device=device, requires_grad=True)
+    (weight * 2).sum().backward()
+    xm.mark_step()
     return str(device)
 
 
@@ -70,6 +82,11 @@ def warm_up() -> None:
     Instantiating an optimizer wraps its class's step() (torch.optim patches the class
     on first use); done here, before the fingerprint's baseline, a job doing it does not
     look like a job patching torch. CPU tensors only: the device is the job's.
+
+    The native thread pools start here too, as a first training step would start them:
+    torch's OpenMP pool, and OpenBLAS's (numpy's, scipy's), which shut themselves down
+    before the template forked us and start again on the first large product. Started
+    by a job, they would look like threads the job left behind (a dirty worker).
     """
     import torch
 
@@ -82,6 +99,24 @@ def warm_up() -> None:
                 cls([param])
             except Exception:  # noqa: BLE001 - an optimizer needing other arguments stays cold
                 pass
+    _start_native_pools(torch)
+
+
+def _start_native_pools(torch: Any) -> None:
+    """Start the pools a job's first large product would start, when they have more than
+    one thread (with one, the default when workers fill the cores, none ever starts)."""
+    if torch.get_num_threads() > 1:
+        square = torch.ones(256, 256)
+        (square @ square).sum().item()
+    numpy = sys.modules.get("numpy")
+    blas_threads = os.environ.get("OPENBLAS_NUM_THREADS", "")
+    if numpy is None or (blas_threads.isdigit() and int(blas_threads) <= 1):
+        return
+    matrix = numpy.ones((256, 256))
+    matrix @ matrix  # noqa: B018 - run for its side effect (OpenBLAS starts its threads)
+    blas = sys.modules.get("scipy.linalg.blas")
+    if blas is not None:
+        blas.dgemm(1.0, matrix, matrix)
 
 
 def check_job_access(paths: tuple[str, ...]) -> None:
@@ -98,7 +133,8 @@ def check_job_access(paths: tuple[str, ...]) -> None:
 
 
 def main(fd: int, worker_id: int, backend: str, core: int | None, preloaded: tuple[str, ...],
-         fingerprint: Fingerprint | None, confinement: dict[str, str], needed: tuple[str, ...]) -> int:
+         fingerprint: Fingerprint | None, confinement: dict[str, str], needed: tuple[str, ...],
+         job_paths: tuple[str, ...] = ()) -> int:
     """The worker's life: init, ready, jobs until the supervisor closes the channel."""
     started = time.perf_counter()
     conn = Connection(fd)
@@ -108,6 +144,7 @@ def main(fd: int, worker_id: int, backend: str, core: int | None, preloaded: tup
         check_job_access(needed)
         device = init_device(backend)
         warm_up()
+        reseed_numpy()  # each worker its own numpy stream, not the template's
         if fingerprint is not None:
             fingerprint.rebase()
         baseline = Baseline.take()
@@ -117,7 +154,7 @@ def main(fd: int, worker_id: int, backend: str, core: int | None, preloaded: tup
     if not _send(conn, protocol.WorkerReady(worker_id, preloaded, device, time.perf_counter() - started,
                                             confinement)):
         return 0
-    runner = ScriptRunner(baseline, fingerprint, isolated="uid" in confinement)
+    runner = ScriptRunner(baseline, fingerprint, isolated="uid" in confinement, job_paths=job_paths)
     while True:
         try:
             msg = protocol.decode(conn.recv_bytes(), protocol.TO_WORKER)
@@ -153,10 +190,12 @@ def _send(conn: Connection, msg: protocol.Message) -> bool:
 class ScriptRunner:
     """Runs one job at a time inside this worker, then restores the clean state."""
 
-    def __init__(self, baseline: Baseline, fingerprint: Fingerprint | None, isolated: bool):
+    def __init__(self, baseline: Baseline, fingerprint: Fingerprint | None, isolated: bool,
+                 job_paths: tuple[str, ...] = ()):
         self.baseline = baseline
         self.fingerprint = fingerprint
         self.isolated = isolated
+        self.job_paths = job_paths
 
     def run(self, msg: protocol.RunJob, pipes: list[int]) -> protocol.JobDone:
         """Execute msg.main_path as __main__ with fds 1 and 2 on the pipes; never raises."""
@@ -169,7 +208,8 @@ class ScriptRunner:
         handlers = JobAtexit()
         try:
             with handlers:
-                return_code, error_type, error_message = execute_main(msg.main_path, msg.job_dir)
+                return_code, error_type, error_message = execute_main(msg.main_path, msg.job_dir,
+                                                                      self.job_paths)
             _finish_like_python(self.baseline, handlers)
         except KeyboardInterrupt:  # arrived while we were finishing up: still a stop
             return_code, error_type, error_message = -signal.SIGINT, "exception", "KeyboardInterrupt"
@@ -187,7 +227,7 @@ class ScriptRunner:
     def restore(self, msg: protocol.RunJob) -> protocol.WorkerIdle:
         """Put the clean state back; say what could not be (the worker is then replaced)."""
         started = time.perf_counter()
-        dirty = self.baseline.restore(msg.job_dir)
+        dirty = self.baseline.restore(msg.job_dir, self.job_paths)
         if self.fingerprint is not None:
             dirty.extend(self.fingerprint.changes())
         dirty.extend(self.baseline.new_modules())
@@ -224,14 +264,17 @@ def _kill_the_rest() -> None:
     """SIGKILL every other process of this uid: what the job started, daemons included.
 
     kill(-1) reaches every process we may signal except ourselves, under the kernel's
-    task list lock, so nothing escapes by forking. The supervisor checks from outside.
+    task list lock, so nothing escapes by forking. Dying takes a moment for a process
+    forked from a worker (its address space is torn down): our own children are reaped
+    here (at most _KILL_WAIT_S), so that the restore does not see them still running;
+    the others are the template's to reap, and the supervisor's check from outside
+    counts a process with SIGKILL pending as on its way out.
     """
     try:
         os.kill(-1, signal.SIGKILL)
     except OSError:  # ESRCH: there was nothing else
         return
-    # Our own children die in a moment: reap them, so that none looks still running.
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + _KILL_WAIT_S
     while time.monotonic() < deadline:
         try:
             if os.waitpid(-1, os.WNOHANG)[0] == 0:
@@ -247,8 +290,13 @@ def _text_stream(fd: int, errors: str, unbuffered: bool, line_buffering: bool) -
                             line_buffering=line_buffering, write_through=unbuffered)
 
 
-def execute_main(main_path: str, job_dir: str) -> tuple[int, str | None, str | None]:
-    """Run the file as `python main.py` would; return (exit status, error_type, message)."""
+def execute_main(main_path: str, job_dir: str,
+                 job_paths: tuple[str, ...] = ()) -> tuple[int, str | None, str | None]:
+    """Run the file as `python main.py` would; return (exit status, error_type, message).
+
+    sys.path starts with the script's dir, then the job helper dirs: what PYTHONPATH
+    (which the worker's environment sets to them) gives a fresh interpreter.
+    """
     module = types.ModuleType("__main__")
     module.__file__ = main_path
     module.__builtins__ = __builtins__
@@ -256,7 +304,7 @@ def execute_main(main_path: str, job_dir: str) -> tuple[int, str | None, str | N
     module.__loader__ = None
     sys.modules["__main__"] = module
     sys.argv[:] = [main_path]
-    sys.path[:0] = [job_dir]
+    sys.path[:0] = [job_dir, *job_paths]
     os.chdir(job_dir)
     try:
         with open(main_path, "rb") as f:
