@@ -138,6 +138,44 @@ if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then
     die "run as root (sudo bash $0)"
 fi
 
+install_unit() {  # install_unit FILE: systemd/FILE (.service, .timer) with @VENV@ filled in; UNIT_CHANGED=1 if new
+    local target="$ROOT/etc/systemd/system/$1" unit_new
+    unit_new="$(mktemp)"
+    sed "s#@VENV@#$VENV_REAL#g" "$PROJECT_DIR/systemd/$1" > "$unit_new"
+    UNIT_CHANGED=0
+    if cmp -s "$unit_new" "$target"; then
+        say "unit $1 up to date"
+        rm -f "$unit_new"
+    else
+        mkdir -p "$(dirname "$target")"
+        install -m 0644 "$unit_new" "$target"
+        rm -f "$unit_new"
+        systemctl daemon-reload
+        changed "installed /etc/systemd/system/$1"
+        UNIT_CHANGED=1
+    fi
+}
+
+run_unit() {  # run_unit NAME CHANGES [restart|reload]: enable and start it, or restart
+              # (reload) it when it runs and CHANGES > 0; nothing with --no-start
+    local how="${3:-restart}"
+    if [ "$START" -eq 0 ]; then
+        say "not starting $1 (--no-start)"
+        return
+    fi
+    if ! systemctl is-enabled --quiet "$1"; then
+        systemctl enable "$1"
+        changed "enabled $1 (starts at boot)"
+    fi
+    if ! systemctl is-active --quiet "$1"; then
+        systemctl start "$1"
+        changed "started $1"
+    elif [ "$2" -gt 0 ]; then
+        systemctl "$how" "$1"
+        changed "${how}ed $1 to pick up the changes"
+    fi
+}
+
 # --- 1. Neuron driver and tools ---------------------------------------------------------
 install_neuron_system_packages() {
     local codename=jammy
@@ -408,70 +446,13 @@ else
     RULES_CHANGED=1
 fi
 FIREWALL=trainium-executor-firewall
-FIREWALL_UNIT="$ROOT/etc/systemd/system/$FIREWALL.service"
-if cmp -s "$PROJECT_DIR/systemd/$FIREWALL.service" "$FIREWALL_UNIT"; then
-    say "unit $FIREWALL.service up to date"
-else
-    mkdir -p "$(dirname "$FIREWALL_UNIT")"
-    install -m 0644 "$PROJECT_DIR/systemd/$FIREWALL.service" "$FIREWALL_UNIT"
-    systemctl daemon-reload
-    changed "installed /etc/systemd/system/$FIREWALL.service"
-    RULES_CHANGED=1
-fi
-if [ "$START" -eq 1 ]; then
-    if ! systemctl is-enabled --quiet "$FIREWALL"; then
-        systemctl enable "$FIREWALL"
-        changed "enabled $FIREWALL"
-    fi
-    if ! systemctl is-active --quiet "$FIREWALL"; then
-        systemctl start "$FIREWALL"
-        changed "loaded the network rules ($FIREWALL)"
-    elif [ "$RULES_CHANGED" -eq 1 ]; then
-        systemctl restart "$FIREWALL"
-        changed "reloaded the network rules ($FIREWALL)"
-    fi
-fi
+install_unit "$FIREWALL.service"
+run_unit "$FIREWALL" $((RULES_CHANGED + UNIT_CHANGED))
 
 # --- 6. The units ---------------------------------------------------------------------
-install_unit() {  # install_unit NAME: systemd/NAME.service with @VENV@ filled in; UNIT_CHANGED=1 if new
-    local target="$ROOT/etc/systemd/system/$1.service" unit_new
-    unit_new="$(mktemp)"
-    sed "s#@VENV@#$VENV_REAL#g" "$PROJECT_DIR/systemd/$1.service" > "$unit_new"
-    UNIT_CHANGED=0
-    if cmp -s "$unit_new" "$target"; then
-        say "unit $1.service up to date"
-        rm -f "$unit_new"
-    else
-        mkdir -p "$(dirname "$target")"
-        install -m 0644 "$unit_new" "$target"
-        rm -f "$unit_new"
-        systemctl daemon-reload
-        changed "installed /etc/systemd/system/$1.service (ExecStart from $VENV_REAL)"
-        UNIT_CHANGED=1
-    fi
-}
-
-run_unit() {  # run_unit NAME CHANGES: enable and start it, or restart it when CHANGES > 0
-    if [ "$START" -eq 0 ]; then
-        say "not starting $1 (--no-start)"
-        return
-    fi
-    if ! systemctl is-enabled --quiet "$1"; then
-        systemctl enable "$1"
-        changed "enabled $1 (starts at boot)"
-    fi
-    if ! systemctl is-active --quiet "$1"; then
-        systemctl start "$1"
-        changed "started $1"
-    elif [ "$2" -gt 0 ]; then
-        systemctl restart "$1"
-        changed "restarted $1 to pick up the changes"
-    fi
-}
-
 if [ "$CLUSTER" -eq 1 ]; then  # Ray first: on the head, the service connects to it
     RAY_UNIT="$SERVICE-ray-$ROLE"
-    install_unit "$RAY_UNIT"
+    install_unit "$RAY_UNIT.service"
     run_unit "$RAY_UNIT" $((PROJECT_CHANGED + UNIT_CHANGED + RAY_ENV_CHANGED))
 fi
 if [ "$ROLE" = node ]; then
@@ -479,27 +460,13 @@ if [ "$ROLE" = node ]; then
     summary
     exit 0
 fi
-install_unit "$SERVICE"
+install_unit "$SERVICE.service"
 run_unit "$SERVICE" $((PROJECT_CHANGED + UNIT_CHANGED + ENV_CHANGED))
 
 # --- 6b. The idle-stop timer (disabled unless asked for) ------------------------------------
 IDLE_UNIT=trainium-executor-idle-stop
-UNITS_CHANGED=0
-for suffix in service timer; do
-    target="$ROOT/etc/systemd/system/$IDLE_UNIT.$suffix"
-    idle_new="$(mktemp)"
-    sed "s#@VENV@#$VENV_REAL#g" "$PROJECT_DIR/systemd/$IDLE_UNIT.$suffix" > "$idle_new"
-    if cmp -s "$idle_new" "$target"; then
-        rm -f "$idle_new"
-    else
-        mkdir -p "$(dirname "$target")"
-        install -m 0644 "$idle_new" "$target"
-        rm -f "$idle_new"
-        changed "installed /etc/systemd/system/$IDLE_UNIT.$suffix"
-        UNITS_CHANGED=1
-    fi
-done
-[ "$UNITS_CHANGED" -eq 0 ] || systemctl daemon-reload
+install_unit "$IDLE_UNIT.service"
+install_unit "$IDLE_UNIT.timer"
 IDLE_ENV="$ROOT$CONF_DIR/idle-stop.env"
 if [ -n "$IDLE_STOP" ] && [ "$IDLE_STOP" != off ]; then
     if [ "$(cat "$IDLE_ENV" 2>/dev/null)" != "IDLE_STOP_AFTER_MINUTES=$IDLE_STOP" ]; then
@@ -519,14 +486,7 @@ elif [ "$IDLE_STOP" = off ]; then
         say "idle-stop timer disabled"
     fi
 elif [ -n "$IDLE_STOP" ]; then
-    if ! systemctl is-enabled --quiet "$IDLE_UNIT.timer"; then
-        systemctl enable "$IDLE_UNIT.timer"
-        changed "enabled $IDLE_UNIT.timer (stops the instance after $IDLE_STOP idle minutes)"
-    fi
-    if ! systemctl is-active --quiet "$IDLE_UNIT.timer"; then
-        systemctl start "$IDLE_UNIT.timer"
-        changed "started $IDLE_UNIT.timer"
-    fi
+    run_unit "$IDLE_UNIT.timer" 0
 elif systemctl is-enabled --quiet "$IDLE_UNIT.timer"; then
     say "idle-stop timer enabled ($(cat "$IDLE_ENV" 2>/dev/null || echo 'IDLE_STOP_AFTER_MINUTES=30'))"
 else
@@ -559,19 +519,7 @@ else
     changed "installed /etc/nginx/nginx.conf: port $FRONT_PORT in front of 127.0.0.1:$PORT"
     NGINX_CHANGED=1
 fi
-if [ "$START" -eq 1 ]; then
-    if ! systemctl is-enabled --quiet nginx; then
-        systemctl enable nginx
-        changed "enabled nginx (starts at boot)"
-    fi
-    if ! systemctl is-active --quiet nginx; then
-        systemctl start nginx
-        changed "started nginx"
-    elif [ "$NGINX_CHANGED" -eq 1 ]; then
-        systemctl reload nginx
-        changed "reloaded nginx"
-    fi
-fi
+run_unit nginx "$NGINX_CHANGED" reload
 
 # --- 8. Wait for a ready pool, then for the same through nginx -----------------------------
 health_ready() {  # true when $1/health answers with pool.idle > 0 (a head's: lists its cluster,
