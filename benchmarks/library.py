@@ -19,6 +19,13 @@ from benchmarks.report import run_clients, summarize
 from warm_pool import JobSpec, PoolConfig, WarmPool
 
 _ids = itertools.count()
+# Each pool of a run, and the service it starts, gets job uids of its own, apart from any
+# service or test run on the machine (a pool refuses uids that a live pool holds).
+_UID_BASES = itertools.count(3_000_000 + (os.getpid() % 20_000) * 100, 4)
+
+
+def job_uid_base() -> int:
+    return next(_UID_BASES)
 
 
 def start_pool(backend: str, work_dir: Path, size: int = 2, timeout: float = 180.0,
@@ -26,7 +33,7 @@ def start_pool(backend: str, work_dir: Path, size: int = 2, timeout: float = 180
                ) -> tuple[WarmPool, float]:
     """Start a pool and wait until all `size` workers are idle; return it and the seconds it took."""
     pool = WarmPool(PoolConfig(backend=backend, pool_size=size, work_dir=work_dir, isolation=isolation,
-                               backend_preload=backend_preload))
+                               backend_preload=backend_preload, job_uid_base=job_uid_base()))
     start = time.perf_counter()
     pool.start()
     if not pool.wait_ready(timeout) or not wait_idle(pool, size, timeout):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import workloads
+from benchmarks import library, workloads
 from benchmarks.report import run_clients, summarize
 
 
@@ -49,7 +49,8 @@ class Service:
             env.setdefault("PJRT_DEVICE", "CPU")
         cmd = [sys.executable, "-m", "executor_service", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--backend", self.backend, "--pool-size", str(self.pool_size),
-               "--work-dir", str(self.work_dir), "--log-level", "WARNING", *self.args]
+               "--work-dir", str(self.work_dir), "--log-level", "WARNING",
+               "--job-uid-base", str(library.job_uid_base()), *self.args]
         start = time.perf_counter()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
