@@ -131,7 +131,7 @@ function renderChart(jobs) {
   };
   const max = Math.max(0.001, ...jobs.map((j) => j.execution_time));
   const width = 600, height = 120, left = 40, bottom = 105;
-  const step = jobs.length ? (width - left - 5) / jobs.length : 0;
+  const step = jobs.length ? Math.min(40, (width - left - 5) / jobs.length) : 0;
   const parts = [node("line", { x1: left, y1: bottom, x2: width, y2: bottom, class: "axis" }),
     node("text", { x: 2, y: 12 }, `${max.toFixed(1)} s`), node("text", { x: 2, y: bottom }, "0"),
     node("text", { x: left, y: height - 2 }, "durations of recent jobs, oldest first")];
