@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with Browser() as browser:
             shown = show_job(browser, f"http://127.0.0.1:{svc.port}", submit, gate, args.screenshot)
-    print(json.dumps({"first_line_latency_s": latency, "screenshot": str(args.screenshot),
+    print(json.dumps({"first_line_latency": latency, "screenshot": str(args.screenshot),
                       "screenshot_bytes": shown["screenshot_bytes"]}, indent=2))
     return 0
 
