@@ -54,6 +54,7 @@ $(BENCH_STAMP): $(DEV_STAMP) requirements-bench.txt
 
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+	$(PY) -m benchmarks.dashboard
 
 # The settings table in docs/configuration.md, from the settings' declarations.
 docs: $(RUN_STAMP)

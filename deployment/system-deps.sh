@@ -3,7 +3,8 @@
 # - installs the non-Python tools the tests call when they are missing: the shellcheck
 #   linter (tests/test_deployment.py lints the scripts), systemd-analyze (it verifies the
 #   units), nft (it checks the job network rules) and nginx (tests/test_nginx_front_door.py
-#   runs the shipped deployment/nginx/nginx.conf in a real nginx of its own, on loopback);
+#   runs the shipped deployment/nginx/nginx.conf in a real nginx of its own, on loopback)
+#   and Debian's chromium (tests/test_dashboard.py drives the dashboard in it, headless);
 # - lets job uids reach the interpreter: jobs run under their own unprivileged uids and
 #   must read Python's standard library and the venv. Where those live below a directory
 #   closed to other users (pyenv under /root on some machines), that directory is opened
@@ -18,6 +19,7 @@ command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ "$(id -u)" -ne 0 ]; then
     [ ${#missing[@]} -eq 0 ] || echo "system-deps: missing ${missing[*]}; install them to run every test (those tests skip)" >&2
     exit 0

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from executor_service import artifacts, auth, jobs, validation
+from executor_service import artifacts, auth, dashboard, jobs, streaming, validation
 from executor_service.config import ServiceConfig
 from executor_service.jobs import RETRY_AFTER_S, Accepted, JobRunner, batch_response
 from executor_service.metrics import CONTENT_TYPE, Metrics
@@ -106,6 +106,8 @@ def create_app(config: ServiceConfig, pool=None) -> Flask:
     _register_hooks(app, config, metrics)
     _register_errors(app, config)
     _register_routes(app, config, runner, metrics)
+    streaming.register(app, config, runner)
+    dashboard.register(app)
     return app
 
 

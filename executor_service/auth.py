@@ -8,13 +8,18 @@ from collections.abc import Container
 # Endpoints anyone may call: load balancers, the Lambda's probe and systemd checks need
 # /health without a secret. Its verbose form (worker pids, job ids, memory, respawn
 # history, tracebacks) is for operators and needs the token like everything else.
-PUBLIC_PATHS = frozenset({"/health"})
+# The dashboard's page, script and style sheet hold no data (dashboard.py): the page asks
+# for the token and sends it with every API call it makes.
+PUBLIC_PATHS = frozenset({"/health", "/", "/dashboard/app.js", "/dashboard/style.css"})
 TOKEN_ONLY_QUERY = "verbose"
 
 
 def is_public(path: str, query: Container[str]) -> bool:
-    """True for the requests anyone may make: GET /health without `verbose`."""
-    return path in PUBLIC_PATHS and TOKEN_ONLY_QUERY not in query
+    """True for the requests anyone may make: GET /health without `verbose`, and the
+    dashboard's static files."""
+    if path == "/health":
+        return TOKEN_ONLY_QUERY not in query
+    return path in PUBLIC_PATHS
 
 
 def check_bearer(header: str | None, token: str | None) -> bool:

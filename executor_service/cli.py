@@ -1,8 +1,10 @@
-"""`trainium-executor serve | submit FILE... | health | status | artifacts JOB_ID | datasets fetch NAME...
-| idle-stop` (also `python -m executor_service`).
+"""`trainium-executor serve | submit FILE... | logs JOB_ID | health | status | artifacts JOB_ID
+| datasets fetch NAME... | idle-stop` (also `python -m executor_service`).
 
 serve      run the service (every flag also from its EXECUTOR_* environment variable)
 submit     send scripts as one async batch, wait for it, print the batch response as JSON
+           (--follow: print each job's output as it comes, prefixed by paper id when several)
+logs       print a job's output so far (-f: follow it until the job ends)
 health     print GET /health (exit 0 when healthy, 1 otherwise)
 status     print GET /status
 idle-stop  run a command (shutdown -h now) when no job has been queued or running for
@@ -44,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--deadline", type=float, default=None, help="give up waiting after (s)")
     submit.add_argument("--no-wait", action="store_true", help="print the batch id and return")
     submit.add_argument("--callback-url", default=None, help="POST the batch's results there when done")
+    submit.add_argument("-f", "--follow", action="store_true",
+                        help="print each job's output as it comes (prefixed by paper id when several)")
+    logs = sub.add_parser("logs", help="print a job's output (-f: follow it until the job ends)")
+    client_args(logs)
+    logs.add_argument("job_id")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow the output until the job ends")
     for name in ("health", "status"):
         client_args(sub.add_parser(name, help=f"print GET /{name}"))
     from executor_service import idle
@@ -128,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                 for path in client.download_artifacts(args.job_id, str(args.output)):
                     print(path)
             return 0
+        if args.command == "logs":
+            from executor_service import follow
+
+            return follow.logs(client, args.job_id, args.follow)
         seen: set[str] = set()
         batch = [{"paper_id": _paper_id(f, seen), "code": f.read_text(encoding="utf-8")}
                  for f in args.files]
@@ -135,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(client.submit_batch(batch, timeout=args.timeout, callback_url=args.callback_url),
                              indent=2))
             return 0
-        result = client.run_batch(batch, timeout=args.timeout, deadline_s=args.deadline,
-                                  callback_url=args.callback_url)
+        if args.follow:
+            from executor_service import follow
+
+            result = follow.run_batch(client, batch, args.timeout, args.deadline, args.callback_url)
+        else:
+            result = client.run_batch(batch, timeout=args.timeout, deadline_s=args.deadline,
+                                      callback_url=args.callback_url)
         print(json.dumps(result, indent=2))
         return 0 if result.get("failed") == 0 else 1
     except (ExecutorError, OSError) as exc:

@@ -17,6 +17,11 @@ Fire and forget: `submit(code, paper_id, timeout=3600, callback_url=..., paper_t
 slack_thread_ts=...)` or `submit_batch(batch, callback_url=...)` return the ids at once;
 the service POSTs the result to `callback_url` (signed, see docs/webhooks.md), and
 `paper(paper_id)` finds a paper's latest job and result later.
+
+Watching a job: `for event in client.events(job_id)` yields {"event": "status" | "output" |
+"heartbeat" | "result", "data": {...}} as the job runs (GET /jobs/<id>/events, Server-Sent
+Events), ending after "result"; `output(job_id, stream, offset)` is one poll of
+GET /jobs/<id>/output.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["ExecutorClient", "ExecutorError", "ExecutorTimeout"]
@@ -223,6 +229,100 @@ class ExecutorClient:
                 f.write(data)
             saved.append(path)
         return saved
+
+    def output(self, job_id: str, stream: str = "stdout", offset: int = 0) -> dict[str, Any]:
+        """GET /jobs/<id>/output: {"text", "next_offset", "ended", "status", ...}."""
+        query = urllib.parse.urlencode({"stream": stream, "offset": str(offset)})
+        return self.request("GET", f"/jobs/{_quote(job_id)}/output?{query}")
+
+    def events(self, job_id: str, poll_interval: float = 0.5) -> Iterator[dict[str, Any]]:
+        """The job's events as they happen, ending with {"event": "result", "data": job}.
+
+        Each is {"event": name, "data": object}: "status" ({"status"}), "output"
+        ({"stream", "text"}), "heartbeat", "result" (the job's document). Read from the
+        event stream; a dropped connection resumes where it stopped (Last-Event-ID). When
+        the service has no stream to spare (503), the output is polled instead.
+        """
+        offsets = {"stdout": 0, "stderr": 0}
+        failures = 0
+        while True:
+            try:
+                for event in self._stream(job_id, offsets):
+                    failures = 0
+                    yield event
+                    if event["event"] == "result":
+                        return
+                failures += 1  # the stream ended without a result: reconnect
+            except ExecutorError as exc:
+                if exc.status == 503:
+                    yield from self._poll_events(job_id, offsets, poll_interval)
+                    return
+                if exc.status is not None:
+                    raise
+                failures += 1
+            if failures > self.max_retries:
+                raise ExecutorError(None, f"lost the event stream of job {job_id}")
+            time.sleep(min(self.poll_max, 0.5 * 2 ** (failures - 1)))
+
+    def _stream(self, job_id: str, offsets: dict[str, int]) -> Iterator[dict[str, Any]]:
+        req = urllib.request.Request(f"{self.base_url}/jobs/{_quote(job_id)}/events")
+        req.add_header("Accept", "text/event-stream")
+        req.add_header("Last-Event-ID", f"{offsets['stdout']}:{offsets['stderr']}")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            resp = urllib.request.urlopen(req, timeout=max(self.request_timeout, 60.0))
+        except urllib.error.HTTPError as exc:
+            body = _decode(exc.read())
+            message = body.get("error") if isinstance(body, dict) else str(body)
+            raise ExecutorError(exc.code, message or "request failed", body) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ExecutorError(None, str(exc)) from None
+        with resp:
+            name, data = "message", []
+            try:
+                for raw in resp:
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    if line.startswith("event:"):
+                        name = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].removeprefix(" "))
+                    elif line.startswith("id:"):
+                        parts = line[3:].strip().split(":")
+                        if len(parts) == 2 and all(p.isdigit() for p in parts):
+                            offsets["stdout"], offsets["stderr"] = int(parts[0]), int(parts[1])
+                    elif not line and data:
+                        event = {"event": name, "data": json.loads("\n".join(data))}
+                        name, data = "message", []
+                        if event["event"] == "error":  # shutting down, the job still queued
+                            raise ExecutorError(503, str(event["data"].get("error")), event["data"])
+                        yield event
+            except (OSError, ValueError) as exc:  # dropped, or timed out: resume
+                raise ExecutorError(None, str(exc)) from None
+
+    def _poll_events(self, job_id: str, offsets: dict[str, int], interval: float) -> Iterator[dict[str, Any]]:
+        """The same events from GET /jobs/<id>/output and GET /jobs/<id>, polled."""
+        status = None
+        while True:
+            ended = False
+            for stream in ("stdout", "stderr"):
+                while True:
+                    part = self.output(job_id, stream, offsets[stream])
+                    ended = part["ended"]
+                    if part["status"] != status and not ended:
+                        status = part["status"]
+                        yield {"event": "status", "data": {"job_id": job_id, "status": status}}
+                    if part["next_offset"] == offsets[stream]:
+                        break
+                    offsets[stream] = part["next_offset"]
+                    if part["text"]:
+                        yield {"event": "output", "data": {"stream": stream, "text": part["text"]}}
+            if ended:
+                job = self.get_job(job_id)
+                yield {"event": "status", "data": {"job_id": job_id, "status": job.get("status")}}
+                yield {"event": "result", "data": job}
+                return
+            time.sleep(interval)
 
     def wait_batch(self, batch_id: str, deadline_s: float | None = None) -> dict[str, Any]:
         """Poll with backoff until the batch is completed; the original batch shape."""

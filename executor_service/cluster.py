@@ -1,6 +1,6 @@
 """The cluster's dispatcher on the head: the pool's interface, over Ray (docs/cluster.md).
 
-`ClusterPool` is to the service what `WarmPool` is (`start`, `wait_ready`, `submit`,
+`ClusterPool` is to the service what `WarmPool` is (`start`, `wait_ready`, `submit`, `output`,
 `cancel`, `stats`, `shutdown`), but its workers are the warm pools of the cluster's
 nodes: one NodePool actor (node_pool.py) per node with `neuron_cores`, pinned to it and
 holding all its cores, started with the service's pool settings.
@@ -53,7 +53,9 @@ from warm_pool import (
     STATUS_CANCELLED,
     STATUS_COMPLETED,
     STATUS_INTERRUPTED,
+    STREAMS,
     ConfigError,
+    JobOutput,
     JobResult,
     JobSpec,
     PoolBroken,
@@ -69,6 +71,7 @@ NAMESPACE = "trainium-executor"
 WATCH_EVERY_S = 1.0      # how often the cluster's node list is read
 STATS_EVERY_S = 0.5      # how often each node's pool is asked for its counts
 PROBE_EVERY_S = 0.5      # how often a lost node's actor is asked whether it is dead yet
+OUTPUT_TIMEOUT_S = 2.0   # a live-output read from a node's pool
 REPLACE_AFTER_S = 10.0   # an actor that died before it was ever ready: wait before the next
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # as WarmPool's: it names the job's dir
 
@@ -225,6 +228,24 @@ class ClusterPool:
         if finished is not None:
             self._finish(job, finished)
         return True
+
+    def output(self, job_id: str, stream: str, offset: int = 0, limit: int = 65536) -> JobOutput | None:
+        """Live output of a job running on a node, asked of that node's pool (one Ray call,
+        at most OUTPUT_TIMEOUT_S). None when it runs nowhere now (queued, on its way, its
+        node lost) or its node does not answer in time. A job started again elsewhere
+        writes its output afresh: offsets then count from that attempt's start."""
+        if stream not in STREAMS or offset < 0 or limit < 1:
+            raise ValueError(f"stream must be one of {', '.join(STREAMS)}, offset ≥ 0 and limit ≥ 1")
+        with self.lock:
+            job = self.jobs.get(job_id)
+            node = job.node if job is not None and job.ref is not None else None
+            if node is None or node.state not in ("placing", "ready"):
+                return None
+            actor = node.actor
+        try:
+            return self._ray.get(actor.output.remote(job_id, stream, offset, limit), timeout=OUTPUT_TIMEOUT_S)
+        except self._ray.exceptions.RayError:  # the node is slow, lost or the call failed
+            return None
 
     # --- health ------------------------------------------------------------------------
 

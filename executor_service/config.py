@@ -57,6 +57,13 @@ class ServiceConfig:
         30.0, "after the HTTP server refuses a request itself (413, 431, 400), read and discard what "
         "the client still sends for at most this long, so it reads the answer instead of a reset",
         unit="s", minimum=0, zero="close at once")
+    max_streams: int | None = setting(
+        None, "event streams (GET /jobs/<id>/events) open at once; each holds an HTTP thread while it "
+        "is open, so at most half of threads: the rest always serve the API; beyond it 503 with "
+        "Retry-After", minimum=1, none="a quarter of threads (8 of 32), at least 1")
+    stream_heartbeat: float = setting(
+        15.0, "an open event stream sends a heartbeat event after this long without another, so that "
+        "clients and proxies see it alive", unit="s", minimum=0.1, maximum=300)
     api_token: str | None = setting(
         None, "bearer token required on every endpoint but /health (never a flag: it would show "
         "in ps)", flag=False, secret=True)
@@ -113,6 +120,11 @@ class ServiceConfig:
     def store_path(self) -> Path:
         return self.work_dir / "jobs.sqlite3"
 
+    @property
+    def stream_limit(self) -> int:
+        """How many event streams may be open at once (max_streams, or its default)."""
+        return self.max_streams if self.max_streams is not None else max(1, self.threads // 4)
+
     def is_loopback(self) -> bool:
         """True when the listen address is reachable only from this machine."""
         if self.host == "localhost":
@@ -128,6 +140,9 @@ class ServiceConfig:
         self.pool.validate()
         if not self.host:
             raise ConfigError("host (--host / EXECUTOR_HOST) must not be empty")
+        if self.max_streams is not None and self.max_streams > self.threads // 2:
+            raise ConfigError(f"max_streams (--max-streams / EXECUTOR_MAX_STREAMS) must be at most half "
+                              f"of threads ({self.threads}): each open stream holds a thread")
         uri = self.artifacts_s3_uri
         if uri is not None and (not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]):
             raise ConfigError("artifacts_s3_uri (--artifacts-s3-uri / EXECUTOR_ARTIFACTS_S3_URI) must look "

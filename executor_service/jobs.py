@@ -250,6 +250,11 @@ class JobRunner:
         if self.exporter is not None:
             self.exporter.close()
 
+    @property
+    def closing(self) -> bool:
+        """True once shutdown has begun: nothing new is accepted or started."""
+        return self._closing.is_set()
+
     # accepting and dispatching -------------------------------------------------------
 
     def accept(self, request: Request, kind: str, idem_key: str | None = None) -> Accepted:

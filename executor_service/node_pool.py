@@ -33,6 +33,7 @@ from warm_pool import (
     STATUS_CANCELLED,
     STATUS_INTERRUPTED,
     ConfigError,
+    JobOutput,
     JobResult,
     JobSpec,
     PoolConfig,
@@ -97,6 +98,10 @@ class NodePool:
         if len(self.cancelled) < 10_000:
             self.cancelled.add(job_id)
         return False
+
+    async def output(self, job_id: str, stream: str, offset: int, limit: int) -> JobOutput | None:
+        """Live output of a job running here (WarmPool.output)."""
+        return await asyncio.to_thread(self.pool.output, job_id, stream, offset, limit)
 
     async def stats(self) -> dict[str, Any]:
         """The pool's stats (as /health shows one pool), measured off the event loop."""

@@ -148,6 +148,23 @@ def test_a_jobs_artifacts_come_back_from_its_node_to_the_head(cluster):
     assert cluster.get(f"/jobs/{result['job_id']}/artifacts/metrics.json").json == {"loss": 0.5}
 
 
+def test_a_jobs_live_output_is_read_from_its_node_while_it_runs(cluster):
+    ensure_nodes(cluster, 1)
+    code = "import time\nprint('epoch 1 loss 0.5', flush=True)\ntime.sleep(120)\n"
+    job_id = cluster.post("/jobs", {"paper_id": "p-live", "code": code}).json["job_id"]
+
+    def line_while_running():
+        part = cluster.get(f"/jobs/{job_id}/output?stream=stdout&offset=0").json
+        return part if "epoch 1" in part["text"] else None
+
+    part = wait_until(line_while_running, timeout=60, interval=0.2)
+    assert part["text"] == "epoch 1 loss 0.5\n" and not part["ended"] and part["next_offset"] == 17
+    assert cluster.get(f"/jobs/{job_id}").json["status"] == "running"
+    assert cluster.request("DELETE", f"/jobs/{job_id}").json["status"] == "cancelled"
+    after = cluster.get(f"/jobs/{job_id}/output?stream=stdout&offset=6").json
+    assert after["ended"] and after["text"] == "1 loss 0.5\n"
+
+
 def test_cancelling_a_job_running_on_a_node(cluster):
     ensure_nodes(cluster, 1)
     accepted = cluster.post("/jobs", {"paper_id": "p-cancel", "code": SLEEP.format(s=120)})

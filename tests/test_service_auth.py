@@ -30,8 +30,10 @@ def _documented() -> set[tuple[str, str]]:
             for method in ops if method in ("get", "post", "put", "patch", "delete")}
 
 
-# Every endpoint but GET /health, plus /health's verbose form: each needs the token.
-PROTECTED = sorted((m, p) for m, p in _documented() if (m, p) != ("GET", "/health")) + [
+# Every endpoint but GET /health and the dashboard's page, plus /health's verbose form:
+# each needs the token (/dashboard/{name} is tried with a name it does not serve).
+PUBLIC = {("GET", "/health"), ("GET", "/")}
+PROTECTED = sorted((m, p) for m, p in _documented() if (m, p) not in PUBLIC) + [
     ("GET", "/health?verbose=1"), ("GET", "/health?verbose=0")]
 
 

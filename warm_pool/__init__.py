@@ -11,6 +11,8 @@ Public API (everything the HTTP service uses comes from here)::
                               timeout=600.0), on_start=callback)
     result: JobResult = fut.result()   # job failures are results, never exceptions
     pool.cancel("j1")                  # queued or running; result.status == "cancelled"
+    out: JobOutput | None = pool.output("j1", "stdout", offset=0, limit=65536)
+                                       # live output of a running job (None: not running)
     pool.stats()                       # dict for /health: backend, size, idle, busy, ...
     result.artifacts                   # files the job left that were kept (artifacts.py;
                                        # artifacts.pack/unpack move them to another machine)
@@ -22,6 +24,7 @@ job ever raises.
 
 from warm_pool import artifacts, settings
 from warm_pool.artifacts import Artifact
+from warm_pool.capture import STREAMS, TRUNCATION_MARK, JobOutput
 from warm_pool.config import BACKENDS, DEFAULT_ARTIFACTS, DEFAULT_PRELOAD, JOB_HELPERS_DIR, PoolConfig
 from warm_pool.errors import PoolBroken, PoolClosed, PoolError, QueueFull
 from warm_pool.pool import WarmPool
@@ -41,7 +44,8 @@ from warm_pool.settings import ConfigError
 
 __all__ = [
     "BACKENDS", "DEFAULT_ARTIFACTS", "DEFAULT_PRELOAD", "JOB_HELPERS_DIR", "STATUS_CANCELLED",
-    "STATUS_COMPLETED", "STATUS_INTERRUPTED", "STATUS_QUEUED", "STATUS_RUNNING", "TERMINAL_STATUSES",
-    "Artifact", "ConfigError", "JobResult", "JobSpec", "PoolBroken", "PoolClosed", "PoolConfig", "PoolError",
-    "QueueFull", "WarmPool", "WorkerRef", "artifacts", "settings", "utc_iso",
+    "STATUS_COMPLETED", "STATUS_INTERRUPTED", "STATUS_QUEUED", "STATUS_RUNNING", "STREAMS",
+    "TERMINAL_STATUSES", "TRUNCATION_MARK", "Artifact", "ConfigError", "JobOutput", "JobResult", "JobSpec",
+    "PoolBroken", "PoolClosed", "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef", "artifacts",
+    "settings", "utc_iso",
 ]

@@ -12,8 +12,15 @@ directory of the service's that jobs cannot read.
 No thread of its own: when a job ends its worker has already closed its ends, so the
 supervisor drains them at once and builds the result in the same pass.
 
-`read_capped` then gives the result its head and tail within `max_output_bytes`. Bytes
+`read_capped` then gives the result its head and tail within `max_output_bytes`, read
+through the supervisor's own descriptor. Bytes
 that are not UTF-8 are decoded with replacement characters.
+
+While a job runs, `read_live` gives what it has written so far (live output): read with
+pread(2) from a duplicate of the descriptor the supervisor writes through, never by
+path, so nothing can be swapped in under the name; the file is created with O_NOFOLLOW
+in a directory jobs cannot reach. Its bytes are the job's: untrusted, decoded with
+replacement, at most `limit` per read.
 """
 
 from __future__ import annotations
@@ -41,6 +48,17 @@ class _Stream:
     over_limit: bool = False
 
 
+@dataclass(frozen=True)
+class JobOutput:
+    """Part of a running job's stdout or stderr, from `offset` (bytes) on."""
+
+    text: str          # the bytes read, decoded (UTF-8, invalid bytes replaced)
+    offset: int        # where the read started
+    next_offset: int   # where the next read should start (after the last whole character)
+    size: int          # bytes captured in this stream so far
+    running: bool      # True while the job may still write to it
+
+
 @dataclass(eq=False)
 class _Job:
     streams: list[_Stream] = field(default_factory=list)
@@ -63,7 +81,9 @@ class Capture:
             read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(read_fd, False)
             path = self.path(job_id, name)
-            file_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            # Read and write: live output is read through a duplicate of this descriptor.
+            file_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                              0o600)
             stream = _Stream(job_id, name, read_fd, file_fd, path, self.limit)
             job.streams.append(stream)
             self._by_fd[read_fd] = stream
@@ -73,6 +93,22 @@ class Capture:
 
     def path(self, job_id: str, stream: str) -> str:
         return os.path.join(self.directory, f"{job_id}.{stream}")
+
+    def reader(self, job_id: str, name: str) -> tuple[int, int, bool] | None:
+        """For a live read of one stream: a duplicate of its file's descriptor (the caller
+        closes it), the bytes written so far, and whether the stream is still open; None
+        when the job is not being captured."""
+        job = self._jobs.get(job_id)
+        stream = next((s for s in job.streams if s.name == name), None) if job else None
+        if stream is None:
+            return None
+        return os.dup(stream.file_fd), stream.written, stream.open
+
+    def read_capped(self, job_id: str, name: str, limit: int) -> tuple[str, int]:
+        """A captured stream's text for the result (see `read_capped`); "" if none."""
+        job = self._jobs.get(job_id)
+        stream = next((s for s in job.streams if s.name == name), None) if job else None
+        return read_capped(stream.file_fd, limit) if stream else ("", 0)
 
     def fds(self) -> list[int]:
         """The read ends still open: the supervisor waits on them."""
@@ -172,20 +208,54 @@ def _move(src: int, dst: int, count: int) -> int:
     return len(data)
 
 
-def read_capped(path: str, limit: int) -> tuple[str, int]:
-    """The file's text, cut to its first and last limit/2 bytes; and how many were cut."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size <= limit:
-                return f.read().decode("utf-8", errors="replace"), 0
-            half = limit // 2
-            head = f.read(half)
-            f.seek(size - (limit - half))
-            tail = f.read()
-    except FileNotFoundError:
-        return "", 0
+def read_capped(fd: int, limit: int) -> tuple[str, int]:
+    """A capture file's text, cut to its first and last limit/2 bytes; and how many were
+    cut. Read through `fd` with pread(2): never by path."""
+    size = os.fstat(fd).st_size
+    if size <= limit:
+        return _pread_all(fd, size, 0).decode("utf-8", errors="replace"), 0
+    half = limit // 2
+    head = _pread_all(fd, half, 0)
+    tail = _pread_all(fd, limit - half, size - (limit - half))
     cut = size - len(head) - len(tail)
     text = (head.decode("utf-8", errors="replace") + TRUNCATION_MARK.format(n=cut)
             + tail.decode("utf-8", errors="replace"))
     return text, cut
+
+
+def _pread_all(fd: int, count: int, offset: int) -> bytes:
+    chunks = []
+    while count > 0:
+        data = os.pread(fd, count, offset)
+        if not data:
+            break
+        chunks.append(data)
+        count -= len(data)
+        offset += len(data)
+    return b"".join(chunks)
+
+
+def read_live(fd: int, size: int, running: bool, offset: int, limit: int) -> JobOutput:
+    """Up to `limit` bytes of a capture file from `offset` (`size` bytes are written).
+
+    While the stream is open, a character cut at the end of the read is left for the
+    next one: `next_offset` stops before it, so no reader sees a replacement character
+    the job did not write.
+    """
+    if offset < 0 or limit < 1:
+        raise ValueError(f"offset must be >= 0 and limit >= 1, not {offset} and {limit}")
+    want = max(0, min(max(limit, 4), size - offset))  # 4: room for one whole character
+    data = _pread_all(fd, want, offset) if want else b""
+    if running:
+        data = data[:len(data) - _cut_character(data)]
+    return JobOutput(data.decode("utf-8", errors="replace"), offset, offset + len(data), size, running)
+
+
+def _cut_character(data: bytes) -> int:
+    """How many bytes at the end of `data` begin a UTF-8 character that is not complete."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII): does its character fit?
+            need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+            return back if need > back else 0
+    return 0

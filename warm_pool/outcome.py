@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from warm_pool import capture, errors
+from warm_pool import errors
 from warm_pool.config import PoolConfig
 from warm_pool.result import (
     STATUS_CANCELLED,
@@ -41,12 +42,13 @@ STOP_OUTCOMES = {
 
 
 def build_result(job: Job, worker: WorkerRef | None, config: PoolConfig,
-                 stdout_path: str, stderr_path: str) -> JobResult:
-    """The result of a job that was handed to a worker (or cancelled before)."""
+                 read_output: Callable[[str, int], tuple[str, int]]) -> JobResult:
+    """The result of a job that was handed to a worker (or cancelled before);
+    `read_output(stream, cap)` gives a stream's text within the cap and the bytes cut."""
     now, now_mono = time.time(), time.monotonic()
     cap = config.max_output_bytes
-    stdout, out_cut = capture.read_capped(stdout_path, cap)
-    stderr, err_cut = capture.read_capped(stderr_path, cap)
+    stdout, out_cut = read_output("stdout", cap)
+    stderr, err_cut = read_output("stderr", cap)
     done, return_code = job.done, job.exit_status
     status, error_type, message = STATUS_COMPLETED, None, None
     if done is not None:

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from warm_pool import outcome
+from warm_pool.capture import STREAMS, JobOutput
 from warm_pool.config import PoolConfig
 from warm_pool.placement import Placement
 from warm_pool.result import JobSpec
@@ -94,6 +95,18 @@ class WarmPool:
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job; False if it is unknown or already finished."""
         return self.supervisor.cancel(job_id)
+
+    def output(self, job_id: str, stream: str, offset: int = 0, limit: int = 65536) -> JobOutput | None:
+        """Live output: up to `limit` bytes of what a running job wrote to `stream`
+        ("stdout" or "stderr") from byte `offset` on, decoded as UTF-8 with replacement.
+
+        None when the pool captures no output for the job: it has not started, is
+        unknown, or has ended and its result was made (its output is in the result then;
+        the capture is gone). ValueError for a bad stream, offset or limit.
+        """
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {', '.join(STREAMS)}, not {stream!r}")
+        return self.supervisor.read_output(job_id, stream, offset, limit)
 
     # --- health -----------------------------------------------------------------------
 

@@ -10,8 +10,8 @@ Data flow (one loop thread owns the sockets; callers only queue work and wake it
                manage_workers (restore the count), dispatch, finish_jobs
 
 The supervisor alone owns its state (workers, queue, template, capture), under `lock`;
-`WarmPool` and everyone else call `submit`, `cancel`, `snapshot`, `wait_ready` and
-`shutdown`. Futures are completed after the lock is released, so no caller's callback
+`WarmPool` and everyone else call `submit`, `cancel`, `snapshot`, `read_output`,
+`wait_ready` and `shutdown`. Futures are completed after the lock is released, so no caller's callback
 can stall the loop.
 
 Everything a worker sends is untrusted (its job owns the socket): it is decoded by
@@ -36,7 +36,7 @@ from multiprocessing import connection, reduction
 from typing import Any
 
 from warm_pool import artifacts, limits, outcome, protocol, sandbox, usage
-from warm_pool.capture import Capture
+from warm_pool.capture import Capture, JobOutput, read_live
 from warm_pool.config import PoolConfig
 from warm_pool.errors import PoolBroken, PoolClosed, QueueFull
 from warm_pool.placement import Placement
@@ -127,6 +127,19 @@ class Supervisor:
                 self.stop_job(job, worker, "cancelled", time.monotonic())
         self.wake()
         return True
+
+    def read_output(self, job_id: str, stream: str, offset: int, limit: int) -> JobOutput | None:
+        """What a running job has written to `stream` from `offset` on; None when its
+        output is not being captured (queued, unknown, or its result is made)."""
+        with self.lock:
+            found = self.capture.reader(job_id, stream)
+        if found is None:
+            return None
+        fd, size, running = found
+        try:  # outside the lock: the loop goes on draining while this reads
+            return read_live(fd, size, running, offset, limit)
+        finally:
+            os.close(fd)
 
     def wait_ready(self, timeout: float | None) -> bool:
         """Wait until at least one worker is ready; False on timeout or a broken pool."""
@@ -584,8 +597,9 @@ class Supervisor:
                 still.append((job, worker))
                 continue
             self.capture.stop(job_id)
-            result = outcome.build_result(job, job.worker, self.config, self.capture.path(job_id, "stdout"),
-                                          self.capture.path(job_id, "stderr"))
+            result = outcome.build_result(job, job.worker, self.config,
+                                          lambda name, cap, job_id=job_id: self.capture.read_capped(
+                                              job_id, name, cap))
             self.capture.release(job_id)
             self.jobs.pop(job_id, None)
             if job.tmp_dir and not self.config.keep_job_dirs and not any(
