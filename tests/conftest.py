@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -174,3 +175,14 @@ def run_cold(code: str, tmp: Path) -> subprocess.CompletedProcess:
     (job / "main.py").write_text(code)
     return subprocess.run([sys.executable, str(job / "main.py")], cwd=job, capture_output=True, timeout=120,
                           stdin=subprocess.DEVNULL)
+
+
+# The prelude of a job that must still be running when the test looks: wait_gate()
+# returns once the test creates "go" in the job's dir (at most 60 s).
+GATE = textwrap.dedent("""
+    import os, sys, time
+    def wait_gate():
+        deadline = time.monotonic() + 60
+        while not os.path.exists("go") and time.monotonic() < deadline:
+            time.sleep(0.01)
+""")

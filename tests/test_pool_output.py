@@ -11,19 +11,12 @@ import textwrap
 import uuid
 
 import pytest
-from conftest import wait_until
+from conftest import GATE, wait_until
 
 from warm_pool import JobOutput, JobSpec
 
 pytestmark = pytest.mark.timeout(120)
 
-GATE = textwrap.dedent("""
-    import os, sys, time
-    def wait_gate():
-        deadline = time.monotonic() + 60
-        while not os.path.exists("go") and time.monotonic() < deadline:
-            time.sleep(0.01)
-""")
 
 
 def _submit(pool, code: str):

@@ -17,7 +17,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import wait_until
+from conftest import GATE, wait_until
 from service_fixtures import REPO, openapi, server, start_server  # noqa: F401
 
 from executor_service import streaming
@@ -26,13 +26,6 @@ from executor_service.config import ConfigError, ServiceConfig
 
 pytestmark = pytest.mark.timeout(180)
 
-GATE = textwrap.dedent("""
-    import os, sys, time
-    def wait_gate():
-        deadline = time.monotonic() + 60
-        while not os.path.exists("go") and time.monotonic() < deadline:
-            time.sleep(0.01)
-""")
 
 
 def submit(srv, code: str, paper_id: str = "p") -> str:
