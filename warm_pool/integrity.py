@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import gc
+import itertools
 import operator
 import sys
 import types
@@ -182,6 +183,7 @@ class Fingerprint:
     # The views _candidates compares (_index): the tagged items' tag cells; the untagged
     # lists, sets and deques (_fast: their indexes, _live, _copies) and the other untagged.
     _cells: list[Any] = field(default_factory=list)
+    _tag_at: dict[int, int] = field(default_factory=dict)
     _fast: list[int] = field(default_factory=list)
     _fast_at: dict[int, int] = field(default_factory=dict)
     _live: list[Any] = field(default_factory=list)
@@ -287,8 +289,8 @@ class Fingerprint:
         """
         items = self.items
         now = list(map(_VALUE, self._cells))
-        moved = [] if now == self.tags else [
-            i for i, a, b in zip(self.tagged, now, self.tags, strict=True) if a != b]
+        moved = [] if now == self.tags else list(
+            itertools.compress(self.tagged, map(operator.ne, now, self.tags)))
         try:
             differ = list(map(operator.ne, self._live, self._copies))
         except Exception:  # noqa: BLE001 - an item whose __eq__ raises: compare one by one
@@ -300,6 +302,7 @@ class Fingerprint:
         """The views `_candidates` compares."""
         items = self.items
         self._cells = [items[i].cell for i in self.tagged]
+        self._tag_at = {index: n for n, index in enumerate(self.tagged)}
         self._fast = [i for i in self.untagged if type(items[i].obj) in _FAST_TYPES]
         self._slow = [i for i in self.untagged if type(items[i].obj) not in _FAST_TYPES]
         self._live = [items[i].obj for i in self._fast]
@@ -310,7 +313,7 @@ class Fingerprint:
         item = self.items[index]
         item.snapshot = _snapshot(item.kind, item.obj)
         if item.cell is not None:
-            self.tags[self.tagged.index(index)] = item.cell.value
+            self.tags[self._tag_at[index]] = item.cell.value
         elif index in self._fast_at:
             self._copies[self._fast_at[index]] = _copy(item.obj)
 

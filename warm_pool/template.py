@@ -25,6 +25,7 @@ of the control socket closes, taking every worker with it.
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -295,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         if error is None:
             optional = _load_optional(settings, list(imported), started, argv[0])
             _FINGERPRINT = Fingerprint.take()
+            # Everything preloaded lives as long as every worker: out of the collector's
+            # reach. Otherwise each worker's collections walk (and write the GC header of)
+            # every object the template made, so copy-on-write copies those pages into
+            # each worker and a job's end or a worker's start pays a full walk.
+            gc.collect()
+            gc.freeze()
     except BaseException:  # noqa: BLE001
         imported, error, backend = [], traceback.format_exc(), settings["backend"]
     if error is not None:
