@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import reachable_by_jobs, start_pool
+from conftest import job_uid_base, reachable_by_jobs, start_pool
 
 from warm_pool import JobSpec, PoolConfig, WarmPool, errors
 
@@ -54,7 +54,8 @@ def test_auto_picks_xla_when_torch_xla_imports(make_pool):
 
 
 def test_template_import_failure_breaks_the_pool_without_respawning(tmp_path):
-    pool = WarmPool(PoolConfig(backend="cpu", pool_size=2, work_dir=tmp_path,
+    pool = WarmPool(PoolConfig(backend="cpu", pool_size=2, work_dir=reachable_by_jobs(tmp_path),
+                               job_uid_base=job_uid_base(),
                                backend_preload=("torch", "no_such_module_anywhere"))).start()
     try:
         assert pool.wait_ready(60) is False
@@ -88,7 +89,8 @@ def test_submit_rejects_unsafe_job_ids(shared_pool):
 
 def test_workers_dying_while_starting_break_the_pool_after_backoff(tmp_path):
     pool = WarmPool(PoolConfig(backend="xla", pool_size=1, work_dir=reachable_by_jobs(tmp_path),
-                               max_start_failures=3, extra_env=(("PJRT_DEVICE", "NO_SUCH_DEVICE"),))).start()
+                               job_uid_base=job_uid_base(), max_start_failures=3,
+                               extra_env=(("PJRT_DEVICE", "NO_SUCH_DEVICE"),))).start()
     try:
         assert pool.wait_ready(60) is False
         stats = pool.stats()
