@@ -11,9 +11,12 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 from executor_service.client import ExecutorClient, original_shape
+
+LOST_POLL_S = 1.0  # how often a job whose event stream was lost is asked whether it ended
 
 
 class _Lines:
@@ -23,14 +26,20 @@ class _Lines:
         self.prefix = prefix
         self.out = out
         self.partial = ""
+        self.written = 0  # characters of the stream received so far
 
     def write(self, text: str) -> None:
+        self.written += len(text)
         *lines, self.partial = (self.partial + text).split("\n")
         for line in lines:
             self.out.write(f"{self.prefix}{line}\n")
         self.out.flush()
 
-    def close(self) -> None:
+    def finish(self, whole: Any) -> None:
+        """At the job's end: what the stream missed of the result's text (a stream lost
+        or cut short), then the last incomplete line."""
+        if isinstance(whole, str) and len(whole) > self.written:
+            self.write(whole[self.written:])
         if self.partial:
             self.write("\n")
 
@@ -45,6 +54,11 @@ def follow_jobs(client: ExecutorClient, jobs: dict[str, str], prefix: bool) -> d
             for event in client.events(job_id):
                 events.put((paper_id, event))
         except Exception as exc:  # noqa: BLE001 - reported by the printing thread
+            try:  # the stream is lost, not the job: its result will hold what was missed
+                while not client.output(job_id)["ended"]:
+                    time.sleep(LOST_POLL_S)
+            except Exception:  # noqa: BLE001 - the service is gone too: report what we have
+                pass
             events.put((paper_id, {"event": "failed", "data": exc}))
 
     for paper_id, job_id in jobs.items():
@@ -58,14 +72,17 @@ def follow_jobs(client: ExecutorClient, jobs: dict[str, str], prefix: bool) -> d
         if event["event"] == "output":
             streams[paper_id][event["data"]["stream"]].write(event["data"]["text"])
         elif event["event"] in ("result", "failed"):
-            for lines in streams[paper_id].values():
-                lines.close()
             if event["event"] == "failed":
                 exc = event["data"]
-                print(f"trainium-executor: lost job {jobs[paper_id]} ({paper_id}): {exc}", file=sys.stderr)
+                print(f"trainium-executor: lost the event stream of job {jobs[paper_id]} ({paper_id}): "
+                      f"{exc}; its output is taken from its result", file=sys.stderr)
                 results[paper_id] = client.get_job(jobs[paper_id])
             else:
                 results[paper_id] = event["data"]
+            for name, lines in streams[paper_id].items():
+                # Whole unless cut (head, mark, tail): then positions no longer match.
+                cut = results[paper_id].get(f"{name}_truncated_bytes")
+                lines.finish(None if cut else results[paper_id].get(name))
     return results
 
 

@@ -352,3 +352,27 @@ def test_logs_prints_the_output_so_far_and_follows_with_f(server):  # noqa: F811
     open_gate(server, job_id)
     out, err = follow.communicate(timeout=60)
     assert follow.returncode == 0 and out == "later\n" and err == "e\n"
+
+
+def test_follow_prints_from_the_result_what_a_lost_stream_missed(server, capsys):  # noqa: F811
+    """A job's event stream that breaks after its first line: `--follow` still prints the
+    whole output, the rest taken from the job's result, and says the stream was lost."""
+    from executor_service import follow
+    from executor_service.client import ExecutorError
+
+    class BreaksAfterOneOutput(ExecutorClient):
+        def events(self, job_id, poll_interval=0.5):
+            for event in super().events(job_id, poll_interval):
+                yield event
+                if event["event"] == "output":
+                    raise ExecutorError(None, "connection reset")
+
+    job_id = submit(server, "print('one', flush=True)\nwait_gate()\nprint('two')\nprint('three')\n",
+                    paper_id="lossy")
+    client = BreaksAfterOneOutput(server.url)
+    wait_until(lambda: server.get(f"/jobs/{job_id}/output").json["text"] == "one\n")
+    open_gate(server, job_id)
+    results = follow.follow_jobs(client, {"lossy": job_id}, prefix=False)
+    out, err = capsys.readouterr()
+    assert out == "one\ntwo\nthree\n" and "lost the event stream" in err
+    assert results["lossy"]["stdout"] == "one\ntwo\nthree\n"
