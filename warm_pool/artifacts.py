@@ -153,14 +153,7 @@ def _copy(item: _Found, dest: str, owner: int, skipped: list[dict[str, str]]) ->
         if why:
             _skip(skipped, item.name, why)
             return None
-        parts = item.name.split("/")
-        folder = dest
-        for part in [None, *parts[:-1]]:  # each level 0700, whatever the umask
-            folder = os.path.join(folder, part) if part else folder
-            if not os.path.isdir(folder):
-                os.makedirs(folder, exist_ok=True)
-                os.chmod(folder, 0o700)
-        target = os.path.join(folder, parts[-1])
+        target = _target(dest, item.name)
         digest = hashlib.sha256()
         left = st.st_size
         with open(target, "wb", opener=lambda p, f: os.open(p, f | os.O_EXCL, 0o600)) as out:
@@ -177,6 +170,19 @@ def _copy(item: _Found, dest: str, owner: int, skipped: list[dict[str, str]]) ->
         return None
     finally:
         os.close(fd)
+
+
+def _target(dest: str, name: str) -> str:
+    """The path of artifact `name` ('/'-separated) under dest, its directories made, each
+    level 0700 whatever the umask."""
+    parts = name.split("/")
+    folder = dest
+    for part in [None, *parts[:-1]]:
+        folder = os.path.join(folder, part) if part else folder
+        if not os.path.isdir(folder):
+            os.makedirs(folder, exist_ok=True)
+            os.chmod(folder, 0o700)
+    return os.path.join(folder, parts[-1])
 
 
 def _skip(skipped: list[dict[str, str]], name: str, reason: str) -> None:
@@ -228,13 +234,7 @@ def unpack(root: str, job_id: str, kept: list[Artifact], files: list[tuple[str, 
         if (artifact is None or not isinstance(data, bytes) or len(data) != artifact.size
                 or hashlib.sha256(data).hexdigest() != artifact.sha256):
             continue
-        folder = os.path.join(root, job_id)
-        for part in ["", *name.split("/")[:-1]]:
-            folder = os.path.join(folder, part) if part else folder
-            if not os.path.isdir(folder):
-                os.makedirs(folder, exist_ok=True)
-                os.chmod(folder, 0o700)
-        target = os.path.join(folder, name.split("/")[-1])
+        target = _target(os.path.join(root, job_id), name)
         with open(target, "wb", opener=lambda p, f: os.open(p, f | os.O_EXCL | os.O_NOFOLLOW, 0o600)) as out:
             out.write(data)
         written.append(artifact)
