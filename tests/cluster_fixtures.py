@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
+from service_fixtures import Server
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "tests" / "ray_cluster.py"
@@ -137,15 +138,8 @@ class ClusterNamespace:
     def post(self, path: str, body: Any = None, **kw: Any) -> HttpAnswer:
         return self.request("POST", path, body, **kw)
 
-    def wait_batch(self, batch_id: str, timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        body: Any = None
-        while time.monotonic() < deadline:
-            body = self.get(f"/batches/{batch_id}").json
-            if body["status"] == "completed":
-                return body
-            time.sleep(0.1)
-        raise AssertionError(f"batch {batch_id} not completed in {timeout}s: {body}")
+    # The same polling as for a service outside the namespace (it needs only get().json).
+    wait_batch = Server.wait_batch
 
     def health(self, verbose: bool = True) -> dict[str, Any]:
         return self.get("/health?verbose=1" if verbose else "/health").json

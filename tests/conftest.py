@@ -186,3 +186,13 @@ GATE = textwrap.dedent("""
         while not os.path.exists("go") and time.monotonic() < deadline:
             time.sleep(0.01)
 """)
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """A webhook receiver on 127.0.0.1 for the module's tests (webhook_receiver.py)."""
+    from webhook_receiver import Receiver
+
+    rec = Receiver()
+    yield rec
+    rec.close()

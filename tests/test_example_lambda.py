@@ -17,7 +17,6 @@ import time
 import pytest
 from conftest import wait_until
 from service_fixtures import REPO, free_port, start_server
-from webhook_receiver import Receiver
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
@@ -72,13 +71,6 @@ def stopped_instance(moto_url: str) -> str:
 def state(moto_url: str, instance_id: str) -> str:
     reservations = aws(moto_url, "ec2").describe_instances(InstanceIds=[instance_id])["Reservations"]
     return reservations[0]["Instances"][0]["State"]["Name"]
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    rec = Receiver()
-    yield rec
-    rec.close()
 
 
 @pytest.fixture(scope="module")

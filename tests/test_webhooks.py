@@ -14,7 +14,6 @@ import time
 import pytest
 from conftest import wait_until
 from service_fixtures import Server, openapi, start_server  # noqa: F401
-from webhook_receiver import Receiver
 
 from executor_service import validation
 from executor_service.config import ConfigError, add_arguments, from_sources
@@ -25,13 +24,6 @@ pytestmark = pytest.mark.timeout(150)
 SECRET = "whsec-test-0123456789"
 HOOK_ARGS = ["--callback-hosts", "127.0.0.1", "--callback-backoff", "0.3", "--callback-attempts", "3",
              "--callback-timeout", "2"]
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    rec = Receiver()
-    yield rec
-    rec.close()
 
 
 @pytest.fixture(scope="module")
