@@ -37,7 +37,7 @@ from executor_service.config import ServiceConfig
 from executor_service.metrics import Metrics
 from executor_service.store import CallbackRow, JobRow, JobStore
 from executor_service.validation import JobQuery, Request, echo
-from executor_service.webhooks import Deliverer
+from executor_service.webhooks import Deliverer, run_woken
 from warm_pool import (
     STATUS_CANCELLED,
     STATUS_INTERRUPTED,
@@ -194,17 +194,12 @@ class JobRunner:
         self.webhooks.start()
 
     def _loop(self) -> None:
-        while not self._closing.is_set():
-            self._wake.wait(1.0)
-            self._wake.clear()
-            if self._closing.is_set():
-                break
-            try:
-                self.dispatch()
-                if time.monotonic() - self._last_prune > _PRUNE_EVERY_S:
-                    self._prune()
-            except Exception:  # noqa: BLE001 - the loop must survive anything
-                log.exception("dispatch loop error")
+        run_woken(self._closing, self._wake, self._step, "dispatch loop")
+
+    def _step(self) -> None:
+        self.dispatch()
+        if time.monotonic() - self._last_prune > _PRUNE_EVERY_S:
+            self._prune()
 
     def _prune(self) -> None:
         self._last_prune = time.monotonic()

@@ -122,15 +122,7 @@ class Deliverer:
             time.sleep(0.05)
 
     def _loop(self) -> None:
-        while not self._closing.is_set():
-            self._wake.wait(1.0)
-            self._wake.clear()
-            if self._closing.is_set():
-                break
-            try:
-                self.step()
-            except Exception:  # noqa: BLE001 - the loop must survive anything
-                log.exception("webhook loop error")
+        run_woken(self._closing, self._wake, self.step, "webhook loop")
 
     def step(self, now: float | None = None) -> int:
         """One pass: make due what can be sent, hand due deliveries to the threads; how many."""
@@ -190,3 +182,18 @@ class Deliverer:
             retry_at = time.time() + backoff(self.first_backoff, attempt)
             self.store.record_attempt(row.id, CALLBACK_PENDING, status, error, retry_at)
             log.info("callback attempt failed; will retry", extra={**fields, "error": error})
+
+
+def run_woken(closing: threading.Event, wake: threading.Event, step: Callable[[], object], name: str,
+              every: float = 1.0) -> None:
+    """A background loop: `step()` each time `wake` is set, and at least every `every`
+    seconds, until `closing` is set. An error in a step is logged and the loop goes on."""
+    while not closing.is_set():
+        wake.wait(every)
+        wake.clear()
+        if closing.is_set():
+            break
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - the loop must survive anything
+            log.exception(f"{name} error")
