@@ -31,7 +31,9 @@ def pytest_configure(config):
     (not listing); several runs at once each get their own."""
     global _BASE
     if config.option.basetemp is None:
-        _BASE = tempfile.mkdtemp(prefix="te-")  # short: socket paths below it must fit 107 bytes
+        # Not below /tmp: each job process gets a /tmp of its own, which would hide it.
+        # Short: socket paths below it must fit 107 bytes.
+        _BASE = tempfile.mkdtemp(prefix="te-", dir="/var/tmp")
         os.chmod(_BASE, 0o711)
         config.option.basetemp = os.path.join(_BASE, "t")
 
@@ -46,7 +48,7 @@ def reachable_by_jobs(path: Path) -> Path:
     (pytest makes each one 0700); create it if needed."""
     path.mkdir(parents=True, exist_ok=True)
     for p in (path, *path.parents):
-        if p == Path(tempfile.gettempdir()) or p == p.parent:
+        if p in (Path(tempfile.gettempdir()), Path("/var/tmp")) or p == p.parent:
             break
         p.chmod(p.stat().st_mode | 0o111)
     return path
@@ -90,13 +92,16 @@ class PoolHandle:
         return [w for w in self.pool.stats()["workers"] if w["state"] == "idle"]
 
     def wait_full(self, timeout: float = 60.0) -> None:
-        size = self.pool.stats()["size"]
-        wait_until(lambda: len(self.idle_workers()) == size, timeout)
+        """Wait until every slot has a ready worker and no spare is still starting."""
+        def full() -> bool:
+            stats = self.pool.stats()
+            return stats["idle"] == stats["size"] and not stats["spares"]["starting"]
+        wait_until(full, timeout)
 
 
 # Each pool (and each test server) gets uids of its own, so that pools of this run, and
 # of other runs on the machine, never share one (the pool refuses a uid in use).
-_UID_BASES = itertools.count(200_000 + (os.getpid() % 20_000) * 100, 4)
+_UID_BASES = itertools.count(200_000 + (os.getpid() % 20_000) * 20_000, 32)
 
 
 def job_uid_base() -> int:

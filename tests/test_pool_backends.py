@@ -36,7 +36,7 @@ def test_two_xla_workers_run_device_ops_side_by_side(xla_pool):
                for i in range(2)]
     results = [f.result(timeout=120) for f in futures]
     assert [r.stdout for r in results] == ["xla 262144.0\n"] * 2
-    assert {r.worker.pid for r in results} == {w["pid"] for w in xla_pool.pool.stats()["workers"]}
+    assert len({r.worker.pid for r in results}) == 2
     # They overlapped: each started before the other finished.
     assert results[0].started_at < results[1].finished_at and results[1].started_at < results[0].finished_at
 

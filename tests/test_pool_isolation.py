@@ -1,4 +1,6 @@
-"""What one job changes, the next job on the same worker must not see."""
+"""The reuse mode (reuse_workers): what one job changes, the next job on the same worker
+must not see; what cannot be undone replaces the worker. (One process per job, the
+default, is tested in test_process_per_job.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from conftest import wait_until
 def one_worker(tmp_path_factory):
     from conftest import start_pool
 
-    handle = start_pool(tmp_path_factory.mktemp("iso"), pool_size=1)
+    handle = start_pool(tmp_path_factory.mktemp("iso"), pool_size=1, reuse_workers=True)
     yield handle
     handle.pool.shutdown(grace=5)
 
@@ -72,7 +74,7 @@ def test_state_does_not_leak_to_next_job(one_worker, name):
     ("import json\njson.dumps = str", "module json patched: dumps"),
 ])
 def test_unrestorable_leftovers_replace_the_worker(make_pool, code, reason):
-    pool = make_pool()
+    pool = make_pool(reuse_workers=True)
     first = pool.run(code)
     wait_until(lambda: pool.pool.stats()["respawns"]["recent"])
     assert reason in " ".join(pool.pool.stats()["respawns"]["recent"][0]["detail"])
@@ -84,7 +86,7 @@ def test_unrestorable_leftovers_replace_the_worker(make_pool, code, reason):
 
 
 def test_worker_is_recycled_after_max_jobs(make_pool):
-    pool = make_pool(max_jobs_per_worker=2)
+    pool = make_pool(max_jobs_per_worker=2, reuse_workers=True)
     pids = [pool.run("print(1)").worker.pid for _ in range(2)]
     pool.wait_full()
     third = pool.run("print(1)").worker.pid

@@ -9,8 +9,9 @@ printing gigabytes never grows the disk by more than the cap. Output written bef
 worker is SIGKILLed is still in its pipe and is drained too. The files live in a
 directory of the service's that jobs cannot read.
 
-No thread of its own: when a job ends its worker has already closed its ends, so the
-supervisor drains them at once and builds the result in the same pass.
+No thread of its own: when a job ends its process has closed its ends, so the
+supervisor drains them at once and hands duplicates of the files' descriptors
+(`take_files`) to the thread that builds the result.
 
 `read_capped` then gives the result its head and tail within `max_output_bytes`, read
 through the supervisor's own descriptor. Bytes
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass, field
 
 TRUNCATION_MARK = "\n... [{n} bytes truncated] ...\n"
@@ -72,6 +74,8 @@ class Capture:
         self.limit = limit
         self._jobs: dict[str, _Job] = {}
         self._by_fd: dict[int, _Stream] = {}
+        # Live reads come from other threads: they look a job up, and `release` forgets it.
+        self._lock = threading.Lock()
 
     def open(self, job_id: str) -> tuple[int, int]:
         """Start capturing a job; return the write ends (stdout, stderr) for its worker."""
@@ -88,7 +92,8 @@ class Capture:
             job.streams.append(stream)
             self._by_fd[read_fd] = stream
             ends.append(write_fd)
-        self._jobs[job_id] = job
+        with self._lock:
+            self._jobs[job_id] = job
         return ends[0], ends[1]
 
     def path(self, job_id: str, stream: str) -> str:
@@ -98,11 +103,19 @@ class Capture:
         """For a live read of one stream: a duplicate of its file's descriptor (the caller
         closes it), the bytes written so far, and whether the stream is still open; None
         when the job is not being captured."""
-        job = self._jobs.get(job_id)
-        stream = next((s for s in job.streams if s.name == name), None) if job else None
-        if stream is None:
-            return None
-        return os.dup(stream.file_fd), stream.written, stream.open
+        with self._lock:
+            job = self._jobs.get(job_id)
+            stream = next((s for s in job.streams if s.name == name), None) if job else None
+            if stream is None:
+                return None
+            return os.dup(stream.file_fd), stream.written, stream.open
+
+    def take_files(self, job_id: str) -> dict[str, int]:
+        """Duplicates of a job's capture files' descriptors (stream → fd), for building its
+        result on another thread after `release`; the caller closes them."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return {s.name: os.dup(s.file_fd) for s in job.streams} if job else {}
 
     def read_capped(self, job_id: str, name: str, limit: int) -> tuple[str, int]:
         """A captured stream's text for the result (see `read_capped`); "" if none."""
@@ -148,7 +161,8 @@ class Capture:
     def release(self, job_id: str) -> None:
         """Forget a job: close what is open and remove its files."""
         self.stop(job_id)
-        job = self._jobs.pop(job_id, None)
+        with self._lock:
+            job = self._jobs.pop(job_id, None)
         for stream in job.streams if job else ():
             os.close(stream.file_fd)
             try:

@@ -69,8 +69,10 @@ class PoolConfig:
     work_dir: Path = setting(
         Path("/var/lib/trainium-jobs"), "job directories (jobs/<job_id>/) and the job store live here")
     max_memory_mb: int | None = setting(
-        None, "stop a job whose processes together hold more resident memory than this "
-        "(error_type memory_limit)", unit="MiB", minimum=0, zero="no limit", none="no limit")
+        None, "most memory a job may use (error_type memory_limit): with cgroups, all its "
+        "processes charge (their own pages, tmpfs, /dev/shm, memfds, SysV shm, pipes) and the kernel "
+        "enforces it; without, the resident memory of its processes, sampled",
+        unit="MiB", minimum=0, zero="no limit", none="no limit")
     default_timeout: float = setting(
         600.0, "timeout of a job whose request names none; /health reports it as max_execution_time",
         unit="s", minimum=0.001)
@@ -80,8 +82,30 @@ class PoolConfig:
     kill_grace: float = setting(
         2.0, "after a timeout, cancel or shutdown the job gets SIGINT (KeyboardInterrupt), and "
         "SIGKILL this much later", unit="s", minimum=0.001)
+    reuse_workers: bool = setting(
+        False, "reuse a worker process for job after job (the Neuron runtime starts once per "
+        "process, ~7 s on trn1), restoring and checking it between jobs; weaker isolation between "
+        "papers (docs/security.md says what it does not stop). Off: one fresh process per job")
+    spares_per_slot: int = setting(
+        2, "processes each slot keeps forked, confined and warmed for its next jobs; each slot gets "
+        "this many + 1 job uids (a finished job's uid is cleaned while the others serve)",
+        minimum=1, maximum=8)
     max_jobs_per_worker: int = setting(
-        100, "replace a worker after this many jobs even if it looks clean", minimum=0, zero="never")
+        100, "reuse mode: replace a worker after this many jobs even if it looks clean", minimum=0,
+        zero="never")
+    check_timeout: float = setting(
+        10.0, "reuse mode: how long a worker may take to restore and check itself after a job "
+        "before it is killed", unit="s", minimum=0.001)
+    max_job_tasks: int = setting(
+        4096, "most processes and threads a job may have at once (its pids cgroup; a fork or "
+        "thread bomb meets EAGAIN)", minimum=0, zero="no cap")
+    job_tmpfs_mb: int = setting(
+        512, "each job process's own /tmp and /dev/shm (tmpfs in a private mount and IPC "
+        "namespace, gone with the job; their pages count towards max_memory_mb)", unit="MiB",
+        minimum=0, zero="no private /tmp, /dev/shm or IPC namespace (the slot's TMPDIR instead)")
+    message_timeout: float = setting(
+        2.0, "how long a message from a worker may stay half-sent before its job is stopped "
+        "(error_type protocol_error)", unit="s", minimum=0.001)
     output_limit_mb: int = setting(
         256, "hard cap on what a job may write to each of stdout and stderr; beyond it the job is "
         "stopped (error_type output_limit) and what was kept is returned", unit="MiB", minimum=1,

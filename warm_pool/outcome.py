@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from warm_pool import errors
 from warm_pool.config import PoolConfig
+from warm_pool.protocol import JOB_ERROR_TYPES, JobDone
 from warm_pool.result import (
     STATUS_CANCELLED,
     STATUS_COMPLETED,
@@ -51,17 +52,22 @@ def build_result(job: Job, worker: WorkerRef | None, config: PoolConfig,
     stderr, err_cut = read_output("stderr", cap)
     done, return_code = job.done, job.exit_status
     status, error_type, message = STATUS_COMPLETED, None, None
-    if done is not None:
+    if job.one_job and job.started_mono is not None:
+        error_type, message = exit_outcome(return_code, done)
+    elif done is not None:
         return_code, error_type, message = done.return_code, done.error_type, done.error_message
     elif return_code is not None and return_code != 0:
         error_type = "signal" if return_code < 0 else "exit"
         message = f"worker {errors.describe_exit(return_code)}"
     elif job.started_mono is not None:
         error_type, message = "worker_crashed", "the worker died and its exit status is unknown"
+    if job.stop_reason is None and job.oom_kills:  # the kernel enforced the memory limit
+        job.stop_reason = "memory_limit"
     if job.stop_reason:
         status, error_type = STOP_OUTCOMES[job.stop_reason]
         message = stop_message(job, config)
-    peak = max(job.peak_memory_bytes, done.peak_rss_bytes if done else 0)
+    claimed = done.peak_rss_bytes if done is not None and not job.one_job else 0
+    peak = max(job.peak_memory_bytes, claimed)
     started = job.started_mono
     ended = job.ended_mono or now_mono
     return JobResult(
@@ -73,10 +79,34 @@ def build_result(job: Job, worker: WorkerRef | None, config: PoolConfig,
         queue_time=((started if started is not None else now_mono) - job.submitted_mono),
         submitted_at=job.submitted_at, started_at=job.started_at, finished_at=now,
         peak_memory_mb=round(peak / _MIB, 3) if peak else None,
+        peak_memory_own_mb=round(job.own_peak_bytes / _MIB, 3) if job.own_peak_bytes is not None else None,
         peak_device_memory_mb=(round(job.peak_device_bytes / _MIB, 3)
                                if job.peak_device_bytes is not None else None),
         worker=worker if started is not None else None,
     )
+
+
+def exit_outcome(return_code: int | None, claim: JobDone | None) -> tuple[str | None, str | None]:
+    """error_type and message of a job whose process ended with `return_code` (its wait
+    status, the truth), given what the process claimed before it ended. The claim only
+    names the kind of a failure the status already shows, from a fixed set."""
+    if return_code is None:
+        return "worker_crashed", "the job's process ended and its exit status is unknown"
+    if return_code == 0:
+        return None, None
+    if claim is not None and claim.return_code == return_code and claim.error_type in JOB_ERROR_TYPES:
+        return claim.error_type, claim.error_message
+    if return_code < 0:
+        return "signal", f"the job's process was {errors.describe_exit(return_code)}"
+    return "exit", errors.describe_exit(return_code)
+
+
+def internal_result(job: Job, detail: str) -> JobResult:
+    """The result of a job whose result could not be built (a bug of ours, said so)."""
+    now = time.time()
+    return JobResult(job_id=job.spec.job_id, paper_id=job.spec.paper_id, error_type="internal",
+                     error_message=f"the service could not build this job's result: {detail[-500:]}",
+                     submitted_at=job.submitted_at, started_at=job.started_at, finished_at=now)
 
 
 def stop_message(job: Job, config: PoolConfig) -> str:
@@ -87,7 +117,8 @@ def stop_message(job: Job, config: PoolConfig) -> str:
     if reason == "timeout":
         return f"timed out after {job.timeout:g} s"
     if reason == "memory_limit":
-        return f"the job's processes exceeded max_memory_mb={config.max_memory_mb}"
+        how = " (the kernel's OOM killer stopped it)" if job.oom_kills else ""
+        return f"the job's processes exceeded max_memory_mb={config.max_memory_mb}{how}"
     if reason == "cancelled":
         return "cancelled"
     return "the pool shut down while the job ran"

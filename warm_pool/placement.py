@@ -3,9 +3,13 @@
 `Placement.plan(config)` decides once, before anything starts:
 
 - the slots: one per worker; on neuron each owns one NeuronCore;
-- the isolation: "uid" (slot k runs as uid and gid ``job_uid_base + k``) when this
-  process may switch uids, else "none" (jobs keep the service's uid: for development
-  only; a warning says so once);
+- the isolation: "uid" when this process may switch uids, else "none" (jobs keep the
+  service's uid: for development only; a warning says so once). Slot k owns
+  ``spares_per_slot + 1`` uids (seats), ``job_uid_base + k * seats + i``: its processes
+  take turns on them, so killing everything of a finished job's uid never touches the
+  spare that takes the next job;
+- the kernel's accounts (cgroups.py: a memory and pids cgroup per worker process) and
+  whether each job process gets its own IPC namespace, /tmp and /dev/shm;
 - the confinement every worker gets (sandbox.py) and the paths a job uid must reach;
 - the files' ownership: the work dir and the jobs dir traversable but not listable by
   job uids, each job's dir handed to its slot's uid when the job starts (`hand_over`),
@@ -60,6 +64,8 @@ class Placement:
     landlock_abi: int = 0
     service_gid: int = field(default_factory=os.getegid)
     uid_claims: list[Any] = field(default_factory=list)
+    namespaces: bool = False             # each job process gets its own IPC ns, /tmp, /dev/shm
+    accounts: Any = None                 # cgroups.Accounts once claimed (None: RSS from /proc)
 
     @classmethod
     def plan(cls, config: PoolConfig) -> Placement:
@@ -84,6 +90,7 @@ class Placement:
                             "only; run as root or grant %s to confine them", ", ".join(missing))
         placement = cls(config, _plan_cores(config, on_neuron, neuron_info), isolation, on_neuron,
                         neuron_info, _job_groups(config, on_neuron), sandbox.landlock_abi())
+        placement.namespaces = bool(isolation == "uid" and config.job_tmpfs_mb and sandbox.can_unshare())
         placement.check_shared_dirs()
         longest = placement.tmp_dir(len(placement.cores) - 1)
         if len(longest) + _SOCKET_SUFFIX > _SOCKET_PATH_MAX:
@@ -94,9 +101,27 @@ class Placement:
 
     # --- identity and confinement ---------------------------------------------------------
 
+    @property
+    def seats(self) -> int:
+        """Uids each slot takes turns on (its spares, and one whose job is ending)."""
+        return self.config.spares_per_slot + 1
+
+    def seat_uids(self, slot: int) -> list[int | None]:
+        """The uids (and gids) a slot's processes run as; [None] under isolation none."""
+        if self.isolation != "uid":
+            return [None] * self.seats
+        first = self.config.job_uid_base + slot * self.seats
+        return list(range(first, first + self.seats))
+
     def uid(self, slot: int) -> int | None:
-        """The uid (and gid) of a slot's worker and jobs; None under isolation none."""
-        return self.config.job_uid_base + slot if self.isolation == "uid" else None
+        """The first uid of a slot (None under isolation none)."""
+        return self.seat_uids(slot)[0]
+
+    @property
+    def uid_range(self) -> range:
+        """Every job uid of the pool."""
+        first = self.config.job_uid_base
+        return range(first, first + len(self.cores) * self.seats)
 
     @property
     def output_limit_bytes(self) -> int:
@@ -105,6 +130,21 @@ class Placement:
     def tmp_dir(self, slot: int) -> str:
         """A slot's temporary directory: the TMPDIR of the jobs it runs."""
         return os.path.join(self.config.work_dir, "tmp", str(slot))
+
+    @property
+    def private_tmp(self) -> bool:
+        """Whether each job process gets a /tmp of its own: not when the work dir (or
+        anything else a job needs) lives below /tmp, which the mount would hide."""
+        if not self.namespaces:
+            return False
+        paths = (str(self.config.work_dir), *self.needed_paths())
+        return not any(os.path.commonpath([os.path.realpath(p), "/tmp"]) == "/tmp" for p in paths)
+
+    def tmpfs_targets(self) -> tuple[str, ...]:
+        """Where each job process's own tmpfs mounts go."""
+        if not self.namespaces:
+            return ()
+        return ("/dev/shm", "/tmp") if self.private_tmp else ("/dev/shm",)
 
     def writable(self) -> tuple[str, ...]:
         """Trees where jobs may create files (their own dir there, by permissions)."""
@@ -167,7 +207,7 @@ class Placement:
         if mode & stat.S_IWOTH:
             return f"writable by every user (mode {mode:04o})"
         if self.isolation == "uid":
-            first, last = self.config.job_uid_base, self.config.job_uid_base + len(self.cores) - 1
+            first, last = self.uid_range[0], self.uid_range[-1]
             if first <= st.st_uid <= last:
                 return f"owned by job uid {st.st_uid}"
             if mode & stat.S_IWGRP and (first <= st.st_gid <= last or st.st_gid in self.groups):
@@ -177,10 +217,12 @@ class Placement:
     def describe(self) -> dict[str, Any]:
         """For /health: how jobs are isolated."""
         out: dict[str, Any] = {"isolation": self.isolation,
-                               "landlock_abi": self.landlock_abi or None}
+                               "landlock_abi": self.landlock_abi or None,
+                               "process_per_job": not self.config.reuse_workers,
+                               "accounting": self.accounts.describe() if self.accounts else "none",
+                               "namespaces": self.namespaces}
         if self.isolation == "uid":
-            first = self.config.job_uid_base
-            out["job_uids"] = f"{first}-{first + len(self.cores) - 1}"
+            out["job_uids"] = f"{self.uid_range[0]}-{self.uid_range[-1]}"
             out["job_groups"] = list(self.groups)
         return out
 
@@ -189,19 +231,28 @@ class Placement:
     def claim(self) -> None:
         """Take the slots' uids for this pool, and end what a previous holder left running
         (jobs of a service that was killed); ConfigError if a live pool holds them."""
-        if self.isolation != "uid":
-            return
-        first = self.config.job_uid_base
-        try:
-            self.uid_claims = sandbox.claim_uids(range(first, first + len(self.cores)))
-        except sandbox.ConfinementError as exc:
-            raise ConfigError(f"job_uid_base (--job-uid-base / EXECUTOR_JOB_UID_BASE) {first}: {exc}; "
-                              "give each pool on this machine its own range") from None
-        for slot in range(len(self.cores)):
-            sandbox.kill_uid(self.uid(slot))
+        if self.isolation == "uid":
+            first = self.config.job_uid_base
+            try:
+                self.uid_claims = sandbox.claim_uids(self.uid_range)
+            except sandbox.ConfinementError as exc:
+                raise ConfigError(f"job_uid_base (--job-uid-base / EXECUTOR_JOB_UID_BASE) {first}: {exc}; "
+                                  "give each pool on this machine its own range") from None
+            for uid in self.uid_range:
+                if not sandbox.kill_uid_now(uid):
+                    sandbox.kill_uid(uid)
+        from warm_pool.cgroups import Accounts
+
+        uid_isolation = self.isolation == "uid"
+        name = f"warm-pool-{self.config.job_uid_base}" if uid_isolation else f"warm-pool-pid{os.getpid()}"
+        self.accounts = Accounts.detect(name)
+        if self.accounts is not None:
+            self.accounts.clean()  # groups a killed service left (their processes died above)
 
     def release(self) -> None:
         """Give the uids back (the pool has shut down and nothing of theirs runs)."""
+        if self.accounts is not None:
+            self.accounts.remove()
         for sock in self.uid_claims:
             sock.close()
         self.uid_claims = []
@@ -240,16 +291,18 @@ class Placement:
         if self.config.neuron_cache_max_mb:
             neuron.prune_cache(cache, self.config.neuron_cache_max_mb * _MIB)
 
-    def hand_over(self, job_dir: str, tmp_dir: str, main_path: str, uid: int | None) -> None:
-        """Give a job's dir and a fresh temporary dir to the slot that runs it: the job owns
-        them, the service's group can still read and remove them (setgid), no other slot
-        can enter them."""
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        os.mkdir(tmp_dir, 0o700)
+    def hand_over(self, job_dir: str, tmp_dir: str | None, main_path: str, uid: int | None) -> None:
+        """Give a job's dir and a fresh temporary dir (None: it has a /tmp of its own) to
+        the process that runs it: the job owns them, the service's group can still read
+        and remove them (setgid), no other uid can enter them."""
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            os.mkdir(tmp_dir, 0o700)
         if uid is None:
             return
         for path in (job_dir, main_path, tmp_dir):
-            os.chown(path, uid, self.service_gid)
+            if path is not None:
+                os.chown(path, uid, self.service_gid)
         os.chmod(job_dir, 0o2770)
 
     # --- environment ----------------------------------------------------------------------

@@ -5,7 +5,7 @@ Two channels, both AF_UNIX stream sockets::
     supervisor ──spawn (+ the worker's socket, by SCM_RIGHTS)──▶ template
     supervisor ◀──template_ready | template_failed | spawned | exited── template
 
-    supervisor ──run_job (+ the job's stdout and stderr pipes, by SCM_RIGHTS)──▶ worker
+    supervisor ──open_device | run_job (+ the job's stdout and stderr pipes)──▶ worker
     supervisor ◀──worker_ready | worker_failed | job_done | worker_idle── worker
 
 Framing: a 4-byte big-endian length, then a UTF-8 JSON object (the framing of
@@ -20,15 +20,25 @@ channel, exactly the fields of that type with their types. Anything else is a
 `ProtocolError`, and the supervisor kills the worker that sent it (never itself). A
 job's exception crosses as its type name, message and formatted traceback (text).
 
-Lifecycle of a worker: worker_ready once; then per job: run_job → job_done (the result
-can be built) → worker_idle (the worker restored itself and lists what it could not:
-`dirty`; only then may it get another job).
+The supervisor reads every worker's socket without blocking (`FrameReader`): a frame
+arrives a piece at a time as the kernel has it, and one that stays incomplete past a
+deadline is a protocol error of its sender, never a wait of the reader's.
+
+Lifecycle of a worker (the default, one job per process): worker_ready (with its device,
+or none yet on neuron: then open_device → worker_ready again once the NeuronCore is
+free); run_job → job_done, a *claim* about how the job ended (error type, message),
+then the process exits. The supervisor takes the job's end from the template's
+`exited` (the wait status, the kernel's peak RSS) and its memory from the job's cgroup;
+the claim only names the kind of error, from a fixed set. In the reuse mode, job_done
+ends the job and worker_idle follows (the worker restored itself and lists what it
+could not: `dirty`; only then may it get another job).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -70,8 +80,14 @@ class Spawn(Message):
     type: ClassVar[str] = "spawn"
     worker_id: int
     slot: int
+    uid: int | None                  # the uid it runs as (None: the service's)
     env: dict[str, str]
     core: int | None
+    cgroups: tuple[str, ...]         # cgroup.procs files the new process joins
+    tmpfs_mb: int                    # its own IPC namespace and tmpfs mounts of this size; 0: none
+    tmpfs_at: tuple[str, ...]        # where those mounts go (/dev/shm, and /tmp unless the work dir is there)
+    defer_device: bool               # wait for open_device before touching the device
+    one_job: bool                    # run one job, then exit (False: the reuse mode)
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,7 @@ class Exited(Message):
     worker_id: int
     pid: int
     return_code: int
+    max_rss_kb: int    # the kernel's peak resident set of the process (wait4's ru_maxrss)
 
 
 # --- worker channel --------------------------------------------------------------------
@@ -141,6 +158,13 @@ class WorkerFailed(Message):
 
 
 @dataclass(frozen=True)
+class OpenDevice(Message):
+    """The NeuronCore is free now: start the device (the worker answers worker_ready)."""
+
+    type: ClassVar[str] = "open_device"
+
+
+@dataclass(frozen=True)
 class RunJob(Message):
     """Run main_path as `python main.py` in job_dir; stdout and stderr pipes follow as fds."""
 
@@ -153,7 +177,9 @@ class RunJob(Message):
 
 @dataclass(frozen=True)
 class JobDone(Message):
-    """How the job ended (its exit status as CPython gives it)."""
+    """How the job ended (its exit status as CPython gives it). Sent from the job's own
+    process, so only a claim: in the default mode the supervisor keeps error_type (one
+    of JOB_ERROR_TYPES) and the message, and measures everything else itself."""
 
     type: ClassVar[str] = "job_done"
     job_id: str
@@ -176,7 +202,10 @@ class WorkerIdle(Message):
 FROM_TEMPLATE = (TemplateReady, TemplateFailed, Spawned, Exited)
 FROM_WORKER = (WorkerReady, WorkerFailed, JobDone, WorkerIdle)
 TO_TEMPLATE = (Spawn,)
-TO_WORKER = (RunJob,)
+TO_WORKER = (RunJob, OpenDevice)
+
+# What a job's process may claim as its error_type; anything else is a protocol error.
+JOB_ERROR_TYPES = frozenset({"exception", "syntax_error", "exit"})
 
 
 def decode(frame: bytes, expected: tuple[type[Message], ...]) -> Message:
@@ -221,7 +250,9 @@ def _check(kind: str, name: str, value: Any, hint: Any) -> Any:
         hint = next(a for a in args if a is not type(None))
     origin = typing.get_origin(hint)
     ok = False
-    if hint is int:
+    if hint is bool:
+        ok = type(value) is bool
+    elif hint is int:
         ok = type(value) is int
     elif hint is float:
         ok = type(value) in (int, float)
@@ -244,3 +275,51 @@ def _check(kind: str, name: str, value: Any, hint: Any) -> Any:
 def clip(text: str, limit: int = MAX_TEXT) -> str:
     """Text cut to what a message may carry (keeping its end, where tracebacks say most)."""
     return text if len(text) <= limit else "...\n" + text[-(limit - 4):]
+
+
+class FrameReader:
+    """Reads one peer's frames from a non-blocking socket, as much as has arrived.
+
+    `read()` takes what the kernel holds now (never waiting) and returns the complete
+    frames; the length prefix is checked before a frame's body is read, so an oversized
+    frame is refused unread. `partial_since` is when the frame now being assembled began
+    (None between frames): the caller holds it to a deadline, because a sender that
+    stops half-way must not hold anything but its own job.
+    """
+
+    def __init__(self, fd: int, max_frame: int = MAX_FRAME):
+        self.fd = fd
+        self.max_frame = max_frame
+        self.buffer = bytearray()
+        self.partial_since: float | None = None
+        self.eof = False
+
+    def read(self, now: float, budget: int = 4 * MAX_FRAME) -> list[bytes]:
+        """Complete frames that arrived; ProtocolError for an oversized one. Reads at most
+        `budget` bytes per call, so one chatty peer cannot hold the reader."""
+        got = 0
+        while got < budget and not self.eof:
+            try:
+                data = os.read(self.fd, min(65536, budget - got))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.eof = True
+                break
+            got += len(data)
+            self.buffer += data
+            if len(self.buffer) >= 4 and int.from_bytes(self.buffer[:4], "big") > self.max_frame:
+                raise ProtocolError(f"a message longer than {self.max_frame} bytes")
+        frames = []
+        while len(self.buffer) >= 4:
+            size = int.from_bytes(self.buffer[:4], "big")
+            if size > self.max_frame:
+                raise ProtocolError(f"a message longer than {self.max_frame} bytes")
+            if len(self.buffer) < 4 + size:
+                break
+            frames.append(bytes(self.buffer[4:4 + size]))
+            del self.buffer[:4 + size]
+        self.partial_since = (self.partial_since or now) if self.buffer else None
+        return frames

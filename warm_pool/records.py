@@ -34,9 +34,12 @@ class Job:
     kill_at: float | None = None
     stop_reason: str | None = None  # a key of outcome.STOP_OUTCOMES
     stop_detail: str | None = None
-    peak_memory_bytes: int = 0
-    done: protocol.JobDone | None = None
-    exit_status: int | None = None  # of a worker that died without job_done
+    peak_memory_bytes: int = 0        # RSS of its processes, sampled, and the kernel's peak RSS
+    own_peak_bytes: int | None = None  # its cgroup's peak (None: no cgroup)
+    oom_kills: int = 0                # the kernel's OOM kills in its cgroup
+    one_job: bool = True              # its process ends with it (False: the reuse mode)
+    done: protocol.JobDone | None = None  # the worker's claim (reuse mode: how it ended)
+    exit_status: int | None = None  # of its process (the reuse mode: of a worker that died)
     worker: WorkerRef | None = None
     device: Any = None  # neuron.PeakTracker of the job's NeuronCore
     peak_device_bytes: int | None = None
@@ -51,7 +54,10 @@ class Worker:
     core: int | None
     uid: int | None
     conn: Connection
-    state: str = "starting"  # starting | idle | busy | checking | stopping
+    one_job: bool = True
+    group: Any = None  # its cgroups.Group (None without kernel accounts)
+    reader: Any = None  # protocol.FrameReader of its channel
+    state: str = "starting"  # starting | parked | opening | idle | busy | checking | stopping
     pid: int | None = None
     spawned_mono: float = field(default_factory=time.monotonic)
     ready_seconds: float | None = None
@@ -62,6 +68,7 @@ class Worker:
     job: Job | None = None
     retire_reason: str | None = None
     channel_closed_mono: float | None = None
+    check_started_mono: float | None = None  # reuse mode: when its after-job check began
     checks: int = 0                # jobs after which it restored and checked itself
     check_seconds: float = 0.0     # the time those checks took, in all
     growth: Any = None  # neuron.IdleGrowth of its core's idle device memory
@@ -69,7 +76,7 @@ class Worker:
     def stats(self) -> dict[str, Any]:
         """What /health shows of this worker."""
         return {
-            "id": self.id, "pid": self.pid, "state": self.state, "core": self.core,
+            "id": self.id, "pid": self.pid, "state": self.state, "core": self.core, "slot": self.slot,
             "uid": self.uid, "jobs_run": self.jobs_run, "device": self.device,
             "preloaded": list(self.preloaded), "confinement": dict(self.confinement),
             "ready_seconds": round(self.ready_seconds, 4) if self.ready_seconds else None,

@@ -73,6 +73,9 @@ class JobResult:
     started_at: float | None = None
     finished_at: float | None = None
     peak_memory_mb: float | None = None
+    # What the job itself charged to its memory cgroup at most (its own pages, tmpfs,
+    # shm, memfds, pipes; not the pages it shares with the template): None without cgroups.
+    peak_memory_own_mb: float | None = None
     # The job's device-memory peak on its NeuronCore (neuron backend only).
     peak_device_memory_mb: float | None = None
     worker: WorkerRef | None = None
@@ -99,6 +102,7 @@ class JobResult:
             "stderr": self.stderr,
             "timeout": self.timeout,
             "peak_memory_mb": self.peak_memory_mb,
+            "peak_memory_own_mb": self.peak_memory_own_mb,
             "peak_device_memory_mb": self.peak_device_memory_mb,
             "error_type": self.error_type,
             "error_message": self.error_message,

@@ -1,51 +1,61 @@
 """The supervisor: spawns, watches, kills, reaps and replaces workers; runs the queue.
 
-Data flow (one loop thread owns the sockets; callers only queue work and wake it)::
+Data flow (one loop thread owns the workers, their sockets and the capture)::
 
-    submit() ─▶ queue ─▶ dispatch ─run_job + pipes─▶ worker ─job_done─▶ finishing
-                                    capture ◀─ the job's stdout/stderr ─┘      │ pipes drained
-                                    worker ─worker_idle─▶ idle, or replaced    ▼
-                                    template ─exited─▶ reap_workers ─▶ result ─▶ Future
-    each pass: read what arrived, murder_workers (overdue, over a limit, mute),
-               manage_workers (restore the count), dispatch, finish_jobs
+    submit() ─▶ queue ─▶ dispatch ─run_job + pipes─▶ spare ─▶ the job's process
+                                    capture ◀─ its stdout/stderr ─┘    │ exits
+                  template ─exited (wait status, peak RSS)─▶ reap_workers
+                                    cgroup ─peak, OOM kills─┘          │ uid killed,
+                                                                       ▼ pipes drained
+                                              Finisher thread ─▶ result ─▶ Future
+    each pass: read what arrived, murder_workers (overdue, over a limit, half-sent),
+               manage_workers (clean seats, restore the spares), dispatch, finish_jobs,
+               publish (the snapshot /health reads)
 
-The supervisor alone owns its state (workers, queue, template, capture), under `lock`;
-`WarmPool` and everyone else call `submit`, `cancel`, `snapshot`, `read_output`,
-`wait_ready` and `shutdown`. Futures are completed after the lock is released, so no caller's callback
-can stall the loop.
+One process per job (the default): a slot keeps `spares_per_slot` workers forked,
+confined and warmed, each on a uid (seat) of its own; a job goes to a ready spare of a
+free slot; its process ends with it, everything of its uid is killed, its cgroup goes
+once empty, and a new spare takes the seat. Nothing the job says ends it: the template
+reports the wait status, the kernel the memory. In the reuse mode (`reuse_workers`) a
+worker runs job after job: its job_done ends a job, worker_idle (or its check deadline)
+decides whether it serves again.
 
-Everything a worker sends is untrusted (its job owns the socket): it is decoded by
-protocol.decode, must fit the worker's state (worker_ready once, job_done for its own
-job, worker_idle after job_done), and anything else kills the worker with
-error_type ``protocol_error`` for its job.
+Locking: `lock` guards only what callers share with the loop (the queue, the jobs by
+id, the commands, the published snapshot), and is held for moments: no socket, file
+or parsing work under it. Everything else is the loop's alone. Callers `submit`,
+`cancel`, `read_output`, `snapshot`, `wait_ready` and `shutdown`.
+
+Everything a worker sends is untrusted (its job may own the socket): read without
+blocking (protocol.FrameReader), decoded by protocol.decode, and it must fit the
+worker's state; anything else kills the worker with error_type ``protocol_error``.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-import shutil
 import signal
 import socket
 import threading
 import time
-import traceback
 from collections import Counter, deque
-from collections.abc import Callable
-from concurrent.futures import Future
 from multiprocessing import connection, reduction
 from typing import Any
 
-from warm_pool import artifacts, limits, outcome, protocol, sandbox, usage
+from warm_pool import limits, protocol, usage
 from warm_pool.capture import Capture, JobOutput, read_live
 from warm_pool.config import PoolConfig
 from warm_pool.errors import PoolBroken, PoolClosed, QueueFull
+from warm_pool.finisher import Finisher, remove_job_dir
+from warm_pool.monitor import Monitor, Watched
 from warm_pool.placement import Placement
 from warm_pool.records import Job, Worker
 from warm_pool.result import WorkerRef
+from warm_pool.seats import Seats
 from warm_pool.template_link import TemplateLink
 
 # After a worker's channel closes, how long its exit may take to be reported before the
-# supervisor concludes the job closed the channel itself and kills the worker.
+# supervisor concludes the job closed the channel itself (reuse mode) and kills it.
 _CHANNEL_GRACE_S = 0.5
 # The worker's exit status when its job cut its channel (worker.EXIT_CHANNEL_LOST).
 _EXIT_CHANNEL_LOST = 117
@@ -53,6 +63,10 @@ _CHANNEL_CUT = "the job closed its worker's channel to the service (e.g. os.clos
 # After a job's process ended, how long its pipes may stay open (a grandchild holding
 # them is being killed) before the result is built from what arrived.
 _DRAIN_GRACE_S = 2.0
+_READY = ("idle", "busy", "checking")
+# Longest a send to a worker may wait for room in its socket (it holds a few bytes; only
+# a worker that stopped reading makes it wait): then the worker is treated as gone.
+_SEND_TIMEOUT_S = 0.2
 
 
 class Supervisor:
@@ -62,16 +76,22 @@ class Supervisor:
         self.config = config
         self.placement = placement
         self.size = len(placement.cores)
-        self.lock = threading.RLock()
+        self.one_job = not config.reuse_workers
+        # Shared with callers, under `lock`:
+        self.lock = threading.Lock()
         self._changed = threading.Condition(self.lock)
         self.queue: deque[Job] = deque()
         self.jobs: dict[str, Job] = {}
-        self.finishing: list[tuple[Job, Worker | None]] = []
-        self.workers: dict[int, Worker] = {}
-        self.respawns: Counter[str] = Counter()
-        self.replacements: deque[dict[str, Any]] = deque(maxlen=20)  # the latest, with details
+        self.commands: list[tuple[str, str]] = []
         self.state = "starting"  # starting | ready | broken | closing | closed
         self.broken_reason: str | None = None
+        self.published: dict[str, Any] = {}
+        # The loop's own:
+        self.workers: dict[int, Worker] = {}
+        self.finishing: list[Job] = []
+        self.seats = Seats(placement)
+        self.respawns: Counter[str] = Counter()
+        self.replacements: deque[dict[str, Any]] = deque(maxlen=20)  # the latest, with details
         self.backend: str | None = None
         self.preloaded: tuple[str, ...] = ()
         self.preload_skipped: dict[str, str] = {}
@@ -81,18 +101,19 @@ class Supervisor:
         self.last_start_error: str | None = None  # a worker's start-up traceback
         self.next_start_mono = 0.0
         self.next_worker_id = 1
-        self.dirty_slots: dict[int, int] = {}  # slot -> pgid (or uid) that must be empty first
-        self.callbacks: list[Callable[[], None]] = []
-        self.last_monitor = 0.0
         self.idle_since: float | None = None
+        self.spare_seconds: deque[float] = deque(maxlen=50)  # fork → ready of the latest spares
         self.capture = Capture(os.path.join(config.work_dir, "capture"), placement.output_limit_bytes)
-        self._thread: threading.Thread | None = None
+        self.finisher = Finisher(config)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.monitor = Monitor(config, self.wake)
+        self._thread: threading.Thread | None = None
 
     # --- what callers may do --------------------------------------------------------
 
     def start(self) -> None:
         """Start the loop thread (it starts the template and the workers)."""
+        self.monitor.start()
         self._thread = threading.Thread(target=self.run, name="warm-pool-supervisor", daemon=True)
         self._thread.start()
         self.wake()
@@ -106,6 +127,7 @@ class Supervisor:
                 raise PoolClosed("the pool is shutting down")
             if len(self.queue) >= self.config.max_queue:
                 raise QueueFull(f"{len(self.queue)} jobs are queued (max_queue)")
+            job.one_job = self.one_job
             self.jobs[job.spec.job_id] = job
             self.queue.append(job)
         self.wake()
@@ -116,27 +138,18 @@ class Supervisor:
             job = self.jobs.get(job_id)
             if job is None or job.ended_mono is not None or job.future.done():
                 return False
-            if job in self.queue:
-                self.queue.remove(job)
-                job.stop_reason = "cancelled"
-                self.finishing.append((job, None))
-            else:
-                worker = next((w for w in self.workers.values() if w.job is job), None)
-                if worker is None:
-                    return False
-                self.stop_job(job, worker, "cancelled", time.monotonic())
+            self.commands.append(("cancel", job_id))
         self.wake()
         return True
 
     def read_output(self, job_id: str, stream: str, offset: int, limit: int) -> JobOutput | None:
         """What a running job has written to `stream` from `offset` on; None when its
         output is not being captured (queued, unknown, or its result is made)."""
-        with self.lock:
-            found = self.capture.reader(job_id, stream)
+        found = self.capture.reader(job_id, stream)
         if found is None:
             return None
         fd, size, running = found
-        try:  # outside the lock: the loop goes on draining while this reads
+        try:
             return read_live(fd, size, running, offset, limit)
         finally:
             os.close(fd)
@@ -144,35 +157,18 @@ class Supervisor:
     def wait_ready(self, timeout: float | None) -> bool:
         """Wait until at least one worker is ready; False on timeout or a broken pool."""
         def settled() -> bool:
-            return (any(w.state in ("idle", "busy", "checking") for w in self.workers.values())
-                    or self.state in ("broken", "closed"))
+            return self.published.get("ready", False) or self.state in ("broken", "closed")
 
         with self._changed:
             self._changed.wait_for(settled, timeout)
-            return any(w.state in ("idle", "busy", "checking") for w in self.workers.values())
+            return bool(self.published.get("ready", False))
 
     def snapshot(self) -> dict[str, Any]:
-        """The pool's state as plain data (for /health); cheap, taken under the lock."""
+        """The pool's state as plain data (for /health), as the loop last published it:
+        never waits for the loop."""
         with self.lock:
-            states = [w.state for w in self.workers.values()]
-            return {
-                "backend": self.backend,
-                "state": self.state,
-                "broken_reason": self.broken_reason,
-                "size": self.size,
-                "idle": states.count("idle"),
-                "busy": states.count("busy") + states.count("checking"),
-                "starting": states.count("starting") + max(0, self.size - len(states)),
-                "queued": len(self.queue),
-                "preloaded": list(self.preloaded),
-                "preload_skipped": dict(self.preload_skipped),
-                "preload_threads": dict(self.preload_threads),
-                "workers": [w.stats() for w in sorted(self.workers.values(), key=lambda w: w.slot)],
-                "respawns": {"total": sum(self.respawns.values()), "by_reason": dict(self.respawns),
-                             "recent": list(self.replacements)},
-                "idle_since": self.idle_since,
-                "template_pid": self.template.pid if self.template else None,
-            }
+            published = self.published
+        return copy.deepcopy(published) if published else self._describe()
 
     def shutdown(self, grace: float) -> None:
         """Take no more jobs, give running ones `grace` seconds, then kill; no orphans."""
@@ -185,27 +181,27 @@ class Supervisor:
                 job = self.queue.popleft()
                 self.jobs.pop(job.spec.job_id, None)
                 job.future.cancel()
-                _remove_job_dir(job)
-            self._changed.wait_for(lambda: not self._running(), grace)
-            now = time.monotonic()
-            for worker in self.workers.values():
-                if worker.job is not None:
-                    self.stop_job(worker.job, worker, "interrupted", now, hard=True)
-            self.wake()
-            self._changed.wait_for(lambda: not self._running() and not self.finishing, 10)
+                remove_job_dir(job)
+        self.wake()
+        with self._changed:
+            self._changed.wait_for(lambda: not self.published.get("running"), grace)
+            self.commands.append(("interrupt", ""))
+        self.wake()
+        with self._changed:
+            self._changed.wait_for(lambda: not self.published.get("running")
+                                   and not self.published.get("finishing"), 10)
             self.state = "closed"
-            self._close_template()  # EOF: the template kills and reaps every worker
-            for worker in self.workers.values():
-                self.kill_worker(worker, "shutdown")
-            for slot in range(self.size):
-                self._clean_slot(slot)
         self.wake()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=10)
+        self.monitor.stop()
+        self._close_template()  # EOF: the template kills and reaps every worker
+        for worker in list(self.workers.values()):
+            self.kill_worker(worker, "shutdown")
+            self.seats.release(worker, kill=True)
+        self.seats.clean_all()
+        self.finisher.shutdown()
         self.capture.close()
-
-    def _running(self) -> bool:
-        return any(w.job is not None for w in self.workers.values())
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -218,62 +214,114 @@ class Supervisor:
 
     def run(self) -> None:
         """The loop thread's body: one step per pass until closed."""
-        while True:
-            with self.lock:
-                if self.state == "closed":
-                    self._deliver_finished(time.monotonic(), force=True)
-                    callbacks, self.callbacks = self.callbacks, []
-                    _run_callbacks(callbacks)
-                    return
-                objects = [self._wake_r] + [w.conn for w in self.workers.values()
-                                            if w.channel_closed_mono is None] + self.capture.fds()
-                if self.template is not None:
-                    objects.append(self.template.conn)
-                timeout = self._next_timeout(time.monotonic())
-            ready = connection.wait(objects, timeout)
+        while self.state != "closed":
+            objects = [self._wake_r] + [w.reader.fd for w in self.workers.values()
+                                        if not w.reader.eof] + self.capture.fds()
+            if self.template is not None:
+                objects.append(self.template.conn)
+            ready = connection.wait(objects, self._next_timeout(time.monotonic()))
             self.step(ready)
+        self._finish_jobs(time.monotonic(), force=True)
+        self.publish()
 
     def step(self, ready: list, now: float | None = None) -> None:
         """One pass: read, then murder, manage, dispatch, finish (gunicorn's order)."""
         now = time.monotonic() if now is None else now
-        with self._changed:
-            for obj in ready:
-                if obj == self._wake_r:
-                    os.read(self._wake_r, 4096)
-                elif isinstance(obj, int):  # a job's output pipe
-                    self.capture.drain_fd(obj)
-                elif self.template is not None and obj is self.template.conn:
-                    self._read_template()
-                else:
-                    worker = next((w for w in self.workers.values() if w.conn is obj), None)
-                    if worker is not None:
-                        self._read_worker(worker, now)
-            if self.state != "closed":
-                self.murder_workers(now)
-                self.manage_workers(now)
-                self.dispatch(now)
-            self._deliver_finished(now)
-            self._changed.notify_all()
-            callbacks, self.callbacks = self.callbacks, []
-        _run_callbacks(callbacks)
+        by_fd = {w.reader.fd: w for w in self.workers.values()}
+        for obj in ready:
+            if obj == self._wake_r:
+                os.read(self._wake_r, 4096)
+            elif self.template is not None and obj is self.template.conn:
+                self._read_template()
+            elif obj in by_fd:
+                self._read_worker(by_fd[obj], now)
+            elif isinstance(obj, int):  # a job's output pipe
+                self.capture.drain_fd(obj)
+        with self.lock:
+            commands, self.commands = self.commands, []
+            closing = self.state in ("closing", "closed")
+        for command, job_id in commands:
+            self._command(command, job_id, now)
+        self._take_readings(now)
+        self.murder_workers(now)
+        if not closing:
+            self.manage_workers(now)
+            self.dispatch(now)
+        self._finish_jobs(now)
+        self.publish()
 
     def _next_timeout(self, now: float) -> float:
         wakeups = [now + 1.0]
         for w in self.workers.values():
             if w.job is not None:
-                wakeups.append(now + self.config.monitor_interval)
                 wakeups.extend(t for t in (w.job.deadline, w.job.kill_at) if t is not None)
             if w.state == "starting":
                 wakeups.append(w.spawned_mono + self.config.worker_start_timeout)
+            if w.reader.partial_since is not None:
+                wakeups.append(w.reader.partial_since + self.config.message_timeout)
             if w.channel_closed_mono is not None:
                 wakeups.append(w.channel_closed_mono + _CHANNEL_GRACE_S)
-        if self.finishing:
-            wakeups.append(now + 0.05)
+        if self.finishing or self.seats.dirty:
+            wakeups.append(now + 0.005)
         if self.next_start_mono > now:
             wakeups.append(self.next_start_mono)
-        if self.dirty_slots:
-            wakeups.append(now + 0.02)
         return max(0.0, min(wakeups) - now)
+
+    def publish(self) -> None:
+        """Publish the snapshot callers read, and the running jobs the monitor measures."""
+        described = self._describe()
+        self.monitor.watch(tuple(
+            Watched(w.job.spec.job_id, w.pid, w.uid, w.group, w.job)
+            for w in self.workers.values() if w.state == "busy" and w.job is not None and w.pid))
+        with self._changed:
+            self.published = described
+            self._changed.notify_all()
+
+    def _describe(self) -> dict[str, Any]:
+        states = [w.state for w in self.workers.values()]
+        busy_slots = {w.slot for w in self.workers.values() if w.state in ("busy", "checking")}
+        free_ready = {w.slot for w in self.workers.values() if w.state == "idle"} - busy_slots
+        with_job = [w for w in self.workers.values() if w.job is not None]
+        return {
+            "backend": self.backend, "state": self.state, "broken_reason": self.broken_reason,
+            "size": self.size, "idle": len(free_ready), "busy": len(busy_slots),
+            "starting": self.size - len(free_ready) - len(busy_slots),
+            "spares": {"ready": states.count("idle"), "starting": states.count("starting"),
+                       "parked": states.count("parked") + states.count("opening"),
+                       "per_slot": self.config.spares_per_slot,
+                       "ready_ms_p50": _p50_ms(self.spare_seconds)},
+            "queued": len(self.queue), "ready": any(s in _READY for s in states),
+            "running": len(with_job), "finishing": len(self.finishing),
+            "preloaded": list(self.preloaded), "preload_skipped": dict(self.preload_skipped),
+            "preload_threads": dict(self.preload_threads),
+            "workers": [w.stats() for w in sorted(self.workers.values(), key=lambda w: (w.slot, w.id))],
+            "respawns": {"total": sum(self.respawns.values()), "by_reason": dict(self.respawns),
+                         "recent": list(self.replacements)},
+            "idle_since": self.idle_since,
+            "template_pid": self.template.pid if self.template else None,
+        }
+
+    def _command(self, command: str, job_id: str, now: float) -> None:
+        if command == "interrupt":
+            for worker in self.workers.values():
+                if worker.job is not None:
+                    self.stop_job(worker.job, worker, "interrupted", now, hard=True)
+            return
+        with self.lock:
+            job = self.jobs.get(job_id)
+            queued = job is not None and job in self.queue
+            if queued:
+                self.queue.remove(job)
+        if job is None or job.ended_mono is not None:
+            return
+        if queued:
+            job.stop_reason = "cancelled"
+            job.ended_mono = now
+            self.finishing.append(job)
+            return
+        worker = next((w for w in self.workers.values() if w.job is job), None)
+        if worker is not None:
+            self.stop_job(job, worker, "cancelled", now)
 
     # --- the template -----------------------------------------------------------------
 
@@ -285,29 +333,28 @@ class Supervisor:
             return
         if isinstance(msg, protocol.TemplateReady):
             self.backend, self.preloaded = msg.backend, msg.preloaded
-            self.preload_skipped, self.preload_threads = dict(msg.preload_skipped), dict(msg.preload_threads)
-            if self.state == "starting":
-                self.state = "ready"
+            self.preload_skipped, self.preload_threads = msg.preload_skipped, msg.preload_threads
+            with self.lock:
+                if self.state == "starting":
+                    self.state = "ready"
         elif isinstance(msg, protocol.TemplateFailed):
-            self.break_pool(f"template failed to start: {msg.error.strip()}")
+            self.break_pool(f"the template could not start: {msg.error.strip()}")
+            self._close_template()
         elif isinstance(msg, protocol.Spawned):
             worker = self.workers.get(msg.worker_id)
             if worker is not None:
                 worker.pid = msg.pid
-                if worker.state == "stopping":  # killed before we knew its pid
-                    self.kill_worker(worker, worker.retire_reason or "killed")
         elif isinstance(msg, protocol.Exited):
-            self.reap_workers(msg.worker_id, msg.return_code)
+            self.reap_workers(msg.worker_id, msg.return_code, msg.max_rss_kb * 1024)
 
     def _template_lost(self) -> None:
-        """The template died: its workers died with it (parent-death signal); start over."""
+        """The template died: every worker dies with it (parent-death signal); start over."""
         self._close_template()
-        for worker in list(self.workers.values()):
-            self.reap_workers(worker.id, None)
-        if self.state in ("closing", "closed", "broken"):
-            return
-        self.state = "starting"
-        self._start_failed("template exited")
+        for worker_id in list(self.workers):
+            self.reap_workers(worker_id, None, 0)
+        if self.state not in ("closing", "closed", "broken"):
+            self.respawns["template_died"] += 1
+            self.next_start_mono = time.monotonic() + 0.5
 
     def _close_template(self) -> None:
         if self.template is not None:
@@ -315,23 +362,32 @@ class Supervisor:
             self.template = None
 
     def break_pool(self, reason: str) -> None:
-        """Stop respawning: the pool cannot work. Queued jobs fail with the reason."""
-        self.state, self.broken_reason = "broken", reason
-        while self.queue:
-            job = self.queue.popleft()
-            self.jobs.pop(job.spec.job_id, None)
-            _remove_job_dir(job)
-            self.callbacks.append(lambda job=job: job.future.set_exception(PoolBroken(reason)))
+        """The pool cannot run jobs: fail the queued ones and say why from now on."""
+        with self.lock:
+            self.state, self.broken_reason = "broken", reason
+            queued, self.queue = list(self.queue), deque()
+            for job in queued:
+                self.jobs.pop(job.spec.job_id, None)
+        for job in queued:
+            remove_job_dir(job)
+            job.future.set_exception(PoolBroken(reason))
 
     # --- workers ----------------------------------------------------------------------
 
-    def spawn_worker(self, slot: int) -> Worker:
-        """Ask the template for a new worker in this slot."""
+    def spawn_worker(self, slot: int, uid: int | None) -> Worker:
+        """Ask the template for a new worker in this slot, on this uid."""
         worker_id, core = self.next_worker_id, self.placement.cores[slot]
         self.next_worker_id += 1
         env = self.placement.worker_env(worker_id, core, self.backend)
-        conn = self.template.spawn(worker_id, slot, env, core)
-        worker = Worker(worker_id, slot, core, self.placement.uid(slot), conn)
+        group = self.seats.make_group(worker_id)
+        defer = self.one_job and self.backend == "neuron"
+        conn = self.template.spawn(protocol.Spawn(
+            worker_id, slot, uid, env, core, group.procs_files if group else (),
+            self.config.job_tmpfs_mb if self.placement.namespaces else 0, self.placement.tmpfs_targets(),
+            defer, self.one_job))
+        worker = Worker(worker_id, slot, core, uid, conn, one_job=self.one_job, group=group)
+        os.set_blocking(conn.fileno(), False)
+        worker.reader = protocol.FrameReader(conn.fileno())
         self.workers[worker.id] = worker
         return worker
 
@@ -362,13 +418,21 @@ class Supervisor:
                 pass
 
     def murder_workers(self, now: float) -> None:
-        """Stop what is overdue, over a limit, slow to start, or gone mute."""
+        """Stop what is overdue, over a limit, slow to start or check, half-sent, or mute."""
         for worker in list(self.workers.values()):
             job = worker.job
-            if worker.state == "starting" and now - worker.spawned_mono > self.config.worker_start_timeout:
+            if worker.state in ("starting", "opening") and \
+                    now - worker.spawned_mono > self.config.worker_start_timeout:
                 self.kill_worker(worker, "start_timeout")
+            if worker.state == "checking" and now - worker.check_started_mono > self.config.check_timeout:
+                self.kill_worker(worker, "check_timeout")
+            if worker.reader.partial_since is not None and worker.state != "stopping" and \
+                    now - worker.reader.partial_since > self.config.message_timeout:
+                self._protocol_error(worker, f"a message left half-sent for over "
+                                             f"{self.config.message_timeout:g} s")
             if worker.channel_closed_mono is not None and worker.state != "stopping" and \
-                    now - worker.channel_closed_mono > _CHANNEL_GRACE_S:
+                    now - worker.channel_closed_mono > _CHANNEL_GRACE_S and \
+                    not (worker.one_job and worker.state == "busy"):
                 if job is not None and job.stop_reason is None:  # alive, its channel gone: cut by the job
                     job.stop_reason, job.stop_detail = "protocol_error", _CHANNEL_CUT
                 self.kill_worker(worker, "channel_closed")
@@ -382,50 +446,66 @@ class Supervisor:
                 self.kill_worker(worker, job.stop_reason or "timeout")
             elif job.deadline is not None and now >= job.deadline and job.stop_reason is None:
                 self.stop_job(job, worker, "timeout", now)
-        if now - self.last_monitor >= self.config.monitor_interval:
-            self.last_monitor = now
-            self._measure(now)
 
-    def _measure(self, now: float) -> None:
-        """Stop the running jobs that are over a memory or disk limit."""
-        running = [w for w in self.workers.values() if w.state == "busy" and w.job and w.pid]
-        for worker, verdict in limits.measure_running(self.config, running) if running else ():
-            self.stop_job(worker.job, worker, verdict.reason, now, hard=True, detail=verdict.detail)
+    def _take_readings(self, now: float) -> None:
+        """What the monitor measured: peaks recorded, jobs over a limit stopped."""
+        running = {w.job.spec.job_id: w for w in self.workers.values() if w.job is not None}
+        for reading in self.monitor.take():
+            worker = running.get(reading.job_id)
+            if worker is None:
+                continue
+            job = worker.job
+            job.peak_memory_bytes = max(job.peak_memory_bytes, reading.memory_bytes)
+            if reading.own_peak_bytes is not None:
+                job.own_peak_bytes = max(job.own_peak_bytes or 0, reading.own_peak_bytes)
+            if reading.verdict is not None and job.stop_reason is None:
+                self.stop_job(job, worker, reading.verdict.reason, now, hard=True,
+                              detail=reading.verdict.detail)
 
-    def _read_worker(self, worker: Worker, now: float) -> bool:
-        """Handle one message from a worker; False when its channel is closed or broken."""
+    def _read_worker(self, worker: Worker, now: float) -> None:
+        """Handle what a worker sent: whole frames only, never waiting for the rest."""
         try:
-            frame = worker.conn.recv_bytes(protocol.MAX_FRAME)
-        except (EOFError, OSError) as exc:
-            if isinstance(exc, OSError) and "bad message length" in str(exc):
-                self._protocol_error(worker, f"a message longer than {protocol.MAX_FRAME} bytes")
-            else:  # gone, or going: the template's exited gives the status
-                worker.channel_closed_mono = now
-            return False
-        try:
-            msg = protocol.decode(frame, protocol.FROM_WORKER)
+            frames = worker.reader.read(now)
         except protocol.ProtocolError as exc:
             self._protocol_error(worker, str(exc))
-            return False
-        self._handle_worker_msg(worker, msg, now)
-        return True
+            return
+        for frame in frames:
+            try:
+                msg = protocol.decode(frame, protocol.FROM_WORKER)
+            except protocol.ProtocolError as exc:
+                self._protocol_error(worker, str(exc))
+                return
+            self._handle_worker_msg(worker, msg, now)
+            if worker.state == "stopping":
+                return
+        if worker.reader.eof and worker.channel_closed_mono is None:
+            worker.channel_closed_mono = now  # gone or going: the template's exited says how
 
     def _handle_worker_msg(self, worker: Worker, msg: protocol.Message, now: float) -> None:
         job, state = worker.job, worker.state
-        if isinstance(msg, protocol.WorkerReady) and state == "starting" and msg.worker_id == worker.id:
+        if isinstance(msg, protocol.WorkerReady) and state in ("starting", "opening") \
+                and msg.worker_id == worker.id:
             worker.preloaded, worker.device, worker.confinement = msg.preloaded, msg.device, msg.confinement
-            worker.ready_seconds = now - worker.spawned_mono
+            if state == "starting":
+                worker.ready_seconds = now - worker.spawned_mono
             self.start_failures, self.last_start_error = 0, None
-            worker.state = "idle"
-        elif isinstance(msg, protocol.WorkerFailed) and worker.state == "starting":
+            parked = worker.one_job and self.backend == "neuron" and msg.device is None
+            worker.state = "parked" if parked else "idle"
+            if not parked:
+                self.spare_seconds.append(now - worker.spawned_mono)
+        elif isinstance(msg, protocol.WorkerFailed) and state in ("starting", "opening"):
             worker.state, worker.retire_reason = "stopping", "start_failed"
             self.last_start_error = msg.error
-        elif isinstance(msg, protocol.JobDone) and worker.state == "busy" and job is not None \
+        elif isinstance(msg, protocol.JobDone) and state == "busy" and job is not None \
                 and job.done is None and msg.job_id == job.spec.job_id:
+            if worker.one_job and msg.error_type not in (None, *protocol.JOB_ERROR_TYPES):
+                self._protocol_error(worker, "job_done names an error_type outside the fixed set")
+                return
             job.done = msg
-            worker.state = "checking"
-            self._job_ended(worker, now)
-        elif isinstance(msg, protocol.WorkerIdle) and worker.state == "checking":
+            if not worker.one_job:  # the reuse mode: the worker's word ends the job
+                worker.state, worker.check_started_mono = "checking", now
+                self._job_ended(worker, now)
+        elif isinstance(msg, protocol.WorkerIdle) and state == "checking":
             worker.checks += 1
             worker.check_seconds += max(0.0, msg.check_seconds)
             self._after_job(worker, list(msg.dirty))
@@ -436,32 +516,31 @@ class Supervisor:
         """A worker broke the protocol: it is killed; its job says why."""
         if worker.job is not None and worker.job.stop_reason is None:
             worker.job.stop_reason = "protocol_error"
-            worker.job.stop_detail = f"the worker broke the protocol ({what}); it was replaced"
+            worker.job.stop_detail = f"the worker broke the protocol ({what[:200]}); it was replaced"
         self.kill_worker(worker, "protocol_error")
 
     def _job_ended(self, worker: Worker, now: float) -> None:
-        """The job's process is done: its result waits only for its output to drain.
-
-        A job that hit a hard limit may have ended on its own before the monitor saw it
-        (a write failing at the cap raises in the job): the limit is still its outcome.
-        """
+        """The job is over: its result waits only for its output to drain."""
         job, worker.job = worker.job, None
         self.capture.drain(job.spec.job_id)  # its writers are usually gone already
-        if job.stop_reason is None:
-            verdict = limits.at_end(self.config, self.capture, job, worker.uid)
-            if verdict is not None:
-                job.stop_reason, job.stop_detail = verdict.reason, verdict.detail
+        over = self.capture.over_limit(job.spec.job_id)
+        if over and job.stop_reason is None:
+            job.stop_reason = "output_limit"
+            job.stop_detail = f"{over} exceeded output_limit_mb={self.config.output_limit_mb}"
         worker.jobs_run += 1
         job.ended_mono = now
+        if worker.group is not None and job.own_peak_bytes is None:
+            job.own_peak_bytes = worker.group.usage().peak_bytes
         if job.device is not None:
             job.peak_device_bytes = job.device.finish()
-        self.finishing.append((job, worker))
-        if job.stop_reason and worker.state != "stopping":
+        self.finishing.append(job)
+        if not worker.one_job and job.stop_reason and worker.state != "stopping":
             # Interrupted mid-way (SIGINT can land inside library code): never reused.
             self.kill_worker(worker, job.stop_reason)
 
     def _after_job(self, worker: Worker, dirty: list[str]) -> None:
-        """The worker restored itself: check it from outside, then reuse or replace it."""
+        """Reuse mode: the worker restored itself; check it from outside, then reuse or
+        replace it."""
         dirty.extend(limits.leftovers(worker))
         reason = None
         if dirty:
@@ -476,33 +555,42 @@ class Supervisor:
                                       "at": time.time()})
             self.kill_worker(worker, reason)
         else:
-            worker.state = "idle"
+            worker.state, worker.check_started_mono = "idle", None
 
-    def reap_workers(self, worker_id: int, return_code: int | None) -> None:
-        """A worker process is gone: end its job, mark its slot for cleaning, count it."""
+    def reap_workers(self, worker_id: int, return_code: int | None, max_rss: int) -> None:
+        """A worker process is gone: end its job with its status and the kernel's
+        accounts, kill what its uid still runs, mark its seat for cleaning, count it."""
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return
-        try:  # what the worker sent before dying is still in the socket: read it first
-            now = time.monotonic()
-            while worker.job is not None and worker.conn.poll(0) and self._read_worker(worker, now):
-                pass
+        now = time.monotonic()
+        try:  # what it sent before it ended is still in the socket: read it first
+            self._read_worker(worker, now)
         except OSError:
             pass
+        self.seats.release(worker, kill=True)
+        job = worker.job
+        if job is not None:
+            job.exit_status = return_code
+            job.peak_memory_bytes = max(job.peak_memory_bytes, max_rss)
+            if worker.group is not None:
+                accounts = worker.group.usage()
+                job.own_peak_bytes = max(job.own_peak_bytes or 0, accounts.peak_bytes)
+                job.oom_kills = accounts.oom_kills if self.config.memory_limit_bytes else 0
+            if not worker.one_job and return_code == _EXIT_CHANNEL_LOST and job.stop_reason is None:
+                job.stop_reason, job.stop_detail = "protocol_error", _CHANNEL_CUT
+            if not worker.one_job or job.stop_reason:
+                worker.retire_reason = job.stop_reason or "crashed"
+            self._job_ended(worker, now)
+        elif worker.state != "stopping" and worker.retire_reason is None:
+            worker.retire_reason = "crashed"  # a spare died, killed from outside
         worker.conn.close()
-        if worker.pid is not None:
-            usage.kill_group(worker.pid, signal.SIGKILL)  # orphaned grandchildren in its group
-            self.dirty_slots[worker.slot] = worker.pid
-        if worker.job is not None:
-            worker.job.exit_status = return_code
-            if return_code == _EXIT_CHANNEL_LOST and worker.job.stop_reason is None:
-                worker.job.stop_reason, worker.job.stop_detail = "protocol_error", _CHANNEL_CUT
-            worker.retire_reason = worker.job.stop_reason or "crashed"
-            self._job_ended(worker, time.monotonic())
-        if worker.ready_seconds is None and self.state not in ("closing", "closed"):
+        if self.state in ("closing", "closed"):
+            return
+        if worker.ready_seconds is None:
             self._start_failed(worker.retire_reason or "died while starting")
-        elif self.state not in ("closing", "closed"):
-            self.respawns[worker.retire_reason or "crashed"] += 1
+        elif worker.retire_reason is not None:
+            self.respawns[worker.retire_reason] += 1
 
     def _start_failed(self, reason: str) -> None:
         self.respawns["start_failed"] += 1
@@ -514,7 +602,8 @@ class Supervisor:
         self.next_start_mono = time.monotonic() + min(0.25 * 2 ** (self.start_failures - 1), 10.0)
 
     def manage_workers(self, now: float) -> None:
-        """Restore the worker count: start the template, then one worker per free slot."""
+        """Clean the seats jobs left, restore each slot's spares, hand free cores over."""
+        self.seats.clean()
         if self.state in ("broken", "closing", "closed") or now < self.next_start_mono:
             return
         if self.template is None:
@@ -522,43 +611,49 @@ class Supervisor:
             return
         if self.backend is None:
             return  # the template is still importing
-        used = {w.slot for w in self.workers.values()}
         for slot in range(self.size):
-            if slot not in used and self._clean_slot(slot):
-                self.spawn_worker(slot)
+            mine = [w for w in self.workers.values() if w.slot == slot]
+            waiting = [w for w in mine if w.state in ("starting", "parked", "opening", "idle")]
+            wanted = self.config.spares_per_slot if self.one_job else (0 if mine else 1)
+            for _ in range(wanted - len(waiting)):
+                uid = self.seats.free(slot, [w.uid for w in mine], len(mine))
+                if uid is False:
+                    break
+                mine.append(self.spawn_worker(slot, uid))
+            if self.one_job and self.backend == "neuron":
+                self._open_device(slot, mine)
 
-    def _clean_slot(self, slot: int) -> bool:
-        """True when nothing of the slot's last worker is left: no process of its uid (or
-        its process group), so its NeuronCore and its uid are free for a new worker."""
-        pgid = self.dirty_slots.get(slot)
-        if pgid is None:
-            return True
-        uid = self.placement.uid(slot)
-        if uid is not None:
-            if usage.uid_usage({uid})[uid].pids:
-                sandbox.kill_uid(uid)
-                return False
-            usage.remove_shm(uid)
-        elif usage.group_alive(pgid):
-            usage.kill_group(pgid, signal.SIGKILL)
-            return False
-        del self.dirty_slots[slot]
-        return True
+    def _open_device(self, slot: int, mine: list[Worker]) -> None:
+        """Neuron: a NeuronCore serves one process at a time, so spares wait without it;
+        once its last holder has exited (its seat clean), the oldest spare opens it."""
+        if any(w.state in ("opening", "idle", "busy") for w in mine) or self.seats.slot_dirty(slot):
+            return
+        parked = sorted((w for w in mine if w.state == "parked"), key=lambda w: w.id)
+        if parked:
+            try:
+                _send(parked[0], protocol.OpenDevice().encode())
+                parked[0].state = "opening"
+            except OSError:
+                self.kill_worker(parked[0], "channel_closed")
 
     def dispatch(self, now: float) -> None:
-        """Give queued jobs to idle workers, oldest job first."""
-        for worker in self.workers.values():
-            if not self.queue:
+        """Give queued jobs to ready spares of free slots, oldest job first."""
+        busy = {w.slot for w in self.workers.values() if w.state in ("busy", "checking")}
+        for worker in sorted(self.workers.values(), key=lambda w: w.id):
+            if worker.state != "idle" or worker.slot in busy:
+                continue
+            with self.lock:
+                job = self.queue.popleft() if self.queue else None
+            if job is None:
                 break
-            if worker.state != "idle":
-                continue
-            job = self.queue.popleft()
             if not job.future.set_running_or_notify_cancel():
-                self.jobs.pop(job.spec.job_id, None)
+                with self.lock:
+                    self.jobs.pop(job.spec.job_id, None)
                 continue
+            busy.add(worker.slot)
             self._start_job(job, worker, now)
-        busy = self.queue or any(w.job is not None for w in self.workers.values())
-        self.idle_since = None if busy else (self.idle_since or time.time())
+        running = busy or self.queue
+        self.idle_since = None if running else (self.idle_since or time.time())
 
     def _start_job(self, job: Job, worker: Worker, now: float) -> None:
         worker.state, worker.job = "busy", job
@@ -566,9 +661,12 @@ class Supervisor:
         job.worker = WorkerRef(worker.id, worker.pid or 0, worker.core)
         job.device = self.placement.device_tracker(worker.core, self.backend)
         job.deadline = now + job.timeout
-        job.tmp_dir = self.placement.tmp_dir(worker.slot)
+        private_tmp = self.placement.private_tmp
+        job.tmp_dir = "/tmp" if private_tmp else self.placement.tmp_dir(worker.slot)
         job.uid = worker.uid
-        self.placement.hand_over(job.job_dir, job.tmp_dir, job.main_path, worker.uid)
+        self.placement.hand_over(job.job_dir, None if private_tmp else job.tmp_dir, job.main_path, worker.uid)
+        if not worker.one_job and worker.group is not None:
+            worker.group.reset_peak()
         if job.on_start is not None:  # before the job runs: the caller records it as running
             try:
                 job.on_start(job.spec.job_id, job.worker)
@@ -576,75 +674,48 @@ class Supervisor:
                 pass
         out, err = self.capture.open(job.spec.job_id)
         try:
-            worker.conn.send_bytes(protocol.RunJob(job.spec.job_id, job.main_path, job.job_dir,
-                                                   job.tmp_dir).encode())
-            with socket.socket(fileno=os.dup(worker.conn.fileno())) as sock:
-                reduction.sendfds(sock, [out, err])
+            _send(worker, protocol.RunJob(job.spec.job_id, job.main_path, job.job_dir, job.tmp_dir).encode(),
+                  fds=[out, err])
         except OSError:  # the worker is gone: reap_workers ends the job
             worker.channel_closed_mono = now
         finally:
             os.close(out)
             os.close(err)
 
-    def _deliver_finished(self, now: float, force: bool = False) -> None:
-        """Build the results of jobs whose output has drained, and complete their futures."""
+    def _finish_jobs(self, now: float, force: bool = False) -> None:
+        """Hand the jobs whose output has drained to the finisher, which builds results."""
         still = []
-        for job, worker in self.finishing:
+        for job in self.finishing:
             job_id = job.spec.job_id
             drained = self.capture.finished(job_id) or force or (
                 job.ended_mono is not None and now - job.ended_mono > _DRAIN_GRACE_S)
             if not drained:
-                still.append((job, worker))
+                self.capture.drain(job_id)
+                still.append(job)
                 continue
             self.capture.stop(job_id)
-            result = outcome.build_result(job, job.worker, self.config,
-                                          lambda name, cap, job_id=job_id: self.capture.read_capped(
-                                              job_id, name, cap))
+            fds = self.capture.take_files(job_id)
             self.capture.release(job_id)
-            self.jobs.pop(job_id, None)
-            if job.tmp_dir and not self.config.keep_job_dirs and not any(
-                    w.job is not None and w.job.tmp_dir == job.tmp_dir for w in self.workers.values()):
-                shutil.rmtree(job.tmp_dir, ignore_errors=True)  # unless the slot's next job has it
-            # Outside the lock (callbacks run after it is released): copying artifacts
-            # takes as long as the files are big.
-            self.callbacks.append(lambda job=job, result=result: self._finish_job(job, result))
+            with self.lock:
+                self.jobs.pop(job_id, None)
+            shared_tmp = any(w.job is not None and w.job.tmp_dir == job.tmp_dir
+                             for w in self.workers.values())
+            self.finisher.submit(job, fds, remove_tmp=not shared_tmp)
         self.finishing = still
 
-    def _finish_job(self, job: Job, result: Any) -> None:
-        """Keep the job's artifacts, remove its dir, and hand the result to its caller."""
-        if job.started_mono is not None:
-            owner = job.uid if job.uid is not None else os.geteuid()
-            try:
-                result.artifacts, result.artifacts_skipped = artifacts.collect(
-                    job.job_dir, str(self.config.artifacts_dir / job.spec.job_id), owner,
-                    self.config.artifacts_pattern, self.config.max_artifacts_mb * 1024 * 1024)
-            except Exception as exc:  # noqa: BLE001 - the result matters more than its files
-                result.artifacts_skipped = [{"name": "*", "reason": f"collection failed: {exc!r}"[:300]}]
-        if not self.config.keep_job_dirs:
-            _remove_job_dir(job, tmp=False)
-        _complete(job.future, result)
+
+def _send(worker: Worker, data: bytes, fds: list[int] | None = None) -> None:
+    """Send a frame (and fds) to a worker; its socket is non-blocking, so a worker whose
+    job stopped reading and filled it raises OSError instead of stalling the loop."""
+    with socket.socket(fileno=os.dup(worker.conn.fileno())) as sock:
+        sock.settimeout(_SEND_TIMEOUT_S)
+        sock.sendall(len(data).to_bytes(4, "big") + data)
+        if fds:
+            reduction.sendfds(sock, fds)
 
 
-def _complete(future: Future, result: Any) -> None:
-    if not future.done():
-        if not future.running():
-            future.set_running_or_notify_cancel()
-        future.set_result(result)
-
-
-def _remove_job_dir(job: Job, tmp: bool = True) -> None:
-    try:  # the common case, cheaply: the script wrote nothing beside main.py
-        os.unlink(job.main_path)
-        os.rmdir(job.job_dir)
-    except OSError:
-        shutil.rmtree(job.job_dir, ignore_errors=True)
-    if tmp and job.tmp_dir:
-        shutil.rmtree(job.tmp_dir, ignore_errors=True)
-
-
-def _run_callbacks(callbacks: list[Callable[[], None]]) -> None:
-    for callback in callbacks:
-        try:
-            callback()
-        except Exception:  # noqa: BLE001 - a caller's callback must not kill the loop
-            traceback.print_exc()
+def _p50_ms(values: deque[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(1000 * ordered[len(ordered) // 2], 2)

@@ -166,9 +166,8 @@ class Template:
                 os._exit(code)
         os.close(fd)
         self.workers[pid] = msg.worker_id
-        uid = self.confinement.uid(msg.slot)
-        if uid is not None:
-            self.slot_uids.add(uid)
+        if msg.uid is not None:
+            self.slot_uids.add(msg.uid)
         self.send(protocol.Spawned(msg.worker_id, pid))
 
     def child(self, msg: protocol.Spawn, fd: int) -> int:
@@ -188,7 +187,14 @@ class Template:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as in any Python program
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        applied = sandbox.enter(self.confinement, msg.slot)
+        for procs in msg.cgroups:  # before anything else: all it starts is born inside
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        applied = sandbox.enter_namespaces(msg.tmpfs_mb, msg.tmpfs_at) if msg.tmpfs_mb else {}
+        applied.update(sandbox.enter(self.confinement, msg.slot, uid=msg.uid,
+                                     more_writable=msg.tmpfs_at if msg.tmpfs_mb else ()))
+        if msg.cgroups:
+            applied["accounts"] = "own cgroup"
         # After the credential change: it clears the parent-death signal.
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() == 1:  # the template died before we set it
@@ -196,21 +202,24 @@ class Template:
         os.environ.update(msg.env)
         from warm_pool import worker
 
-        return worker.main(fd, msg.worker_id, self.backend, msg.core, _PRELOADED, _FINGERPRINT,
-                           applied, self.needed, self.job_paths)
+        return worker.main(fd, msg.worker_id, self.backend, msg.core, _PRELOADED,
+                           None if msg.one_job else _FINGERPRINT, applied, self.needed, self.job_paths,
+                           one_job=msg.one_job, defer_device=msg.defer_device)
 
     def reap(self) -> None:
-        """Wait for every exited child; report workers, silently reap adopted orphans."""
+        """Wait for every exited child; report workers (wait status and the kernel's peak
+        RSS of the process), silently reap adopted orphans."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
             worker_id = self.workers.pop(pid, None)
             if worker_id is not None:
-                self.send(protocol.Exited(worker_id, pid, os.waitstatus_to_exitcode(status)))
+                self.send(protocol.Exited(worker_id, pid, os.waitstatus_to_exitcode(status),
+                                          int(rusage.ru_maxrss)))
 
     def kill_all(self) -> None:
         """Kill every worker and its group, and reap them (the supervisor is gone).

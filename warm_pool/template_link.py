@@ -45,10 +45,10 @@ class TemplateLink:
     def pid(self) -> int:
         return self.proc.pid
 
-    def spawn(self, worker_id: int, slot: int, env: dict[str, str], core: int | None) -> Connection:
-        """Ask for a worker in `slot`; return our end of its socket."""
+    def spawn(self, msg: protocol.Spawn) -> Connection:
+        """Ask for a worker; return our end of its socket."""
         ours, theirs = socket.socketpair()
-        self.conn.send_bytes(protocol.Spawn(worker_id, slot, env, core).encode())
+        self.conn.send_bytes(msg.encode())
         reduction.sendfds(self._sock, [theirs.fileno()])
         theirs.close()
         return Connection(ours.detach())

@@ -18,6 +18,7 @@ jobs and the job's pipes during one.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import io
 import os
 import signal
@@ -134,26 +135,31 @@ def check_job_access(paths: tuple[str, ...]) -> None:
 
 def main(fd: int, worker_id: int, backend: str, core: int | None, preloaded: tuple[str, ...],
          fingerprint: Fingerprint | None, confinement: dict[str, str], needed: tuple[str, ...],
-         job_paths: tuple[str, ...] = ()) -> int:
-    """The worker's life: init, ready, jobs until the supervisor closes the channel."""
+         job_paths: tuple[str, ...] = (), one_job: bool = True, defer_device: bool = False) -> int:
+    """The worker's life. One job (the default): init, ready, the job, exit with its
+    status. Reuse mode: init, ready, jobs until the supervisor closes the channel."""
     started = time.perf_counter()
     conn = Connection(fd)
     os.umask(0o022)  # what a job gets, as under a login shell (the service's is 077)
     preloaded = tuple(name for name in preloaded if name in sys.modules)
+    device = None
     try:
         check_job_access(needed)
-        device = init_device(backend)
-        warm_up()
-        reseed_numpy()  # each worker its own numpy stream, not the template's
+        if not defer_device:
+            device = _start_device(backend)
         if fingerprint is not None:
             fingerprint.rebase()
-        baseline = Baseline.take()
+        baseline = None if one_job else Baseline.take()
     except BaseException:  # noqa: BLE001 - reported, then this worker ends
         _send(conn, protocol.WorkerFailed(worker_id, protocol.clip(traceback.format_exc())))
         return 3
     if not _send(conn, protocol.WorkerReady(worker_id, preloaded, device, time.perf_counter() - started,
                                             confinement)):
         return 0
+    if one_job:
+        _hold_address_space()
+        return _one_job(conn, worker_id, backend, preloaded, confinement, job_paths,
+                        device is None and defer_device)
     runner = ScriptRunner(baseline, fingerprint, isolated="uid" in confinement, job_paths=job_paths)
     while True:
         try:
@@ -168,6 +174,74 @@ def main(fd: int, worker_id: int, backend: str, core: int | None, preloaded: tup
             return EXIT_CHANNEL_LOST
         if not _send(conn, runner.restore(msg)):
             return EXIT_CHANNEL_LOST
+
+
+_CLONE_VM = 0x100
+_HOLDER_STACK = 64 * 1024
+_held: tuple = ()
+
+
+def _hold_address_space() -> None:
+    """Start a task that shares this process's memory and does nothing, so the job's
+    end is not delayed by its memory's teardown.
+
+    A process forked from the template maps everything the template preloaded: ending
+    it frees some hundred thousand page-table entries, 20-60 ms measured here, and the
+    kernel does that *before* it reports the exit to the parent. A second task in the
+    same address space (clone with CLONE_VM) keeps the memory alive past our exit, so
+    the template learns of the exit at once (0.2 ms); the task runs as our uid in our
+    cgroup, and the supervisor's kill of our uid right after our exit ends it, tearing
+    the memory down off the job's path. It blocks every signal in sigsuspend (called by
+    clone as its function, with a full mask as its argument): only SIGKILL ends it.
+    It is nothing the job could not start itself. Without it (clone refused), exits are
+    only slower.
+    """
+    global _held
+    libc = ctypes.CDLL(None, use_errno=True)
+    stack = ctypes.create_string_buffer(_HOLDER_STACK)
+    mask = ctypes.create_string_buffer(b"\xff" * 128, 128)  # sigset_t, every signal
+    top = (ctypes.addressof(stack) + _HOLDER_STACK - 64) & ~15
+    fn = ctypes.cast(libc.sigsuspend, ctypes.c_void_p)
+    if libc.clone(fn, ctypes.c_void_p(top), _CLONE_VM | signal.SIGCHLD, mask) > 0:
+        _held = (stack, mask)  # the task's stack and argument must live as long as it
+
+
+def _start_device(backend: str) -> str | None:
+    device = init_device(backend)
+    warm_up()
+    reseed_numpy()  # each worker its own numpy stream, not the template's
+    return device
+
+
+def _one_job(conn: Connection, worker_id: int, backend: str, preloaded: tuple[str, ...],
+             confinement: dict[str, str], job_paths: tuple[str, ...], device_pending: bool) -> int:
+    """Wait for the job (on neuron, first for the core), run it, and end as
+    `python main.py` ends: its exit status, or the signal that stopped it."""
+    while True:
+        try:
+            msg = protocol.decode(conn.recv_bytes(), protocol.TO_WORKER)
+        except (EOFError, OSError, protocol.ProtocolError):  # the supervisor is gone
+            return 0
+        if isinstance(msg, protocol.RunJob):
+            break
+        if device_pending:  # open_device: the NeuronCore's last holder has exited
+            started = time.perf_counter()
+            try:
+                device = _start_device(backend)
+            except BaseException:  # noqa: BLE001
+                _send(conn, protocol.WorkerFailed(worker_id, protocol.clip(traceback.format_exc())))
+                return 3
+            device_pending = False
+            if not _send(conn, protocol.WorkerReady(worker_id, preloaded, device,
+                                                    time.perf_counter() - started, confinement)):
+                return 0
+    pipes = _receive_fds(conn, 2)
+    done = ScriptRunner(None, None, isolated=False, job_paths=job_paths).run(msg, pipes, last=True)
+    _send(conn, done)  # a claim: the supervisor takes the end from our exit status
+    if done.return_code < 0:  # stopped by a signal (KeyboardInterrupt): end by it, as CPython does
+        signal.signal(-done.return_code, signal.SIG_DFL)
+        os.kill(os.getpid(), -done.return_code)
+    return done.return_code
 
 
 def _receive_fds(conn: Connection, count: int) -> list[int]:
@@ -190,31 +264,38 @@ def _send(conn: Connection, msg: protocol.Message) -> bool:
 class ScriptRunner:
     """Runs one job at a time inside this worker, then restores the clean state."""
 
-    def __init__(self, baseline: Baseline, fingerprint: Fingerprint | None, isolated: bool,
+    def __init__(self, baseline: Baseline | None, fingerprint: Fingerprint | None, isolated: bool,
                  job_paths: tuple[str, ...] = ()):
         self.baseline = baseline
         self.fingerprint = fingerprint
         self.isolated = isolated
         self.job_paths = job_paths
 
-    def run(self, msg: protocol.RunJob, pipes: list[int]) -> protocol.JobDone:
-        """Execute msg.main_path as __main__ with fds 1 and 2 on the pipes; never raises."""
+    def run(self, msg: protocol.RunJob, pipes: list[int], last: bool = False) -> protocol.JobDone:
+        """Execute msg.main_path as __main__ with fds 1 and 2 on the pipes; never raises.
+        `last`: this process ends after the job (nothing to restore)."""
         _redirect(pipes)
-        _reset_peak_rss()
+        if not last:
+            _reset_peak_rss()
         os.environ["TMPDIR"] = msg.tmp_dir
         os.environ["HOME"] = msg.job_dir
         tempfile.tempdir = None  # cached by whoever asked before: recomputed from TMPDIR
+        base_threads = self.baseline.threads if self.baseline else frozenset(threading.enumerate())
         started = time.perf_counter()
-        handlers = JobAtexit()
+        # The last job of its process ends as the interpreter would: every atexit handler,
+        # the libraries' too (multiprocessing's cleans up semaphores before its resource
+        # tracker complains). A reused worker runs only the job's own.
+        handlers = _AllAtexit() if last else JobAtexit()
         try:
             with handlers:
                 return_code, error_type, error_message = execute_main(msg.main_path, msg.job_dir,
                                                                       self.job_paths)
-            _finish_like_python(self.baseline, handlers)
+            _finish_like_python(base_threads, handlers)
         except KeyboardInterrupt:  # arrived while we were finishing up: still a stop
             return_code, error_type, error_message = -signal.SIGINT, "exception", "KeyboardInterrupt"
         run_seconds = time.perf_counter() - started
-        self.baseline.restore_builtins()
+        if self.baseline is not None:
+            self.baseline.restore_builtins()
         _flush_std_streams()
         peak = _peak_rss()
         _redirect_to_devnull()  # the job's pipes close here: its output ends
@@ -384,10 +465,23 @@ class JobAtexit:
                     err_msg="Exception ignored in atexit callback", object=func))
 
 
-def _finish_like_python(baseline: Baseline, handlers: JobAtexit) -> None:
+class _AllAtexit:
+    """Every registered atexit handler, run as the interpreter runs them at exit."""
+
+    def __enter__(self) -> _AllAtexit:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def run(self) -> None:
+        atexit._run_exitfuncs()
+
+
+def _finish_like_python(base_threads, handlers: JobAtexit) -> None:
     """What the interpreter does at exit: join non-daemon threads, run atexit handlers."""
     for thread in threading.enumerate():
-        if thread not in baseline.threads and not thread.daemon and thread.is_alive():
+        if thread not in base_threads and not thread.daemon and thread.is_alive():
             thread.join()
     handlers.run()
 

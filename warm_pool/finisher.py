@@ -1,0 +1,98 @@
+"""Turning an ended job into its result, off the supervisor's thread.
+
+How long this takes is the job's to decide: its output (up to max_output_bytes a stream
+read back), the files it left (a disk check and the artifacts' collection walk them),
+its directory's removal. So none of it runs on the loop that enforces every other job's
+timeouts and limits: the loop hands over what it knows of the job and the descriptors
+of its capture files (read with pread, never by path), and forgets the job; a small
+thread pool does the rest and completes the job's future::
+
+    supervisor loop ──(job, its capture fds)──▶ Finisher.submit ─▶ thread:
+        read capped output ─▶ disk limit at the end ─▶ build_result ─▶ artifacts
+        ─▶ remove the job's dirs ─▶ future.set_result
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from warm_pool import artifacts, limits, outcome
+from warm_pool.capture import read_capped
+from warm_pool.config import PoolConfig
+from warm_pool.records import Job
+
+# Results built at once; more wait their turn (each is a few file reads).
+_THREADS = 2
+
+
+class Finisher:
+    """A small pool of threads that build results and hand them to their callers."""
+
+    def __init__(self, config: PoolConfig):
+        self.config = config
+        self._executor = ThreadPoolExecutor(_THREADS, thread_name_prefix="warm-pool-finisher")
+
+    def submit(self, job: Job, fds: dict[str, int], remove_tmp: bool) -> None:
+        """Build and deliver `job`'s result; `fds` (stream → descriptor) are closed after."""
+        self._executor.submit(self._finish, job, fds, remove_tmp)
+
+    def shutdown(self) -> None:
+        """Wait for the results being built."""
+        self._executor.shutdown(wait=True)
+
+    def _finish(self, job: Job, fds: dict[str, int], remove_tmp: bool) -> None:
+        try:
+            result = self._result(job, fds)
+        except Exception:  # noqa: BLE001 - a bug here must still give the caller a result
+            traceback.print_exc()
+            result = outcome.internal_result(job, traceback.format_exc())
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        if not self.config.keep_job_dirs:
+            remove_job_dir(job, tmp=remove_tmp)
+        complete(job.future, result)
+
+    def _result(self, job: Job, fds: dict[str, int]) -> Any:
+        cap = self.config.max_output_bytes
+
+        def read_output(name: str, _cap: int) -> tuple[str, int]:
+            return read_capped(fds[name], cap) if name in fds else ("", 0)
+
+        if job.started_mono is not None and job.stop_reason is None:
+            verdict = limits.disk(self.config, job, job.uid)  # reached at the very end
+            if verdict is not None:
+                job.stop_reason, job.stop_detail = verdict.reason, verdict.detail
+        result = outcome.build_result(job, job.worker, self.config, read_output)
+        if job.started_mono is not None:
+            owner = job.uid if job.uid is not None else os.geteuid()
+            try:
+                result.artifacts, result.artifacts_skipped = artifacts.collect(
+                    job.job_dir, str(self.config.artifacts_dir / job.spec.job_id), owner,
+                    self.config.artifacts_pattern, self.config.max_artifacts_mb * 1024 * 1024)
+            except Exception as exc:  # noqa: BLE001 - the result matters more than its files
+                result.artifacts_skipped = [{"name": "*", "reason": f"collection failed: {exc!r}"[:300]}]
+        return result
+
+
+def complete(future: Future, result: Any) -> None:
+    """Set a future's result unless it is done (a cancelled queued job's is)."""
+    if not future.done():
+        if not future.running():
+            future.set_running_or_notify_cancel()
+        future.set_result(result)
+
+
+def remove_job_dir(job: Job, tmp: bool = True) -> None:
+    """Remove a job's directory (and its temporary one)."""
+    try:  # the common case, cheaply: the script wrote nothing beside main.py
+        os.unlink(job.main_path)
+        os.rmdir(job.job_dir)
+    except OSError:
+        shutil.rmtree(job.job_dir, ignore_errors=True)
+    if tmp and job.tmp_dir and job.tmp_dir != "/tmp":
+        shutil.rmtree(job.tmp_dir, ignore_errors=True)
