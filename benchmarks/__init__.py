@@ -9,4 +9,7 @@ Modules, one per concern:
     service    the HTTP service started as a subprocess: latency, batches, throughput
     report     statistics, the machine, the table, the JSON and the plot
     run        the command line that runs them in order and writes benchmarks/results/
+
+On its own: `python -m benchmarks.reuse_restore`, what a reused worker's restore costs
+after an empty job.
 """

@@ -5,12 +5,15 @@ interpreter and process state a script commonly changes: cwd, environment, sys.p
 argv, modules imported from the job dir, logging (every logger's level, handlers,
 filters), warnings, builtins, signal handlers, std streams and hooks, recursion and
 int-to-str limits, resource limits, umask, CPU affinity, torch's global settings and
-print options, and what common libraries keep (library_state.py: pyplot figures,
-rcParams, tqdm's monitor thread, numpy's seed). `Baseline.restore()` puts it back after
-each job, drops the modules the job imported from its own dir and the job helper dirs,
-and returns what it could not (dirty): threads or child processes still alive, atexit handlers, a resource
-limit the job lowered for good. What a job does to library code and global registries
-is the fingerprint's business (integrity.py). A dirty worker is replaced, never reused.
+print options, what common libraries keep (library_state.py: pyplot figures, rcParams,
+tqdm's monitor thread, numpy's seed and error handling, torch's flush-denormal mode),
+and what the kernel and libc keep for the process (native_state.py: timers, scheduling,
+fds, the C environment, seccomp, threads). `Baseline.restore()` puts it back after each
+job, drops the modules the job imported from its own dir and the job helper dirs, closes
+the fds the job left open, and returns what it could not (dirty): threads or child
+processes still alive, atexit handlers, a resource limit the job lowered for good, a
+seccomp filter. What a job does to library code and global registries is the
+fingerprint's business (integrity.py). A dirty worker is replaced, never reused.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from warm_pool.library_state import LibraryState
+from warm_pool.native_state import NativeState
 
 _SIGNALS = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
 
@@ -115,6 +119,7 @@ class Baseline:
     argv_obj: list[str] = field(repr=False, default_factory=list)
     filters_obj: list[Any] = field(repr=False, default_factory=list)
     libraries: LibraryState = field(repr=False, default_factory=LibraryState)
+    native: NativeState = field(repr=False, default_factory=NativeState)
 
     @classmethod
     def take(cls) -> Baseline:
@@ -145,16 +150,20 @@ class Baseline:
             argv_obj=sys.argv,
             filters_obj=warnings.filters,
             libraries=LibraryState.take(),
+            native=NativeState.take(),
         )
 
-    def restore(self, job_dir: str, job_paths: tuple[str, ...] = ()) -> list[str]:
+    def restore(self, job_dir: str, job_paths: tuple[str, ...] = (),
+                keep_fds: tuple[int, ...] = ()) -> list[str]:
         """Put the clean state back; return why this worker must be replaced, if at all.
 
         Modules imported from the job's dir or from a job helper dir (`job_paths`) are
-        dropped: the next job imports them afresh, whatever this one did to them.
+        dropped: the next job imports them afresh, whatever this one did to them. Every
+        fd the job left open is closed but 0-2, `keep_fds` (the worker's channel, and
+        any other fd the worker opened since take()) and read-only fds on installed
+        files (native_state.py says why).
         """
-        dirty: list[str] = []
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        dirty = self.native.stop_timers()
         dirty.extend(self.libraries.restore())
         for sig, handler in self.signals.items():
             if signal.getsignal(sig) is not handler and handler is not None:
@@ -163,6 +172,7 @@ class Baseline:
         if os.environ != self.environ:
             os.environ.clear()
             os.environ.update(self.environ)
+        dirty.extend(self.native.restore(keep_fds))  # the C environment too: after os.environ
         # The same list objects, so code holding a reference sees the reset too.
         sys.path, sys.argv = self.path_obj, self.argv_obj
         sys.path[:] = self.path
@@ -275,7 +285,7 @@ def _process_state() -> dict[str, Any]:
     os.umask(umask)
     state: dict[str, Any] = {"umask": umask, "affinity": os.sched_getaffinity(0),
                              "int_max_str_digits": sys.get_int_max_str_digits(),
-                             "switch_interval": sys.getswitchinterval(), "nice": os.nice(0)}
+                             "switch_interval": sys.getswitchinterval()}
     for name in _RLIMITS:
         if hasattr(resource, name):
             state[name] = resource.getrlimit(getattr(resource, name))
@@ -293,8 +303,6 @@ def _restore_process(state: dict[str, Any]) -> list[str]:
             dirty.append("CPU affinity could not be restored")
     sys.set_int_max_str_digits(state["int_max_str_digits"])
     sys.setswitchinterval(state["switch_interval"])
-    if os.nice(0) != state["nice"]:
-        dirty.append("niceness raised (cannot be lowered again)")
     for name in _RLIMITS:
         if name not in state:
             continue

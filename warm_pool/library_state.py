@@ -5,8 +5,11 @@ environment set them, no tqdm monitor thread and numpy's global random state see
 from the OS. In a warm worker the previous job's state would still be there: its open
 figures (the next job's ``plt.plot`` would draw on them), the style it chose, the
 thread tqdm starts with its first bar (a live thread makes a worker dirty), the seed
-it set. `LibraryState.take()` records this once per worker, `restore()` puts it back
-after every job. Only libraries already imported are touched; none is imported here.
+it set, numpy's floating-point error handling (``np.seterr(all='raise')`` is an
+ordinary line in generated scripts, and would make a later job's overflow an
+exception) and torch's flush-denormal mode (later jobs' small numbers would become 0).
+`LibraryState.take()` records this once per worker, `restore()` puts it back after
+every job. Only libraries already imported are touched; none is imported here.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class LibraryState:
 
     rc_params: dict[str, Any] | None = None
     tqdm_classes: dict[type, dict[str, Any]] = field(default_factory=dict)
+    numpy_errors: tuple[dict[str, str], Any] | None = None  # geterr(), geterrcall()
+    flush_denormal: bool | None = None
 
     @classmethod
     def take(cls) -> LibraryState:
@@ -35,12 +40,19 @@ class LibraryState:
             state.rc_params = dict.copy(mpl.rcParams)
         for klass in _tqdm_classes():
             state.tqdm_classes[klass] = {a: vars(klass).get(a, _MISSING) for a in _TQDM_ATTRS}
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            state.numpy_errors = numpy.geterr(), numpy.geterrcall()
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            state.flush_denormal = flushes_denormals(torch)
         return state
 
     def restore(self) -> list[str]:
         """Put the libraries' state back; return what could not be (the worker is dirty)."""
         dirty: list[str] = []
-        for step in (self._restore_matplotlib, self._restore_tqdm, reseed_numpy):
+        for step in (self._restore_matplotlib, self._restore_tqdm, reseed_numpy,
+                     self._restore_numpy_errors, self._restore_flush_denormal):
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - a library we cannot reset: replace the worker
@@ -80,6 +92,34 @@ class LibraryState:
             instances = vars(klass).get("_instances")
             if instances is not None:
                 instances.clear()
+
+    def _restore_numpy_errors(self) -> None:
+        numpy = sys.modules.get("numpy")
+        if numpy is None or self.numpy_errors is None:
+            return
+        errors, call = self.numpy_errors
+        if numpy.geterr() != errors:
+            numpy.seterr(**errors)
+        if numpy.geterrcall() is not call:
+            numpy.seterrcall(call)
+        if (numpy.geterr(), numpy.geterrcall()) != self.numpy_errors:
+            raise RuntimeError(f"numpy's error handling is still {numpy.geterr()}")
+
+    def _restore_flush_denormal(self) -> None:
+        torch = sys.modules.get("torch")
+        if torch is None or self.flush_denormal is None:
+            return
+        if flushes_denormals(torch) != self.flush_denormal:
+            torch.set_flush_denormal(self.flush_denormal)
+            if flushes_denormals(torch) != self.flush_denormal:
+                raise RuntimeError("denormal numbers are still flushed to zero")
+
+
+def flushes_denormals(torch: Any) -> bool:
+    """Whether torch.set_flush_denormal(True) is in effect on this thread (it has no getter):
+    a denormal double times 1 is 0 then. On the CPU, explicitly: a job may have changed
+    the default device."""
+    return (torch.tensor([1e-310], dtype=torch.float64, device="cpu") * 1).item() == 0.0
 
 
 def _tqdm_classes() -> list[type]:
