@@ -18,6 +18,7 @@ jobs and the job's pipes during one.
 from __future__ import annotations
 
 import atexit
+import contextvars
 import ctypes
 import io
 import os
@@ -160,7 +161,8 @@ def main(fd: int, worker_id: int, backend: str, core: int | None, preloaded: tup
         _hold_address_space()
         return _one_job(conn, worker_id, backend, preloaded, confinement, job_paths,
                         device is None and defer_device)
-    runner = ScriptRunner(baseline, fingerprint, isolated="uid" in confinement, job_paths=job_paths)
+    runner = ScriptRunner(baseline, fingerprint, isolated="uid" in confinement, job_paths=job_paths,
+                          keep_fds=(conn.fileno(),))
     while True:
         try:
             msg = protocol.decode(conn.recv_bytes(), protocol.TO_WORKER)
@@ -265,11 +267,12 @@ class ScriptRunner:
     """Runs one job at a time inside this worker, then restores the clean state."""
 
     def __init__(self, baseline: Baseline | None, fingerprint: Fingerprint | None, isolated: bool,
-                 job_paths: tuple[str, ...] = ()):
+                 job_paths: tuple[str, ...] = (), keep_fds: tuple[int, ...] = ()):
         self.baseline = baseline
         self.fingerprint = fingerprint
         self.isolated = isolated
         self.job_paths = job_paths
+        self.keep_fds = keep_fds  # the channel: every other fd a job left is closed
 
     def run(self, msg: protocol.RunJob, pipes: list[int], last: bool = False) -> protocol.JobDone:
         """Execute msg.main_path as __main__ with fds 1 and 2 on the pipes; never raises.
@@ -288,8 +291,10 @@ class ScriptRunner:
         handlers = _AllAtexit() if last else JobAtexit()
         try:
             with handlers:
-                return_code, error_type, error_message = execute_main(msg.main_path, msg.job_dir,
-                                                                      self.job_paths)
+                # A context of its own, as a new interpreter's: context variables a job
+                # sets (decimal's context, a library's) end with it.
+                return_code, error_type, error_message = contextvars.Context().run(
+                    execute_main, msg.main_path, msg.job_dir, self.job_paths)
             _finish_like_python(base_threads, handlers)
         except KeyboardInterrupt:  # arrived while we were finishing up: still a stop
             return_code, error_type, error_message = -signal.SIGINT, "exception", "KeyboardInterrupt"
@@ -308,7 +313,7 @@ class ScriptRunner:
     def restore(self, msg: protocol.RunJob) -> protocol.WorkerIdle:
         """Put the clean state back; say what could not be (the worker is then replaced)."""
         started = time.perf_counter()
-        dirty = self.baseline.restore(msg.job_dir, self.job_paths)
+        dirty = self.baseline.restore(msg.job_dir, self.job_paths, keep_fds=self.keep_fds)
         if self.fingerprint is not None:
             dirty.extend(self.fingerprint.changes())
         dirty.extend(self.baseline.new_modules())
