@@ -70,7 +70,7 @@ def report(result: dict) -> dict:
 
 
 def job_uids(srv: Server) -> set[int]:
-    return set(range(srv.uid_base, srv.uid_base + 2))
+    return set(range(srv.uid_base, srv.uid_base + 2 * 3))  # 2 slots of 3 seats (spares 2)
 
 
 def processes_of(uids: set[int]) -> list[psutil.Process]:
