@@ -148,9 +148,25 @@ def latencies(svc: Service, code: str, runs: int, warmup: int = 4) -> dict[str, 
     try:
         for _ in range(warmup):
             svc.execute(code, conn)
-        return summarize([svc.execute(code, conn) for _ in range(runs)])
+        walls = []
+        for _ in range(runs):
+            wait_spares(svc)  # a job that finds a spare ready (throughput() is the other case)
+            walls.append(svc.execute(code, conn))
+        return summarize(walls)
     finally:
         conn.close()
+
+
+def wait_spares(svc: Service, timeout: float = 60.0) -> bool:
+    """Poll /health?verbose=1 until every slot has all its spares ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, body = svc.request("GET", "/health?verbose=1")
+        pool = (body or {}).get("pool") or {}
+        if pool.get("idle") == pool.get("size") and not (pool.get("spares") or {}).get("starting"):
+            return True
+        time.sleep(0.002)
+    return False
 
 
 def batch_wall(svc: Service, batch: list[dict[str, str]]) -> tuple[float, dict[str, Any]]:

@@ -57,7 +57,8 @@ CASES = {
         "import torch\ntorch.set_flush_denormal(True)\n",
         "import torch\nprint(torch.tensor([1e-310], dtype=torch.float64).mul(1).item() > 0)\n"),
     "itimer_prof": (
-        "import signal\nsignal.setitimer(signal.ITIMER_PROF, 0.3)\nsignal.setitimer(signal.ITIMER_REAL, 0.3)\n",
+        "import signal\nsignal.setitimer(signal.ITIMER_PROF, 0.3)\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.3)\n",
         "import time\nt = time.time()\nwhile time.time() - t < 0.8:\n    pass\nprint('survived')\n"),
     "timer_slack": (
         _PRCTL + "libc.prctl(29, 50_000_000, 0, 0, 0)\n",
@@ -72,7 +73,8 @@ CASES = {
         "from warm_pool import sandbox\nsandbox.restrict_writes([], sandbox.landlock_abi())\n",
         "open('out.txt', 'w').write('x')\nprint(open('out.txt').read())\n"),
     "memfd_left_open": (
-        "import os\nfd = os.memfd_create('paper-a')\nos.write(fd, b'A-SECRET')\nos.set_inheritable(fd, True)\n",
+        "import os\nfd = os.memfd_create('paper-a')\nos.write(fd, b'A-SECRET')\n"
+        "os.set_inheritable(fd, True)\n",
         "import os\nprint([os.readlink(f'/proc/self/fd/{n}') for n in os.listdir('/proc/self/fd')\n"
         "       if 'memfd' in os.readlink(f'/proc/self/fd/{n}')])\n"),
     "sysv_ipc_left": (
@@ -174,7 +176,8 @@ time.sleep(30)
 def test_a_forged_done_message_neither_ends_the_limits_nor_the_measurements(service):
     result = run(service, FORGED_DONE, timeout=10)
     assert result["success"] is False
-    assert result["error_type"] in ("memory_limit", "protocol_error"), (result["error_type"], result["stderr"][-800:])
+    assert result["error_type"] in ("memory_limit", "protocol_error"), (result["error_type"],
+                                                                        result["stderr"][-800:])
     assert result["stdout"] == "claimed done\n"
     assert result["execution_time"] < 10
     if result["error_type"] == "memory_limit":
@@ -182,11 +185,20 @@ def test_a_forged_done_message_neither_ends_the_limits_nor_the_measurements(serv
     wait_until(lambda: _no_process_of_the_pools_jobs_but_its_spares(service), timeout=15)
 
 
+THREAD_BOMB = """\
+import threading, time, json
+n = 0
+try:
+    while n < 5000:
+        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
+        n += 1
+except RuntimeError as exc:
+    print(json.dumps([n, str(exc)]))
+"""
+
+
 def test_a_thread_bomb_stops_at_the_task_cap(service):
-    result = run(service, "import threading, time, json\nn = 0\ntry:\n"
-                          "    while n < 5000:\n"
-                          "        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
-                          "        n += 1\nexcept RuntimeError as exc:\n    print(json.dumps([n, str(exc)]))\n")
+    result = run(service, THREAD_BOMB)
     started, error = json.loads(result["stdout"])
     assert started < MAX_TASKS
     assert "can't start new thread" in error
