@@ -636,7 +636,7 @@ def test_ray_units_fix_every_port_and_close_rays_temporary_dir(unit):
     assert "CacheDirectory=trainium-ray" in lines and "CacheDirectoryMode=0700" in lines
     assert "EnvironmentFile=/etc/trainium-executor/ray.env" in lines
     assert "Requires=trainium-executor-firewall.service" in lines
-    caps = "CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN CAP_DAC_OVERRIDE CAP_FOWNER"
+    caps = "CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN CAP_DAC_OVERRIDE CAP_FOWNER CAP_SYS_ADMIN"
     assert f"AmbientCapabilities={caps}" in lines and "User=trainium-executor" in lines
     if unit == RAY_HEAD_UNIT:
         assert "--temp-dir %C/trainium-ray/tmp" in exec_start and "--include-dashboard=false" in exec_start
@@ -693,7 +693,7 @@ def test_idle_stop_units_pass_systemd_analyze_verify(tmp_path):
 
 def test_unit_grants_only_the_capabilities_job_isolation_needs():
     lines = {line.strip() for line in UNIT.read_text().splitlines()}
-    caps = "CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN CAP_DAC_OVERRIDE CAP_FOWNER"
+    caps = "CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN CAP_DAC_OVERRIDE CAP_FOWNER CAP_SYS_ADMIN"
     assert f"AmbientCapabilities={caps}" in lines and f"CapabilityBoundingSet={caps}" in lines
     assert "StateDirectoryMode=0711" in lines  # job uids traverse to their own dirs
     assert "Requires=trainium-executor-firewall.service" in lines

@@ -429,7 +429,7 @@ def test_a_patch_replaces_the_worker_and_health_says_why(one_slot):
 
 # --- the service as the unit runs it: its own user, six capabilities -------------------
 
-UNIT_CAPS = "+setuid,+setgid,+kill,+chown,+dac_override,+fowner"
+UNIT_CAPS = "+setuid,+setgid,+kill,+chown,+dac_override,+fowner,+sys_admin"
 
 
 def test_a_service_running_as_its_own_user_with_the_units_capabilities_confines_jobs(tmp_path):
@@ -463,7 +463,7 @@ def test_a_service_running_as_its_own_user_with_the_units_capabilities_confines_
             print(json.dumps(out))
         """)
         r = report(result)
-        assert r["uid"] in range(srv.uid_base, srv.uid_base + 2) and r["caps"] == [0, 0, 0]
+        assert r["uid"] in job_uids(srv) and r["caps"] == [0, 0, 0]
         assert r["signal"] == "PermissionError"
         leftover = run(srv, "import subprocess\nsubprocess.Popen(['sleep', '300'])\nprint('left one')")
         assert leftover["stdout"] == "left one\n"
