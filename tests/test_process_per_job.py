@@ -94,6 +94,22 @@ def service(tmp_path_factory):
     srv.close()
 
 
+# What a careless script does by accident: the reuse mode resets or checks each of these
+# after every job (issue 18, item 5), so B still gets a fresh interpreter's answer.
+ACCIDENTAL = ("thread_left_running", "faulthandler_later", "putenv", "numpy_seterr", "flush_denormal",
+              "itimer_prof", "timer_slack", "sched_idle", "dumpable_off", "memfd_left_open")
+
+
+@pytest.fixture(scope="module")
+def reusing_service(tmp_path_factory):
+    base = reachable_by_jobs(tmp_path_factory.mktemp("ppj-reuse"))
+    srv = Server(reachable_by_jobs(base / "work"),
+                 args=["--pool-size", "1", "--reuse-workers", "--max-memory-mb", str(MAX_MEMORY_MB)])
+    srv.start()
+    yield srv
+    srv.close()
+
+
 def run(srv: Server, code: str, timeout: float = 60) -> dict:
     resp = srv.post("/execute", {"code": textwrap.dedent(code), "timeout": timeout}, timeout=timeout + 60)
     assert resp.status == 200, resp.raw[:500]
@@ -116,6 +132,20 @@ def test_what_a_job_did_to_its_process_never_reaches_the_next_paper(service, nam
     assert "FORGED" not in result["stdout"] and "HOOKED" not in result["stdout"]
     assert result["return_code"] == cold.returncode, result["stderr"]
     assert result["stdout"] == cold.stdout.decode(), result["stderr"]
+    if name == "faulthandler_later":
+        assert "Thread" not in result["stderr"]
+
+
+@pytest.mark.parametrize("name", ACCIDENTAL)
+def test_in_the_reuse_mode_what_a_job_did_by_accident_is_undone_for_the_next(reusing_service, name,
+                                                                             tmp_path):
+    attack, probe = CASES[name]
+    run(reusing_service, attack)
+    result = run(reusing_service, probe)
+    cold = run_cold(probe, tmp_path)
+    assert "FORGED" not in result["stdout"]
+    assert (result["return_code"], result["stdout"]) == (cold.returncode, cold.stdout.decode()), \
+        result["stderr"]
     if name == "faulthandler_later":
         assert "Thread" not in result["stderr"]
 
