@@ -16,7 +16,7 @@ import pytest
 from conftest import reachable_by_jobs
 from service_fixtures import Server
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(400)
 
 HOSTILE = {
     "half_sent_message": """\
@@ -76,7 +76,7 @@ def test_a_hostile_job_never_delays_another_jobs_timeout_or_health(service, name
     # enforcement took.
     assert control["execution_time"] < 2.5, control["execution_time"]
     assert latencies and max(latencies) < 0.5, max(latencies)
-    result = service.wait_batch(hostile.json["batch_id"], timeout=90)["results"][f"hostile-{name}"]
+    result = service.wait_batch(hostile.json["batch_id"], timeout=240)["results"][f"hostile-{name}"]
     assert result["status"] == "completed"
     if name == "half_sent_message":
         assert result["error_type"] == "protocol_error"

@@ -11,6 +11,7 @@ peak, and a verdict for the jobs over a limit. The loop alone acts on them.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,7 @@ class Monitor:
         self._watched: tuple[Watched, ...] = ()
         self._readings: list[Reading] = []
         self._stop = threading.Event()
+        self._next_disk: dict[str, float] = {}  # job id → when its disk is measured next
         self._thread = threading.Thread(target=self._run, name="warm-pool-monitor", daemon=True)
 
     def start(self) -> None:
@@ -77,16 +79,26 @@ class Monitor:
                 watched = self._watched
             if not watched:
                 continue
-            readings = list(measure(self.config, watched))
+            readings = list(measure(self.config, watched, self._next_disk))
+            running = {w.job_id for w in watched}
+            for job_id in [j for j in self._next_disk if j not in running]:
+                del self._next_disk[job_id]
             with self._lock:
                 self._readings.extend(readings)
             if any(r.verdict for r in readings):
                 self._wake()
 
 
-def measure(config: PoolConfig, watched: tuple[Watched, ...]) -> list[Reading]:
+# A job's disk is walked again only after this many times the last walk's duration: a
+# job with 60,000 directories must not keep the monitor (and a core) walking them.
+_DISK_BACKOFF = 10
+
+
+def measure(config: PoolConfig, watched: tuple[Watched, ...],
+            next_disk: dict[str, float] | None = None) -> list[Reading]:
     """One pass over the running jobs: memory (cgroup, and RSS for the seed's field) and
-    disk; a verdict for each job over a limit."""
+    disk (each job's as often as its size allows); a verdict for each job over a limit."""
+    next_disk = {} if next_disk is None else next_disk
     by_uid = usage.uid_usage({w.uid for w in watched if w.uid is not None})
     limit = config.memory_limit_bytes
     out = []
@@ -99,8 +111,10 @@ def measure(config: PoolConfig, watched: tuple[Watched, ...]) -> list[Reading]:
         verdict = None
         if limit and charged > limit:
             verdict = limits.Verdict("memory_limit")
-        else:
+        elif time.monotonic() >= next_disk.get(w.job_id, 0.0):
+            started = time.monotonic()
             verdict = limits.disk(config, w.job, w.uid)
+            next_disk[w.job_id] = time.monotonic() + _DISK_BACKOFF * (time.monotonic() - started)
         out.append(Reading(w.job_id, rss, own.memory_bytes if own else None,
                            own.peak_bytes if own else None, verdict))
     return out
