@@ -21,7 +21,7 @@ from warm_pool import JobSpec, PoolConfig, WarmPool
 _ids = itertools.count()
 # Each pool of a run, and the service it starts, gets job uids of its own, apart from any
 # service or test run on the machine (a pool refuses uids that a live pool holds).
-_UID_BASES = itertools.count(3_000_000 + (os.getpid() % 20_000) * 100, 4)
+_UID_BASES = itertools.count(3_000_000 + (os.getpid() % 20_000) * 20_000, 32)
 
 
 def job_uid_base() -> int:

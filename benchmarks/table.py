@@ -34,8 +34,17 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         row(backend, f"spare prepared (fork → ready) p50 ≤ {target:g} ms",
             (s["replacement"].get("worker_fork_to_ready") or {}).get("p50_ms"), target)
         iso = s.get("isolation") or {}
+        throughput = (s.get("throughput") or {}).get("library") or []
+        if throughput:
+            rows.append({"backend": backend, "goal": "back-to-back empty jobs (library, 1 client), jobs/s",
+                         "value": throughput[0].get("jobs_per_s"), "target": None, "met": None})
         row(backend, f"isolation adds < {ISOLATION_GOAL_MS:g} ms to an empty job (p50)",
             iso.get("uid_minus_none_p50_ms"), ISOLATION_GOAL_MS)
+    soak = results.get("soak") or {}
+    if soak:
+        for key, what in (("health_worst_s", "soak: worst GET /health"),
+                          ("timeout_overshoot_worst_s", "soak: worst timeout overshoot")):
+            row("cpu", f"{what} ≤ {soak['goal_s']:g} s", soak.get(key), soak["goal_s"] + 1e-9)
     return rows
 
 
@@ -106,6 +115,12 @@ def render(results: dict[str, Any]) -> str:
     if c:
         out += ["", "== several instances: Ray, on this machine (benchmarks/cluster.py) =="]
         out += _cluster_lines(c) if "batch" in c else [f"skipped: {c.get('skipped')}"]
+    soak = results.get("soak")
+    if soak:
+        out += ["", f"== soak: hostile jobs for {soak['seconds']:g} s (benchmarks/soak.py) ==",
+                f"worst GET /health {_f(soak.get('health_worst_s'), 3)} s over {soak.get('health_requests')} "
+                f"requests; worst timeout overshoot {_f(soak.get('timeout_overshoot_worst_s'), 3)} s over "
+                f"{soak.get('control_jobs')} control jobs; hostile jobs ended: {soak.get('hostile')}"]
     if results.get("errors"):
         out += ["", "ERRORS:"] + [f"  {k}: {v}" for k, v in results["errors"].items()]
     out += ["", "== goals (reported, not asserted) =="]

@@ -107,3 +107,27 @@ def batch(backend: str, size: int = 10) -> list[dict[str, str]]:
     loads = workloads(backend)
     names = ["train", "xla_ops"] if backend == "xla" else ["matmul", "train"]
     return [{"paper_id": f"bench_{i:02d}", "code": loads[names[i % len(names)]]} for i in range(size)]
+
+
+# Hostile jobs (issue 22): each tries to make the service wait on it. Used by
+# benchmarks/soak.py and tests/test_never_waits.py.
+HOSTILE = {
+    # A frame header announcing 200 bytes on the job's channel, 7 sent, then silence.
+    "half_sent_message": """\
+import os, time
+for name in os.listdir('/proc/self/fd'):
+    try:
+        target = os.readlink(f'/proc/self/fd/{name}')
+    except OSError:
+        continue
+    if target.startswith('socket:'):
+        os.write(int(name), (200).to_bytes(4, 'big') + b'{"v": 1')
+time.sleep(20)
+""",
+    # About a megabyte on one line, twice: a quadratic METRICS parser takes minutes.
+    "long_metrics_line": "print('METRICS:{' * 111000)\nprint('METRICS:{' * 111000)\n",
+    # Within the files limit, but collecting artifacts must not hold an fd per directory.
+    "many_directories": "import os\nfor i in range(50000):\n    os.mkdir(f'd{i}')\n"
+                        "open('d49999/result.json', 'w').write('{}')\n",
+    "huge_single_line": "import sys\nsys.stdout.write('x' * (4 << 20))\n",
+}
