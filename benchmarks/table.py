@@ -10,6 +10,7 @@ REPLACEMENT_GOAL_MS = {"cpu": 50.0, "xla": 150.0}
 BATCH_GOAL_RATIO = 150.0
 HTTP_EMPTY_GOAL_MS = 10.0
 LIBRARY_EMPTY_GOAL_MS = 1.0
+HF_IMPORTS_GOAL_RATIO = 50.0  # issue 20: the Hugging Face imports warm ≥ 50× faster than cold
 
 
 def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -33,6 +34,10 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         iso = s.get("isolation") or {}
         row(backend, f"isolation adds < {ISOLATION_GOAL_MS:g} ms to an empty job (p50)",
             iso.get("uid_minus_none_p50_ms"), ISOLATION_GOAL_MS)
+        hf = s["latency"].get("hf_imports")
+        if hf:
+            row(backend, f"hf_imports: cold ÷ warm library ≥ {HF_IMPORTS_GOAL_RATIO:g}× (p50)",
+                hf.get("ratio_cold_over_warm_library"), HF_IMPORTS_GOAL_RATIO, higher_is_better=True)
     return rows
 
 
