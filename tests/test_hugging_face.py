@@ -227,11 +227,11 @@ def test_jobs_cannot_change_the_operators_cache(cached_pool, hf_cache):
     assert (repo / "refs" / "main").read_text() == COMMIT
 
 
-def test_a_model_not_in_the_operators_cache_is_a_clear_offline_error(cached_pool):
+def test_a_model_not_in_the_operators_cache_is_an_error_not_a_download(cached_pool):
     result = cached_pool.run("from transformers import AutoModel\n"
                              "AutoModel.from_pretrained('no-such/model')\n", timeout=120)
     assert result.error_type == "exception"
-    assert "offline" in result.stderr.lower(), result.stderr[-2000:]
+    assert "OSError" in result.stderr and "cached files" in result.stderr, result.stderr[-2000:]
 
 
 def test_an_operator_cache_jobs_could_write_is_refused_at_start(tmp_path):
