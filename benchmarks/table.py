@@ -11,6 +11,7 @@ REPLACEMENT_GOAL_MS = {"cpu": 40.0, "xla": 80.0}
 BATCH_GOAL_RATIO = {"cpu": 250.0, "xla": 400.0}
 HTTP_EMPTY_GOAL_MS = 8.0
 LIBRARY_EMPTY_GOAL_MS = 3.0
+HF_IMPORTS_GOAL_RATIO = 50.0  # issue 20: the Hugging Face imports warm ≥ 50× faster than cold
 
 
 def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -40,6 +41,10 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                          "value": throughput[0].get("jobs_per_s"), "target": None, "met": None})
         row(backend, f"isolation adds < {ISOLATION_GOAL_MS:g} ms to an empty job (p50)",
             iso.get("uid_minus_none_p50_ms"), ISOLATION_GOAL_MS)
+        hf = s["latency"].get("hf_imports")
+        if hf:
+            row(backend, f"hf_imports: cold ÷ warm library ≥ {HF_IMPORTS_GOAL_RATIO:g}× (p50)",
+                hf.get("ratio_cold_over_warm_library"), HF_IMPORTS_GOAL_RATIO, higher_is_better=True)
     soak = results.get("soak") or {}
     if soak:
         for key, what in (("health_worst_s", "soak: worst GET /health"),

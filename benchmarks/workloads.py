@@ -5,10 +5,12 @@ and xla_ops, and its training loops run on the XLA device, so every xla script p
 `import torch_xla` when cold. real_shaped is what the service's callers really send
 (docs/job-environment.md): torch, torchvision, matplotlib and tqdm imported, a data set
 from the shipped dataset_loader, a tiny model trained a few steps, a loss plot and a
-checkpoint saved.
+checkpoint saved. hf_imports is only the imports of the callers' Hugging Face scripts.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 EMPTY = "pass\n"
 
@@ -85,6 +87,13 @@ torch_xla.sync()
 print(y.item())
 """
 
+# Exactly the imports of the callers' Hugging Face scripts (docs/job-environment.md): cold,
+# transformers, its auto classes and datasets load (~3,000 modules); warm, the template has.
+HF_IMPORTS = """\
+from transformers import AutoTokenizer, AutoModelForSequenceClassification
+from datasets import load_dataset
+"""
+
 # Sleeps past its timeout; SIGINT (the polite stop) ends it at once.
 SLEEPER = "import time\ntime.sleep(60)\n"
 # Ignores SIGINT, so the supervisor must wait out kill_grace and SIGKILL it.
@@ -92,14 +101,20 @@ STUBBORN = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nt
 
 
 def workloads(backend: str) -> dict[str, str]:
-    """Name → script for the per-script latency comparison on `backend`."""
+    """Name → script for the per-script latency comparison on `backend` (hf_imports when
+    transformers and datasets are installed)."""
     if backend == "xla":
         train = TRAIN.format(device_setup=XLA_SETUP, step_sync="torch_xla.sync()")
         real = REAL_SHAPED.format(device_setup=XM_SETUP, step_sync="xm.mark_step()")
-        return {"trivial": TRIVIAL, "matmul": MATMUL, "train": train, "real_shaped": real, "xla_ops": XLA_OPS}
-    train = TRAIN.format(device_setup=CPU_SETUP, step_sync="pass")
-    real = REAL_SHAPED.format(device_setup=CPU_SETUP, step_sync="pass")
-    return {"trivial": TRIVIAL, "matmul": MATMUL, "train": train, "real_shaped": real}
+        loads = {"trivial": TRIVIAL, "matmul": MATMUL, "train": train, "real_shaped": real,
+                 "xla_ops": XLA_OPS}
+    else:
+        train = TRAIN.format(device_setup=CPU_SETUP, step_sync="pass")
+        real = REAL_SHAPED.format(device_setup=CPU_SETUP, step_sync="pass")
+        loads = {"trivial": TRIVIAL, "matmul": MATMUL, "train": train, "real_shaped": real}
+    if all(importlib.util.find_spec(name) for name in ("transformers", "datasets")):
+        loads["hf_imports"] = HF_IMPORTS
+    return loads
 
 
 def batch(backend: str, size: int = 10) -> list[dict[str, str]]:

@@ -16,7 +16,8 @@
 #     repository (https://pip.repos.neuron.amazonaws.com; the PyPI projects of the same
 #     names are empty placeholders).
 #  3. Installs requirements.txt, requirements-jobs.txt (what generated scripts import:
-#     torchvision matching the venv's torch, matplotlib, tqdm, pandas, scikit-learn) and
+#     torchvision matching the venv's torch, matplotlib, tqdm, pandas, scikit-learn,
+#     transformers, datasets) and
 #     this project (--no-deps) into that venv, with
 #     torch/torch-xla/torch-neuronx/neuronx-cc/libneuronxla pinned by a constraints file
 #     so they are never touched, and checks afterwards that they were not.

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from warm_pool import job_env
 from warm_pool.neuron import LOG_LEVELS as NEURON_LOG_LEVELS
 from warm_pool.settings import ConfigError, check_all, setting
 
@@ -32,7 +33,8 @@ PRELOAD = {
 # What generated training scripts commonly import beyond torch (the `preload` setting's
 # default; those not installed are skipped). preload.py adds what their common calls
 # import later and warms up what they fill lazily.
-DEFAULT_PRELOAD = ("numpy", "tqdm", "matplotlib.pyplot", "torchvision", "pandas", "sklearn", "transformers")
+DEFAULT_PRELOAD = ("numpy", "tqdm", "matplotlib.pyplot", "torchvision", "pandas", "sklearn", "transformers",
+                   "datasets")
 
 # Files a job leaves in its directory that are kept as its artifacts (the default of
 # the `artifacts_pattern` setting): figures, checkpoints, metrics.
@@ -186,6 +188,21 @@ class PoolConfig:
     neuron_idle_growth_jobs: int = setting(
         3, "replace a worker whose idle device memory grew after this many jobs in a row",
         minimum=0, zero="never")
+    job_env: tuple[str, ...] = setting(
+        (), "variables given to every job, NAME=VALUE, the flag repeated or `;` between them (e.g. "
+        "HF_TOKEN, NEURON_RT_LOG_LEVEL); every job can read them, so no secret of the service belongs "
+        "here; names the pool sets (`PATH`, `HOME`, `TMPDIR`, `DATASET_CACHE_DIR`, "
+        "`NEURON_RT_VISIBLE_CORES`, `LD_*`, `PYTHON*`, `EXECUTOR_*`, `AWS_*`, `HF_HOME`...) are refused "
+        "at start (docs/job-environment.md)",
+        repeat=True, separator=";", secret=True, none="none")
+    job_env_file: Path | None = setting(
+        None, "a file of NAME=VALUE lines (blank and # lines skipped) given to every job like "
+        "job_env, whose entries win over it; keep it 0600: it may hold a token", none="none")
+    hf_home: Path | None = setting(
+        None, "a Hugging Face cache the operator filled: every job's HF_HOME, readable by every job, "
+        "writable by none (refused at start otherwise); jobs then read models from it offline "
+        "(HF_HUB_OFFLINE=1 unless job_env sets it)",
+        none="each job's own .cache/huggingface in its dir")
 
     # --- for code embedding the library, not operator settings ------------------------
     # Interpreter for the template; None: the one running this process.
@@ -205,6 +222,7 @@ class PoolConfig:
         bad = [name for name in self.preload if name != "default" and not _MODULE_NAME.match(name)]
         if bad:
             raise ConfigError(f"preload (--preload / EXECUTOR_PRELOAD): {bad[0][:64]!r} is not a module name")
+        self.job_environment()  # ConfigError naming job_env or job_env_file
         if self.default_timeout > self.max_timeout:
             raise ConfigError("default_timeout (--default-timeout / EXECUTOR_DEFAULT_TIMEOUT) must not "
                               "exceed max_timeout (--max-timeout / EXECUTOR_MAX_TIMEOUT)")
@@ -239,6 +257,10 @@ class PoolConfig:
         """What every job has on sys.path after its own dir: the operator's dirs, then ours."""
         paths = [os.path.abspath(p) for p in self.job_path] + [str(JOB_HELPERS_DIR)]
         return tuple(dict.fromkeys(paths))
+
+    def job_environment(self) -> dict[str, str]:
+        """The operator's variables for every job: job_env_file's, then job_env's."""
+        return job_env.parse(self.job_env, self.job_env_file)
 
     def preload_list(self) -> tuple[str, ...]:
         """The optional preloads, `default` expanded, each once."""

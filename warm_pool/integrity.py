@@ -131,10 +131,14 @@ def _snapshot(kind: str, obj: Any) -> Any:
     """
     if kind in ("module", "class"):
         return dict(vars(obj))
+    # The built-in storage, through the built-in type's own methods: a subclass may
+    # compute its items (transformers' lazy auto mappings import every model class).
     if isinstance(obj, dict):
-        return dict(obj)
+        return dict(dict.items(obj))
     if isinstance(obj, set):
-        return set(obj)
+        return set.copy(obj)
+    if isinstance(obj, list):
+        return list.copy(obj)
     return list(obj)
 
 
@@ -160,9 +164,12 @@ def _changed_fully(item: _Item) -> bool:
             return bool(obj != then)
         except Exception:  # noqa: BLE001 - an item whose __eq__ raises: compare identities
             return list(map(id, obj)) != list(map(id, then))
-    if obj.keys() != then.keys():
+    if dict.keys(obj) != then.keys():
         return True
-    return any(map(operator.is_not, obj.values(), then.values()))
+    if not any(map(operator.is_not, dict.values(obj), then.values())):
+        return False
+    # The same items in another order (a dict cleared and refilled) are no change.
+    return any(dict.get(obj, key, _MISSING) is not value for key, value in then.items())
 
 
 @dataclass

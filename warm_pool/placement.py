@@ -15,7 +15,8 @@
   job uids, each job's dir handed to its slot's uid when the job starts (`hand_over`),
   the capture files and the job store closed to them;
 - what every job reads and none may change: the job helper dirs (on its sys.path and
-  PYTHONPATH) and the data set cache (its DATASET_CACHE_DIR), checked at start
+  PYTHONPATH), the data set cache (its DATASET_CACHE_DIR) and the operator's Hugging
+  Face cache (its HF_HOME, when `hf_home` is set), checked at start
   (`check_shared_dirs`): outside the trees jobs may write, and writable by their owner
   alone, else a ConfigError naming the setting;
 - each slot's temporary directory (a job's TMPDIR): ``<work_dir>/tmp/<slot>``, emptied
@@ -26,6 +27,7 @@
 
 from __future__ import annotations
 
+import functools
 import grp
 import logging
 import os
@@ -36,7 +38,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from typing import Any
 
-from warm_pool import sandbox
+from warm_pool import job_env, sandbox
 from warm_pool.config import PoolConfig
 from warm_pool.settings import ConfigError
 
@@ -164,16 +166,21 @@ class Placement:
         the job helper dirs and the data set cache."""
         paths = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], sys.prefix,
                  str(self.config.jobs_dir), str(self.config.datasets_path), *self.config.job_paths()}
+        if self.config.hf_home is not None:
+            paths.add(os.path.abspath(self.config.hf_home))
         return tuple(sorted(paths))
 
     def check_shared_dirs(self) -> None:
-        """ConfigError when a job helper dir or the data set cache could be changed by a job
+        """ConfigError when a job helper dir, the data set cache or the operator's Hugging Face
+        cache could be changed by a job
         (inside a tree jobs write to, or writable by anyone but its owner, or owned by a
         job uid): a job could then change what later jobs import or read."""
         datasets = self.config.datasets_path
         checks = [(p, "job_path (--job-path / EXECUTOR_JOB_PATH)") for p in self.config.job_paths()]
         if os.path.isdir(datasets) or self.config.datasets_dir is not None:
             checks.append((str(datasets), "datasets_dir (--datasets-dir / EXECUTOR_DATASETS_DIR)"))
+        if self.config.hf_home is not None:
+            checks.append((str(self.config.hf_home), "hf_home (--hf-home / EXECUTOR_HF_HOME)"))
         for path, label in checks:
             self._check_shared(path, label)
 
@@ -314,6 +321,21 @@ class Placement:
         # it: to each worker's share, as a job's `python main.py` with the worker's
         # OMP_NUM_THREADS would. With one thread it never starts a pool at all.
         env.update(self.thread_env())
+        for name in job_env.inherited_to_drop():
+            env.pop(name, None)
+        env.update(self.library_env())
+        return env
+
+    @functools.cached_property
+    def operator_env(self) -> dict[str, str]:
+        """The operator's variables for every job (job_env, job_env_file), read once."""
+        return self.config.job_environment()
+
+    def library_env(self) -> dict[str, str]:
+        """Hugging Face's locations and the operator's variables (job_env.py). The template's
+        environment has them too: what it imports reads some of them once, at import."""
+        env = job_env.hf_env(self.config.hf_home, self.operator_env)
+        env.update(self.operator_env)
         return env
 
     def thread_env(self) -> dict[str, str]:
@@ -323,16 +345,23 @@ class Placement:
             threads = max(1, (os.cpu_count() or 1) // len(self.cores))
         if not threads:
             return {}
+        # RAYON_NUM_THREADS: the Rust thread pool of Hugging Face's tokenizers.
         return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                "OPENBLAS_NUM_THREADS": str(threads)}
+                "OPENBLAS_NUM_THREADS": str(threads), "RAYON_NUM_THREADS": str(threads)}
 
     def job_env(self) -> dict[str, str]:
         """What every job's environment adds: no display for matplotlib, the job helper
-        dirs on PYTHONPATH (for the job's own child interpreters too), the data set cache."""
+        dirs on PYTHONPATH (for the job's own child interpreters too), the data set cache,
+        Hugging Face's locations and the operator's variables."""
         inherited = os.environ.get("PYTHONPATH", "")
         path = os.pathsep.join([*self.config.job_paths(), *([inherited] if inherited else [])])
-        return {"MPLBACKEND": "Agg", "PYTHONPATH": path,
-                "DATASET_CACHE_DIR": str(self.config.datasets_path)}
+        env = {"MPLBACKEND": "Agg", "PYTHONPATH": path,
+               "DATASET_CACHE_DIR": str(self.config.datasets_path), **self.library_env()}
+        if self.isolation == "uid":
+            # Job uids have no passwd entry: getpass.getuser() reads these first (torch's
+            # compile cache names a directory with it), and the service's name is not theirs.
+            env.update(USER=job_env.JOB_USER, LOGNAME=job_env.JOB_USER)
+        return env
 
     def worker_env(self, worker_id: int, core: int | None, backend: str | None) -> dict[str, str]:
         """Per-worker environment: the job environment; intra-op threads; on neuron, its one
@@ -342,8 +371,10 @@ class Placement:
         if backend == "neuron" and core is not None:
             from warm_pool import neuron
 
+            # NEURON_RT_LOG_LEVEL: neuron_log_level, else the operator's job_env, else inherited.
             env.update(neuron.worker_env(core, tag=f"trainium-executor-w{worker_id}",
-                                         log_level=self.config.neuron_log_level))
+                                         log_level=self.config.neuron_log_level,
+                                         environ={**os.environ, **self.operator_env}))
         return env
 
     # --- the device -----------------------------------------------------------------------

@@ -2,16 +2,17 @@
 
 The backend's own modules (torch, torch_xla, torch_neuronx) must import or the pool is
 broken. The optional ones (the `preload` setting: numpy, tqdm, matplotlib.pyplot,
-torchvision, pandas, sklearn, transformers by default) are a speed-up: a job importing
+torchvision, pandas, sklearn, transformers, datasets by default) are a speed-up: a job importing
 a module the template already holds pays nothing and leaves its worker clean, while a
 module first imported by a job makes the worker dirty (replaced). So an optional
 module that is not installed, fails to import or is unsafe to fork is skipped and
 reported (/health: pool.preload_skipped), never breaking the pool.
 
 For each module `load` also imports its companions (`COMPANIONS`: what its common calls
-import later, e.g. DataFrame.to_csv pandas' CSV writer) and runs its warm-up
-(`WARM_UPS`: a figure drawn and saved once fills matplotlib's lazy caches, which a job
-would otherwise fill itself, looking like a patch to the fingerprint). Warm-ups are
+import later, e.g. DataFrame.to_csv pandas' CSV writer, from_pretrained transformers'
+PreTrainedModel) and runs its warm-up (`WARM_UPS`: a figure drawn and saved once fills
+matplotlib's lazy caches, transformers' lazy names are looked up once; a job would
+otherwise fill them itself, looking like a patch to the fingerprint). Warm-ups are
 pure Python and C on the CPU: no thread, no device, no torch operation.
 
 Fork safety: a Python thread started in the template would not exist in its workers
@@ -27,6 +28,7 @@ fork (pthread_atfork), and a module's OpenMP pool starts only when first used.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import io
 import os
 import sys
@@ -45,7 +47,22 @@ COMPANIONS: dict[str, tuple[str, ...]] = {
     "pandas": ("pandas.io.formats.csvs", "pandas.io.formats.string"),  # to_csv, to_string
     "sklearn": ("sklearn.metrics", "sklearn.model_selection", "sklearn.preprocessing"),
     "torchvision": ("PIL.Image",),  # torchvision.utils.save_image
+    # Any model built or loaded (from_pretrained, or from a config) imports PreTrainedModel's
+    # module, ~1,000 modules and ~4 s cold; BERT is the family paper scripts use most.
+    "transformers": ("transformers.models.auto.tokenization_auto", "transformers.models.auto.modeling_auto",
+                     "transformers.modeling_utils", "transformers.models.bert.modeling_bert",
+                     "transformers.models.bert.tokenization_bert"),
+    "datasets": ("scipy.io",),  # each load_dataset builder patches scipy.io.loadmat (streaming)
 }
+
+# Companion -> a module it imports that a backend leaves out on purpose: the companion is
+# preloaded only where that module is loaded already or not installed. transformers'
+# modeling imports accelerate, which imports torch_xla when it is installed; and importing
+# torch_xla changes torch for every job (it replaces torch.nn.utils.clip_grad_norm_ and
+# sets PJRT_DEVICE and XLA_FLAGS), which on the cpu backend only a job using a model
+# should see.
+ONLY_WITH = {"transformers.modeling_utils": "torch_xla",
+             "transformers.models.bert.modeling_bert": "torch_xla"}
 
 
 class ThreadStarted(RuntimeError):
@@ -78,7 +95,21 @@ def _warm_pil() -> None:
     sys.modules["PIL.Image"].preinit()
 
 
-WARM_UPS = {"matplotlib.pyplot": _warm_matplotlib, "PIL.Image": _warm_pil}
+# What scripts take from transformers' top level. It is a lazy module: the first lookup of
+# a name imports its submodule and stores the name in the package, which a job doing it
+# would do too, looking like a patch to the fingerprint.
+TRANSFORMERS_NAMES = ("AutoConfig", "AutoModel", "AutoTokenizer", "AutoModelForSequenceClassification",
+                      "PreTrainedTokenizerBase")
+
+
+def _warm_transformers() -> None:
+    """Resolve the names scripts import from transformers (no model is built: no torch op)."""
+    package = sys.modules["transformers"]
+    for name in TRANSFORMERS_NAMES:
+        getattr(package, name)
+
+
+WARM_UPS = {"matplotlib.pyplot": _warm_matplotlib, "PIL.Image": _warm_pil, "transformers": _warm_transformers}
 
 
 @dataclass
@@ -110,7 +141,7 @@ def load(names: list[str], skip: dict[str, str] | None = None, settle: float = S
         for module in (name, *COMPANIONS.get(name, ())):
             if module in done.imported or module in done.skipped:
                 continue
-            reason = _load_one(module, done, settle)
+            reason = _left_out(module) or _load_one(module, done, settle)
             if reason is not None:
                 done.skipped[module] = reason
                 if module == name:
@@ -118,6 +149,14 @@ def load(names: list[str], skip: dict[str, str] | None = None, settle: float = S
             else:
                 done.imported.append(module)
     return done
+
+
+def _left_out(module: str) -> str | None:
+    """Why a companion is not preloaded here (ONLY_WITH), or None."""
+    needs = ONLY_WITH.get(module)
+    if needs is None or needs in sys.modules or importlib.util.find_spec(needs) is None:
+        return None
+    return f"would import {needs}, which this backend does not preload"
 
 
 def _load_one(module: str, done: Preloaded, settle: float) -> str | None:

@@ -47,6 +47,7 @@ class Spec:
     none: str | None = None    # what leaving it unset means, when the default is None
     flag: bool = True          # False: environment only (secrets never go on a command line)
     repeat: bool = False       # a list whose flag may be given several times (values add up)
+    separator: str = ","       # what separates a list's items in its environment variable
     secret: bool = False       # never shown in docs defaults or logs
 
 
@@ -54,9 +55,10 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
             default_factory: Any = dataclasses.MISSING, **spec: Any) -> Any:
     """A dataclass field that is also an operator setting (see the module docstring)."""
     metadata = {_METADATA_KEY: Spec(help=help, **spec)}
+    shown = not spec.get("secret", False)  # a secret's value stays out of the object's repr
     if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+        return dataclasses.field(default_factory=default_factory, metadata=metadata, repr=shown)
+    return dataclasses.field(default=default, metadata=metadata, repr=shown)
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class Setting:
                 return False
             raise ConfigError(f"{self.name} ({source}) must be true or false, not {raw!r}")
         if self.kind is tuple:
-            parts = [p.strip() for p in text.split(",") if p.strip()]
+            parts = [p.strip() for p in text.split(self.spec.separator) if p.strip()]
             return tuple(self._scalar(self.item or str, p, source) for p in parts)
         return self._scalar(self.kind, text, source)
 
@@ -140,7 +142,7 @@ class Setting:
         if isinstance(self.default, bool):
             return "true" if self.default else "false"
         if isinstance(self.default, tuple):
-            return ",".join(map(str, self.default)) or self.spec.none or "(empty)"
+            return self.spec.separator.join(map(str, self.default)) or self.spec.none or "(empty)"
         if isinstance(self.default, float) and self.default.is_integer():
             text = str(int(self.default))
         else:
@@ -208,7 +210,7 @@ def from_sources(cls: type, args: argparse.Namespace | None, environ: Mapping[st
             continue
         raw = getattr(args, s.name, None) if args is not None else None
         if isinstance(raw, list):  # a repeated flag: its values add up
-            raw = ",".join(raw)
+            raw = s.spec.separator.join(raw)
         if raw is not None:
             values[s.name] = s.convert(raw, s.flag)
         elif s.env in environ:
