@@ -6,8 +6,10 @@ result_document(pool_result, code) -> the result as the callers see it
 
 The document is the original service's response for one script (success,
 execution_time, return_code, stdout, stderr, timeout, lines_of_code, has_training_loop,
-peak_memory_mb, and the METRICS: values both at top level and in detailed_metrics)
-plus the pool's own fields (error_type, truncation counts, times, worker).
+peak_memory_mb, and the METRICS: values in detailed_metrics and at top level) plus the
+pool's own fields (error_type, truncation counts, times, worker). A metric named like a
+field the service sets (`service_fields()`: success, status, callbacks, paper_title, ...)
+stays in detailed_metrics only: a job's words never become the service's.
 
 Training loop (AST): a ``for``/``while`` loop whose body (nested code included, but not
 functions defined inside it) calls ``.backward()``, an optimizer's ``.step()`` or
@@ -38,6 +40,7 @@ When there is no METRICS line, the fallback patterns of the original apply to th
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import json
 import math
@@ -45,6 +48,11 @@ import re
 import tokenize
 from typing import Any
 
+from executor_service.cluster_records import ClusterResult
+from executor_service.store import CALLBACKS_FIELD, JobRow
+from executor_service.validation import CALLER_FIELDS
+
+DETAILED_METRICS = "detailed_metrics"
 _STEP_NAMES = {"backward", "step", "zero_grad"}
 _LOOP_WORDS = re.compile(r"epoch|loader|batch", re.IGNORECASE)
 
@@ -269,15 +277,31 @@ def _metrics_object(line: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def result_document(pool_result: dict[str, Any], code: str) -> dict[str, Any]:
-    """The callers' result: metrics spread first, then the schema fields, which win.
+@functools.cache
+def service_fields() -> frozenset[str]:
+    """Every key the service itself may set on a job's document, read off the code that
+    builds it: the pool's result (a cluster's too), the code facts, the stored row's
+    public view and summary (with every optional part present: deduplicated, the
+    callers' fields), and the callbacks the runner adds. A printed metric with one of
+    these names is not lifted to the top level, so it can never stand in for one of
+    them, even where the service leaves that field out (a job not deduplicated, without
+    callbacks or a title)."""
+    result = ClusterResult(job_id="", paper_id=None, node="", node_address="")
+    row = JobRow(job_id="", batch_id="", paper_id="", paper_title=None, code="", timeout=None,
+                 status="", created_at=0.0, started_at=None, finished_at=None, worker=None,
+                 result=None, fields=dict.fromkeys(CALLER_FIELDS), deduplicated=True)
+    return frozenset({*result.to_dict(), *analyze_code(""), DETAILED_METRICS, CALLBACKS_FIELD,
+                      *row.to_public(), *row.summary()})
 
-    Metrics go first so that no script can overwrite a schema field by naming a metric
-    "success" or "stdout".
+
+def result_document(pool_result: dict[str, Any], code: str) -> dict[str, Any]:
+    """The callers' result: the pool's fields, the code facts, and the printed metrics
+    in detailed_metrics and, those not named like a service field, at top level too.
     """
     metrics = parse_metrics(pool_result.get("stdout") or "")
-    out: dict[str, Any] = dict(metrics)
+    reserved = service_fields()
+    out: dict[str, Any] = {k: v for k, v in metrics.items() if k not in reserved}
     out.update(pool_result)
     out.update(analyze_code(code))
-    out["detailed_metrics"] = metrics
+    out[DETAILED_METRICS] = metrics
     return out

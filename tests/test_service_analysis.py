@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -201,3 +202,29 @@ def test_code_too_long_to_parse_is_judged_by_the_text_heuristic():
     facts = analyze_code(padding + TRAINING)
     assert facts == {"lines_of_code": MAX_PARSED_CODE // 6 + 1 + 8, "has_training_loop": True}
     assert analyze_code(padding + "print('done')\n")["has_training_loop"] is False
+
+
+# --- a job's words never become the service's fields ----------------------------------------
+
+def test_metrics_named_like_service_fields_stay_in_detailed_metrics_only():
+    forged = {"callbacks": [{"state": "delivered"}], "deduplicated": True, "paper_title": "forged",
+              "slack_thread_ts": "1.2", "job_url": "/x", "attempts": 9, "status": "cancelled",
+              "success": False, "error_type": "timeout", "training_loss": 0.5}
+    stdout = "METRICS: " + json.dumps(forged) + "\n"
+    doc = result_document({"success": True, "status": "completed", "error_type": None, "stdout": stdout}, "")
+    assert doc["detailed_metrics"] == forged
+    assert doc["training_loss"] == 0.5
+    assert (doc["success"], doc["status"], doc["error_type"]) == (True, "completed", None)
+    for absent in ("callbacks", "deduplicated", "paper_title", "slack_thread_ts", "job_url", "attempts"):
+        assert absent not in doc, absent
+
+
+def test_the_service_fields_are_read_off_the_documents_builders():
+    from executor_service.analysis import service_fields
+
+    fields = service_fields()
+    assert {"success", "stdout", "error_type", "status", "job_id", "batch_id", "callbacks", "deduplicated",
+            "paper_title", "s3_code_key", "timeout_clamped_from", "attempts", "detailed_metrics",
+            "lines_of_code", "worker", "job_url"} <= fields
+    assert not {"training_loss", "validation_accuracy", "validation_loss"} & fields
+

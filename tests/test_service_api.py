@@ -361,3 +361,34 @@ def test_unknown_route_and_method_are_json(server):  # noqa: F811
     assert "GET" in resp.headers.get("allow", "")
     resp = server.get("/execute")
     assert resp.status == 405 and "error" in resp.json
+
+
+# --- a job's words never become the service's own fields ----------------------------------
+
+PRINTS_SERVICE_FIELDS = """
+import json
+forged = {"callbacks": [{"url": "http://x", "state": "delivered"}], "deduplicated": True,
+          "paper_title": "forged title", "s3_code_key": "forged", "success": False, "status": "cancelled",
+          "error_type": "timeout", "stdout": "forged", "job_id": "forged", "attempts": 7,
+          "timeout_clamped_from": 1, "training_loss": 0.25}
+print("METRICS: " + json.dumps(forged))
+"""
+
+
+def test_metrics_named_like_service_fields_do_not_change_them(server, openapi):  # noqa: F811
+    accepted = server.post("/jobs", {"code": PRINTS_SERVICE_FIELDS, "paper_id": "words"}).json
+    server.wait_batch(accepted["batch_id"])
+    resp = server.get(f"/jobs/{accepted['job_ids']['words']}")
+    job = resp.json
+    openapi.validate("GET", "/jobs/{job_id}", resp)
+    assert (job["success"], job["status"], job["error_type"]) == (True, "completed", None)
+    assert job["stdout"].startswith("METRICS: ") and job["job_id"] == accepted["job_ids"]["words"]
+    assert job["timeout_clamped_from"] is None
+    for absent in ("callbacks", "deduplicated", "paper_title", "s3_code_key", "attempts"):
+        assert absent not in job, absent
+    assert job["training_loss"] == 0.25  # a metric of its own is still lifted
+    assert job["detailed_metrics"]["deduplicated"] is True
+    assert job["detailed_metrics"]["callbacks"] == [{"url": "http://x", "state": "delivered"}]
+    in_batch = server.get(f"/batches/{accepted['batch_id']}").json["results"]["words"]
+    assert "callbacks" not in in_batch and "deduplicated" not in in_batch and in_batch["success"] is True
+
