@@ -51,6 +51,7 @@ from typing import Any
 from executor_service.cluster_records import ClusterResult
 from executor_service.store import CALLBACKS_FIELD, JobRow
 from executor_service.validation import CALLER_FIELDS
+from warm_pool import ERROR_TYPES
 
 DETAILED_METRICS = "detailed_metrics"
 _STEP_NAMES = {"backward", "step", "zero_grad"}
@@ -297,11 +298,18 @@ def service_fields() -> frozenset[str]:
 def result_document(pool_result: dict[str, Any], code: str) -> dict[str, Any]:
     """The callers' result: the pool's fields, the code facts, and the printed metrics
     in detailed_metrics and, those not named like a service field, at top level too.
+
+    This is where every result enters the store (and so HTTP, callbacks and /metrics):
+    an error_type that is not one of ERROR_TYPES becomes protocol_error here, whatever
+    the pool (or a cluster's node) let through.
     """
     metrics = parse_metrics(pool_result.get("stdout") or "")
     reserved = service_fields()
     out: dict[str, Any] = {k: v for k, v in metrics.items() if k not in reserved}
     out.update(pool_result)
+    error_type = out.get("error_type")
+    if error_type is not None and not (isinstance(error_type, str) and error_type in ERROR_TYPES):
+        out["error_type"], out["success"] = "protocol_error", False
     out.update(analyze_code(code))
     out[DETAILED_METRICS] = metrics
     return out

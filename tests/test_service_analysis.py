@@ -228,3 +228,14 @@ def test_the_service_fields_are_read_off_the_documents_builders():
             "lines_of_code", "worker", "job_url"} <= fields
     assert not {"training_loss", "validation_accuracy", "validation_loss"} & fields
 
+
+@pytest.mark.parametrize("forged", ["X" * 16_384, "", "Timeout", ["timeout"], 3])
+def test_an_error_type_that_is_not_a_documented_word_becomes_protocol_error(forged):
+    doc = result_document({"success": True, "status": "completed", "error_type": forged, "stdout": ""}, "")
+    assert (doc["error_type"], doc["success"]) == ("protocol_error", False)
+
+
+@pytest.mark.parametrize("word", [None, "timeout", "exception", "node_lost", "internal"])
+def test_documented_error_types_pass_unchanged(word):
+    doc = result_document({"success": word is None, "error_type": word, "stdout": ""}, "")
+    assert (doc["error_type"], doc["success"]) == (word, word is None)

@@ -6,11 +6,14 @@ Every response a test receives is also checked against executor_service/openapi.
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
 from conftest import wait_until
 from service_fixtures import openapi, server  # noqa: F401
+
+from warm_pool import ERROR_TYPES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -392,3 +395,38 @@ def test_metrics_named_like_service_fields_do_not_change_them(server, openapi): 
     in_batch = server.get(f"/batches/{accepted['batch_id']}").json["results"]["words"]
     assert "callbacks" not in in_batch and "deduplicated" not in in_batch and in_batch["success"] is True
 
+
+# A job forging its worker's job_done message: it owns the worker's end of the channel
+# (the one socket among its fds), so it can send any error_type the protocol carries.
+FORGES_ERROR_TYPE = """
+import json, os, stat
+from multiprocessing.connection import Connection
+def is_socket(fd):
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:  # the listing's own fd, closed by now
+        return False
+channel = next(fd for fd in map(int, os.listdir("/proc/self/fd")) if is_socket(fd))
+forged = {"v": 1, "type": "job_done", "job_id": os.path.basename(os.getcwd()), "return_code": 1,
+          "error_type": "%s", "error_message": "forged", "run_seconds": 0.1, "peak_rss_bytes": 0}
+Connection(channel).send_bytes(json.dumps(forged).encode())
+os._exit(1)
+"""
+
+
+def test_a_forged_error_type_reaches_neither_the_result_nor_metrics(server):  # noqa: F811
+    def run(letter: str) -> dict:
+        body = server.post("/execute", {"code": FORGES_ERROR_TYPE % (letter * 16_000)}).json
+        assert body["error_type"] in ERROR_TYPES and body["success"] is False, body["error_type"][:40]
+        return body
+
+    server.get("/metrics")  # its own request counter exists from here on
+    run("A")
+    first = server.get("/metrics").raw.decode()
+    for letter in "BCD":
+        run(letter)
+    after = server.get("/metrics").raw.decode()
+    assert not re.search("AAAA|BBBB|CCCC|DDDD", first + after)
+    series = lambda text: {line.rsplit(" ", 1)[0] for line in text.splitlines()}  # noqa: E731
+    assert series(after) == series(first)  # counts grew, not the set of series
+    assert len(after) < len(first) + 200
