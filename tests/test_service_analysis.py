@@ -239,3 +239,16 @@ def test_an_error_type_that_is_not_a_documented_word_becomes_protocol_error(forg
 def test_documented_error_types_pass_unchanged(word):
     doc = result_document({"success": word is None, "error_type": word, "stdout": ""}, "")
     assert (doc["error_type"], doc["success"]) == (word, word is None)
+
+
+def test_the_documented_error_types_are_the_openapi_enum():
+    from pathlib import Path
+
+    import yaml
+
+    import executor_service
+    from warm_pool import ERROR_TYPES
+
+    spec = yaml.safe_load((Path(executor_service.__file__).parent / "openapi.yaml").read_text())
+    enum = spec["components"]["schemas"]["Result"]["properties"]["error_type"]["enum"]
+    assert set(enum) == {None, *ERROR_TYPES}
