@@ -25,9 +25,6 @@ lines that are not a JSON object are ignored. NaN / Infinity / -Infinity (which 
 json.dumps prints) become those strings, so the result stays valid JSON. Fallback values
 that are not finite are skipped. Lines longer than MAX_LINE_CHARS are not read at all.
 
-Everything here is linear in its input and bounded: a job chooses its output and a
-caller its code, and neither may make the service spend quadratic time on them (one
-printed line of ``"METRICS:{" * 111000`` took a backtracking regex 42 s).
 When there is no METRICS line, the fallback patterns of the original apply to the
 *last* matching printed value (case-insensitive):
 
@@ -35,6 +32,10 @@ When there is no METRICS line, the fallback patterns of the original apply to th
     val_loss / validation loss / test loss ``[:=]`` num  -> validation_loss
     accuracy / acc / val_acc ... ``[:=]`` number          -> validation_accuracy
         (a value followed by ``%`` is divided by 100)
+
+Everything here is linear in its input and bounded: a job chooses its output and a
+caller its code, and neither may make the service spend quadratic time on them (one
+printed line of ``"METRICS:{" * 111000`` took a backtracking regex 42 s).
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ class _Scan:
     skipped: list[dict[str, str]]
     found: list[_Found] = field(default_factory=list)
     left: int = 0                                      # entries it may still look at
-    too_deep: list[str] = field(default_factory=list)  # directories not looked into
+    too_deep: int = 0                                  # directories not looked into
+    first_too_deep: str | None = None
     cut_at: str | None = None                          # where MAX_SCANNED ran out
 
 
@@ -109,9 +110,9 @@ def collect(job_dir: str, dest: str, owner_uid: int, patterns: tuple[str, ...],
                     total += artifact.size
     finally:
         os.close(root)
-    if scan.too_deep:
-        more = f" (and {len(scan.too_deep) - 1} more)" if len(scan.too_deep) > 1 else ""
-        _skip(skipped, scan.too_deep[0], f"deeper than {MAX_DEPTH} levels{more}: not looked into")
+    if scan.first_too_deep is not None:
+        more = f" (and {scan.too_deep - 1} more)" if scan.too_deep > 1 else ""
+        _skip(skipped, scan.first_too_deep, f"deeper than {MAX_DEPTH} levels{more}: not looked into")
     if scan.cut_at is not None:
         _skip(skipped, scan.cut_at, f"more than {MAX_SCANNED} entries: the rest were not looked at")
     return sorted(kept, key=lambda a: a.name), skipped
@@ -143,7 +144,8 @@ def _scan(dir_fd: int, prefix: str, depth: int, scan: _Scan) -> None:
             if name in _SKIP_DIRS or not _NAME.match(name):
                 continue
             if depth + 1 >= MAX_DEPTH:
-                scan.too_deep.append(f"{prefix}{name}/")
+                scan.too_deep += 1
+                scan.first_too_deep = scan.first_too_deep or f"{prefix}{name}/"
                 continue
             try:
                 sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
