@@ -116,8 +116,16 @@ def test_artifacts_moved_to_another_machine_arrive_only_as_kept(make_pool, tmp_p
 
 # --- a job that leaves tens of thousands of directories ------------------------------------
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_fds(under: Path) -> int:
+    """This process's open descriptors of files and directories under `under` (other
+    threads' descriptors, a pool's say, are not counted)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith(f"{under}/")
+        except OSError:
+            pass
+    return n
 
 
 def _chain(top: Path, depth: int) -> None:
@@ -152,11 +160,11 @@ def many_dirs(tmp_path):
 def test_fifty_thousand_directories_are_collected_with_a_few_fds_open(many_dirs, tmp_path):
     from warm_pool import artifacts
 
-    before, highest, done = _open_fds(), [0], threading.Event()
+    highest, done = [0], threading.Event()
 
     def watch():
         while not done.is_set():
-            highest[0] = max(highest[0], _open_fds())
+            highest[0] = max(highest[0], _open_fds(many_dirs.parent))
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -166,11 +174,11 @@ def test_fifty_thousand_directories_are_collected_with_a_few_fds_open(many_dirs,
     finally:
         done.set()
         watcher.join()
-    assert highest[0] - before <= artifacts.MAX_DEPTH + 4  # one per level, not one per directory
+    assert 0 < highest[0] <= artifacts.MAX_DEPTH + 2  # one per level, not one per directory
     assert [a.name for a in kept] == ["c/c/c/c/c/deep.json", "d00007/kept.json", "d44999/last.csv"]
     assert (tmp_path / "dest" / "d44999" / "last.csv").read_text() == "1,2\n"
     assert skipped == [{"name": "c/c/c/c/c/c/", "reason": "deeper than 6 levels: not looked into"}]
-    assert _open_fds() == before
+    assert _open_fds(many_dirs.parent) == 0
 
 
 def test_a_scan_stops_after_max_scanned_entries_and_says_so(tmp_path, monkeypatch):
