@@ -28,9 +28,9 @@ OUTCOMES = frozenset({"success", "failed", *ERROR_TYPES})
 POOL_STATES = frozenset({"starting", "ready", "broken", "closing", "closed", "unknown"})
 # Why the pool replaced a worker (the supervisor's retire reasons).
 RESPAWN_REASONS = frozenset({
-    "crashed", "start_failed", "start_timeout", "killed", "shutdown", "channel_closed", "dirty",
-    "recycled", "device_memory_growth", "timeout", "memory_limit", "output_limit", "disk_limit",
-    "protocol_error", "cancelled", "interrupted",
+    "crashed", "start_failed", "start_timeout", "check_timeout", "template_died", "killed",
+    "shutdown", "channel_closed", "dirty", "recycled", "device_memory_growth", "timeout",
+    "memory_limit", "output_limit", "disk_limit", "protocol_error", "cancelled", "interrupted",
 })
 LOST_JOB_OUTCOMES = frozenset({"run_again", "node_lost"})
 
