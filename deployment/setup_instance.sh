@@ -27,7 +27,8 @@
 #     there, its other settings kept).
 #  5. Job isolation (docs/security.md): the group trainium-jobs, which alone may open the
 #     Neuron devices (a udev rule) and share the compile cache, and the network rules for
-#     the job uids (deployment/nftables: no instance metadata service, no API), checked
+#     the job uids (deployment/nftables: no instance metadata service, no API on any
+#     local address; the uids base .. base + pool size x (spares per slot + 1) - 1), checked
 #     with nft -c, installed as /etc/trainium-executor/jobs.nft and loaded by
 #     trainium-executor-firewall.service before the service starts.
 #  6. Installs the systemd unit (with the venv path filled in), daemon-reload, enable,
@@ -421,6 +422,19 @@ done
 
 UID_BASE="$(env_value "$ENV_FILE" EXECUTOR_JOB_UID_BASE)"
 UID_BASE="${UID_BASE:-61000}"
+# Every uid of every pool slot: the slot's own and its spares' (docs/security.md). With no
+# pool size set, 64: the most the setting allows (its default is one per NeuronCore).
+POOL_SIZE="$(env_value "$ENV_FILE" EXECUTOR_POOL_SIZE)"
+POOL_SIZE="${POOL_SIZE:-64}"
+SPARES="$(env_value "$ENV_FILE" EXECUTOR_SPARES_PER_SLOT)"
+SPARES="${SPARES:-2}"
+for setting in "EXECUTOR_JOB_UID_BASE=$UID_BASE" "EXECUTOR_POOL_SIZE=$POOL_SIZE" "EXECUTOR_SPARES_PER_SLOT=$SPARES"; do
+    case "${setting#*=}" in
+        ""|*[!0-9]*) die "$CONF_DIR/$SERVICE.env: $setting is not a whole number" ;;
+    esac
+done
+[ "$POOL_SIZE" -ge 1 ] || die "$CONF_DIR/$SERVICE.env: EXECUTOR_POOL_SIZE must be at least 1"
+UID_LAST=$((UID_BASE + POOL_SIZE * (SPARES + 1) - 1))
 if ! command -v nft >/dev/null 2>&1 && [ ! -x "$ROOT/usr/sbin/nft" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y nftables
     changed "installed nftables"
@@ -428,12 +442,12 @@ fi
 RULES_FILE="$ROOT$CONF_DIR/jobs.nft"
 rules_new="$(mktemp)"
 RULE_FILES=("$PROJECT_DIR/deployment/nftables/trainium-executor-jobs.nft")
-BLOCKED="169.254.169.254, fd00:ec2::254 or ports $FRONT_PORT, $PORT"
+BLOCKED="169.254.169.254, fd00:ec2::254 or ports $FRONT_PORT, $PORT on any local address"
 if [ "$CLUSTER" -eq 1 ]; then  # and no port of Ray's, on any address
     RULE_FILES+=("$PROJECT_DIR/deployment/nftables/trainium-executor-ray.nft")
     BLOCKED="$BLOCKED; nor Ray's ports $RAY_PORTS anywhere"
 fi
-cat "${RULE_FILES[@]}" | sed -e "s/@UID_FIRST@/$UID_BASE/g" -e "s/@UID_LAST@/$((UID_BASE + 63))/g" \
+cat "${RULE_FILES[@]}" | sed -e "s/@UID_FIRST@/$UID_BASE/g" -e "s/@UID_LAST@/$UID_LAST/g" \
     -e "s/@PORTS@/$FRONT_PORT, $PORT/g" -e "s/@RAY_PORTS@/${RAY_PORTS:-}/g" > "$rules_new"
 RULES_CHANGED=0
 if cmp -s "$rules_new" "$RULES_FILE"; then
@@ -443,7 +457,7 @@ else
     nft -c -f "$rules_new" || { rm -f "$rules_new"; die "nft -c refused ${RULE_FILES[*]#"$PROJECT_DIR/"}"; }
     install -m 0644 "$rules_new" "$RULES_FILE"
     rm -f "$rules_new"
-    changed "installed $CONF_DIR/jobs.nft: uids $UID_BASE-$((UID_BASE + 63)) may not reach $BLOCKED"
+    changed "installed $CONF_DIR/jobs.nft: uids $UID_BASE-$UID_LAST may not reach $BLOCKED"
     RULES_CHANGED=1
 fi
 FIREWALL=trainium-executor-firewall

@@ -35,7 +35,7 @@ from executor_service import artifacts
 from executor_service.analysis import result_document
 from executor_service.config import ServiceConfig
 from executor_service.metrics import Metrics
-from executor_service.store import CallbackRow, JobRow, JobStore
+from executor_service.store import CALLBACKS_FIELD, CallbackRow, JobRow, JobStore
 from executor_service.validation import JobQuery, Request, echo
 from executor_service.webhooks import Deliverer, run_woken
 from warm_pool import (
@@ -442,7 +442,7 @@ class JobRunner:
         out = row.to_public()
         callbacks = self.store.callbacks(job_id=job_id)
         if callbacks:
-            out["callbacks"] = [c.to_public() for c in callbacks]
+            out[CALLBACKS_FIELD] = [c.to_public() for c in callbacks]
         return out
 
     def batch_document(self, batch_id: str, rows: list[JobRow] | None = None) -> dict[str, Any]:
@@ -455,7 +455,7 @@ class JobRunner:
         out.update(batch_response({r.paper_id: r.to_public() for r in rows}))
         callbacks = self.store.callbacks(batch_id=batch_id)
         if callbacks:
-            out["callbacks"] = [c.to_public() for c in callbacks]
+            out[CALLBACKS_FIELD] = [c.to_public() for c in callbacks]
         return out
 
     def _callback_document(self, callback: CallbackRow) -> dict[str, Any]:
@@ -463,7 +463,7 @@ class JobRunner:
         the delivery state."""
         doc = (self.job_document(callback.job_id) if callback.job_id
                else self.batch_document(callback.batch_id))
-        doc.pop("callbacks", None)
+        doc.pop(CALLBACKS_FIELD, None)
         return doc
 
     def paper_document(self, paper_id: str) -> dict[str, Any]:

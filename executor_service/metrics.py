@@ -3,6 +3,10 @@ several apps in one test process do not collide).
 
 Counters and histograms are updated as jobs finish; the pool's and the queue's state is
 read at scrape time by a custom collector, so it can never be stale.
+
+Every label value comes from a fixed set (`label()`): a value outside it is counted as
+"other". A label series is kept for the life of the process, so a value a job could
+choose (a forged error_type of 16 KiB) would otherwise grow /metrics with every job.
 """
 
 from __future__ import annotations
@@ -13,8 +17,36 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from warm_pool import ERROR_TYPES
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+OTHER = "other"
+# The values each label may take; anything else is OTHER.
+OUTCOMES = frozenset({"success", "failed", *ERROR_TYPES})
+POOL_STATES = frozenset({"starting", "ready", "broken", "closing", "closed", "unknown"})
+# Why the pool replaced a worker (the supervisor's retire reasons).
+RESPAWN_REASONS = frozenset({
+    "crashed", "start_failed", "start_timeout", "check_timeout", "template_died", "killed",
+    "shutdown", "channel_closed", "dirty", "recycled", "device_memory_growth", "timeout",
+    "memory_limit", "output_limit", "disk_limit", "protocol_error", "cancelled", "interrupted",
+})
+LOST_JOB_OUTCOMES = frozenset({"run_again", "node_lost"})
+
+
+def label(value: Any, allowed: frozenset[str]) -> str:
+    """`value` when it is one of `allowed`, else OTHER."""
+    return value if isinstance(value, str) and value in allowed else OTHER
+
+
+def _by_label(counts: dict[Any, Any], allowed: frozenset[str]) -> dict[str, float]:
+    """Counts keyed by any values, summed by their label (unknown ones together as OTHER)."""
+    out: dict[str, float] = {}
+    for key, n in counts.items():
+        name = label(key, allowed)
+        out[name] = out.get(name, 0) + (n if isinstance(n, (int, float)) else 0)
+    return out
 
 
 class _StateCollector:
@@ -48,12 +80,13 @@ class _StateCollector:
                                 value=1 if stats.get("state") == "broken" else 0)
         state = GaugeMetricFamily("executor_pool_state", "The pool's state (1 for the current one)",
                                   labels=["state"])
-        state.add_metric([str(stats.get("state", "unknown"))], 1)
+        state.add_metric([label(stats.get("state", "unknown"), POOL_STATES)], 1)
         yield state
         respawns = CounterMetricFamily("executor_worker_respawns", "Workers replaced, by reason",
                                        labels=["reason"])
-        for reason, n in ((stats.get("respawns") or {}).get("by_reason") or {}).items():
-            respawns.add_metric([str(reason)], n)
+        by_reason = (stats.get("respawns") or {}).get("by_reason") or {}
+        for reason, n in _by_label(by_reason, RESPAWN_REASONS).items():
+            respawns.add_metric([reason], n)
         yield respawns
         cluster = stats.get("cluster")
         if cluster is not None:  # on a cluster the counts above are sums over its nodes' pools
@@ -64,7 +97,7 @@ class _StateCollector:
             yield nodes
             lost = CounterMetricFamily("executor_cluster_lost_jobs", "Jobs whose node was lost, by what "
                                        "became of them (run_again, node_lost)", labels=["outcome"])
-            for outcome, n in cluster["jobs_on_lost_nodes"].items():
+            for outcome, n in _by_label(cluster["jobs_on_lost_nodes"], LOST_JOB_OUTCOMES).items():
                 lost.add_metric([outcome], n)
             yield lost
 
@@ -87,7 +120,7 @@ class Metrics:
     def job_finished(self, result: dict[str, Any]) -> None:
         """Count a finished job's outcome and observe its times."""
         outcome = "success" if result.get("success") else (result.get("error_type") or "failed")
-        self.jobs.labels(outcome=outcome).inc()
+        self.jobs.labels(outcome=label(outcome, OUTCOMES)).inc()
         if result.get("execution_time") is not None:
             self.duration.observe(float(result["execution_time"]))
         if result.get("queue_time") is not None:

@@ -114,6 +114,8 @@ _MIGRATIONS = (
 )
 
 ACTIVE_STATUSES = (STATUS_QUEUED, STATUS_RUNNING)
+# Where a job's or a batch's document lists its callbacks' delivery state (the runner adds it).
+CALLBACKS_FIELD = "callbacks"
 CALLBACK_WAITING, CALLBACK_PENDING = "waiting", "pending"
 CALLBACK_DELIVERED, CALLBACK_FAILED = "delivered", "failed"
 _TERMINAL_SQL = ",".join(f"'{s}'" for s in TERMINAL_STATUSES)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 import textwrap
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +112,108 @@ def test_artifacts_moved_to_another_machine_arrive_only_as_kept(make_pool, tmp_p
     assert [p.name for p in head.parent.iterdir()] == ["head"]
     assert not list(head.rglob("*escape*")) and not (head / "x.txt").exists()
     assert oct((head / result.job_id / "out").stat().st_mode & 0o777) == "0o700"
+
+
+# --- a job that leaves tens of thousands of directories ------------------------------------
+
+def _open_fds(under: Path) -> int:
+    """This process's open descriptors of files and directories under `under` (other
+    threads' descriptors, a pool's say, are not counted)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith(f"{under}/")
+        except OSError:
+            pass
+    return n
+
+
+def _chain(top: Path, depth: int) -> None:
+    """top/c/c/c/... `depth` levels (far past PATH_MAX), made relative to each level."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("c", dir_fd=fd)
+            sub = os.open("c", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def many_dirs(tmp_path):
+    """A job dir with 45,000 sibling directories and a chain 5,000 deep, a few files in them."""
+    job = tmp_path / "job"
+    for i in range(45_000):
+        (job / f"d{i:05}").mkdir(parents=True)
+    (job / "d00007" / "kept.json").write_text("{}")
+    (job / "d44999" / "last.csv").write_text("1,2\n")
+    _chain(job, 5_000)
+    (job / "c/c/c/c/c/deep.json").write_text("[]")      # 6 parts: within MAX_DEPTH
+    (job / "c/c/c/c/c/c/too_deep.json").write_text("[]")
+    yield job
+    # shutil.rmtree (and so pytest's cleanup) recurses once per level: rm does not.
+    subprocess.run(["rm", "-rf", str(job)], check=True)
+
+
+def test_fifty_thousand_directories_are_collected_with_a_few_fds_open(many_dirs, tmp_path):
+    from warm_pool import artifacts
+
+    highest, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            highest[0] = max(highest[0], _open_fds(many_dirs.parent))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        kept, skipped = artifacts.collect(str(many_dirs), str(tmp_path / "dest"), os.geteuid(),
+                                          ("*.json", "*.csv"), 10 * MIB)
+    finally:
+        done.set()
+        watcher.join()
+    assert 0 < highest[0] <= artifacts.MAX_DEPTH + 2  # one per level, not one per directory
+    assert [a.name for a in kept] == ["c/c/c/c/c/deep.json", "d00007/kept.json", "d44999/last.csv"]
+    assert (tmp_path / "dest" / "d44999" / "last.csv").read_text() == "1,2\n"
+    assert skipped == [{"name": "c/c/c/c/c/c/", "reason": "deeper than 6 levels: not looked into"}]
+    assert _open_fds(many_dirs.parent) == 0
+
+
+def test_a_scan_stops_after_max_scanned_entries_and_says_so(tmp_path, monkeypatch):
+    from warm_pool import artifacts
+
+    job = tmp_path / "job"
+    for i in range(30):
+        (job / f"d{i:02}").mkdir(parents=True)
+        (job / f"d{i:02}" / "m.json").write_text("{}")
+    monkeypatch.setattr(artifacts, "MAX_SCANNED", 40)
+    kept, skipped = artifacts.collect(str(job), str(tmp_path / "dest"), os.geteuid(), ("*.json",), MIB)
+    # The job dir's 30 entries, then one in each of the first 10 directories.
+    assert [a.name for a in kept] == [f"d{i:02}/m.json" for i in range(10)]
+    assert skipped == [{"name": "d10/", "reason": "more than 40 entries: the rest were not looked at"}]
+
+
+def test_a_directory_swapped_after_the_scan_is_not_followed(tmp_path, monkeypatch):
+    """A kept file is opened again by walking down from the job dir; a directory replaced
+    by a symlink (or another directory) between the scan and the copy is refused."""
+    from warm_pool import artifacts
+
+    job = tmp_path / "job"
+    (job / "out").mkdir(parents=True)
+    (job / "out" / "m.json").write_text("{}")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "m.json").write_text('{"not": "the job\'s"}')
+    scan = artifacts._scan
+
+    def scan_then_swap(*args):
+        scan(*args)
+        if args[1] == "":  # the whole scan is done: swap out/ for a symlink
+            (job / "out").rename(job / "was_out")
+            (job / "out").symlink_to(tmp_path / "elsewhere")
+
+    monkeypatch.setattr(artifacts, "_scan", scan_then_swap)
+    kept, skipped = artifacts.collect(str(job), str(tmp_path / "dest"), os.geteuid(), ("*.json",), MIB)
+    assert kept == [] and skipped[0]["name"] == "out/m.json"
+    assert skipped[0]["reason"].startswith("cannot open")

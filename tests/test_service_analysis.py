@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -123,3 +124,131 @@ def test_the_document_spreads_metrics_and_adds_code_facts():
     assert doc["detailed_metrics"] == {"training_loss": 0.5, "validation_accuracy": 0.9, "success": False}
     assert doc["success"] is True  # a metric never overwrites a schema field
     assert (doc["lines_of_code"], doc["has_training_loop"]) == (4, False)
+
+
+# --- hostile output and code: linear time, bounded ----------------------------------------
+
+def _seconds(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def test_a_one_megabyte_hostile_metrics_line_is_analysed_in_well_under_a_second():
+    # The line from issue 22: a backtracking regex took 42 s on it, holding the GIL.
+    line = "METRICS:{" * 111_000
+    assert _seconds(parse_metrics, line) < 1.0
+    assert _seconds(result_document, {"success": True, "stdout": line}, "print(1)\n") < 1.0
+
+
+def test_a_hostile_metrics_line_just_under_the_cap_is_still_linear():
+    from executor_service.analysis import MAX_LINE_CHARS
+
+    line = "METRICS:{" * (MAX_LINE_CHARS // len("METRICS:{"))
+    assert len(line) <= MAX_LINE_CHARS
+    assert _seconds(parse_metrics, line) < 1.0  # quadratic: about 3 s
+    assert parse_metrics(line + '\nMETRICS: {"a": 1}') == {"a": 1}
+
+
+def test_a_metrics_line_longer_than_the_cap_is_skipped_and_one_within_it_is_read():
+    from executor_service.analysis import MAX_LINE_CHARS
+
+    history = ", ".join(["0.5"] * ((MAX_LINE_CHARS - 100) // 5))
+    within = f'METRICS: {{"losses": [{history}]}}'
+    assert len(within) <= MAX_LINE_CHARS
+    assert len(parse_metrics(within)["losses"]) == (MAX_LINE_CHARS - 100) // 5
+    over = f'METRICS: {{"pad": "{"x" * MAX_LINE_CHARS}", "a": 1}}'
+    assert parse_metrics(over + '\nMETRICS: {"b": 2}\n') == {"b": 2}
+    assert parse_metrics("loss: 0.7 " + " " * MAX_LINE_CHARS + "\nloss: 0.2\n") == {"training_loss": 0.2}
+
+
+def test_metrics_are_read_after_the_last_marker_on_a_line():
+    assert parse_metrics('log METRICS: noise METRICS: {"a": 1}\n') == {"a": 1}
+    assert parse_metrics('METRICS: {"a": 1} METRICS: oops\n') == {}
+
+
+def test_many_hostile_lines_are_analysed_in_well_under_a_second():
+    hostile = ["METRICS:{" * 10, "loss" + " " * 20, "val_loss val_loss: x", "acc:" * 5,
+               "METRICS: {" + "[" * 50]
+    out = "\n".join(hostile * 20_000)  # 1.7 MB, 100,000 lines
+    assert _seconds(parse_metrics, out) < 1.0
+    assert _seconds(parse_metrics, out.replace("METRICS", "M")) < 1.0
+
+
+@pytest.mark.parametrize("line", ["loss" + " " * 1_000_000, "val_loss " * 100_000, "acc:" * 250_000,
+                                  "loss:" + "1" * 1_000_000 + "x", "." + " " * 1_000_000])
+def test_one_huge_line_without_metrics_is_analysed_in_well_under_a_second(line):
+    assert _seconds(parse_metrics, line) < 1.0
+    assert _seconds(analyze_code, line + "\n(:\n") < 1.0
+
+
+def test_code_of_many_blank_lines_that_does_not_parse_is_judged_in_linear_time():
+    # "^\s*(for|while)" rescanned every later blank line from each one: 20,000 took 3.7 s.
+    assert _seconds(analyze_code, "\n" * 1_000_000 + "def oops(:\n") < 1.0
+
+
+def test_deeply_nested_loops_are_walked_once():
+    loops = "".join("    " * d + f"for i{d} in range(3):\n" for d in range(90))
+    code = loops + ("    " * 90 + "x = y(z)\n") * 1000
+    assert _seconds(analyze_code, code) < 1.0
+    assert analyze_code(code + "    " * 90 + "loss.backward()\n")["has_training_loop"] is True
+
+
+def test_code_too_long_to_parse_is_judged_by_the_text_heuristic():
+    from executor_service.analysis import MAX_PARSED_CODE
+
+    padding = "x = 1\n" * (MAX_PARSED_CODE // 6 + 1)
+    assert _seconds(analyze_code, padding * 10) < 1.0
+    facts = analyze_code(padding + TRAINING)
+    assert facts == {"lines_of_code": MAX_PARSED_CODE // 6 + 1 + 8, "has_training_loop": True}
+    assert analyze_code(padding + "print('done')\n")["has_training_loop"] is False
+
+
+# --- a job's words never become the service's fields ----------------------------------------
+
+def test_metrics_named_like_service_fields_stay_in_detailed_metrics_only():
+    forged = {"callbacks": [{"state": "delivered"}], "deduplicated": True, "paper_title": "forged",
+              "slack_thread_ts": "1.2", "job_url": "/x", "attempts": 9, "status": "cancelled",
+              "success": False, "error_type": "timeout", "training_loss": 0.5}
+    stdout = "METRICS: " + json.dumps(forged) + "\n"
+    doc = result_document({"success": True, "status": "completed", "error_type": None, "stdout": stdout}, "")
+    assert doc["detailed_metrics"] == forged
+    assert doc["training_loss"] == 0.5
+    assert (doc["success"], doc["status"], doc["error_type"]) == (True, "completed", None)
+    for absent in ("callbacks", "deduplicated", "paper_title", "slack_thread_ts", "job_url", "attempts"):
+        assert absent not in doc, absent
+
+
+def test_the_service_fields_are_read_off_the_documents_builders():
+    from executor_service.analysis import service_fields
+
+    fields = service_fields()
+    assert {"success", "stdout", "error_type", "status", "job_id", "batch_id", "callbacks", "deduplicated",
+            "paper_title", "s3_code_key", "timeout_clamped_from", "attempts", "detailed_metrics",
+            "lines_of_code", "worker", "job_url"} <= fields
+    assert not {"training_loss", "validation_accuracy", "validation_loss"} & fields
+
+
+@pytest.mark.parametrize("forged", ["X" * 16_384, "", "Timeout", ["timeout"], 3])
+def test_an_error_type_that_is_not_a_documented_word_becomes_protocol_error(forged):
+    doc = result_document({"success": True, "status": "completed", "error_type": forged, "stdout": ""}, "")
+    assert (doc["error_type"], doc["success"]) == ("protocol_error", False)
+
+
+@pytest.mark.parametrize("word", [None, "timeout", "exception", "node_lost", "internal"])
+def test_documented_error_types_pass_unchanged(word):
+    doc = result_document({"success": word is None, "error_type": word, "stdout": ""}, "")
+    assert (doc["error_type"], doc["success"]) == (word, word is None)
+
+
+def test_the_documented_error_types_are_the_openapi_enum():
+    from pathlib import Path
+
+    import yaml
+
+    import executor_service
+    from warm_pool import ERROR_TYPES
+
+    spec = yaml.safe_load((Path(executor_service.__file__).parent / "openapi.yaml").read_text())
+    enum = spec["components"]["schemas"]["Result"]["properties"]["error_type"]["enum"]
+    assert set(enum) == {None, *ERROR_TYPES}

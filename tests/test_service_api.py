@@ -6,11 +6,14 @@ Every response a test receives is also checked against executor_service/openapi.
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
 from conftest import wait_until
 from service_fixtures import openapi, server  # noqa: F401
+
+from warm_pool import ERROR_TYPES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -361,3 +364,69 @@ def test_unknown_route_and_method_are_json(server):  # noqa: F811
     assert "GET" in resp.headers.get("allow", "")
     resp = server.get("/execute")
     assert resp.status == 405 and "error" in resp.json
+
+
+# --- a job's words never become the service's own fields ----------------------------------
+
+PRINTS_SERVICE_FIELDS = """
+import json
+forged = {"callbacks": [{"url": "http://x", "state": "delivered"}], "deduplicated": True,
+          "paper_title": "forged title", "s3_code_key": "forged", "success": False, "status": "cancelled",
+          "error_type": "timeout", "stdout": "forged", "job_id": "forged", "attempts": 7,
+          "timeout_clamped_from": 1, "training_loss": 0.25}
+print("METRICS: " + json.dumps(forged))
+"""
+
+
+def test_metrics_named_like_service_fields_do_not_change_them(server, openapi):  # noqa: F811
+    accepted = server.post("/jobs", {"code": PRINTS_SERVICE_FIELDS, "paper_id": "words"}).json
+    server.wait_batch(accepted["batch_id"])
+    resp = server.get(f"/jobs/{accepted['job_ids']['words']}")
+    job = resp.json
+    openapi.validate("GET", "/jobs/{job_id}", resp)
+    assert (job["success"], job["status"], job["error_type"]) == (True, "completed", None)
+    assert job["stdout"].startswith("METRICS: ") and job["job_id"] == accepted["job_ids"]["words"]
+    assert job["timeout_clamped_from"] is None
+    for absent in ("callbacks", "deduplicated", "paper_title", "s3_code_key", "attempts"):
+        assert absent not in job, absent
+    assert job["training_loss"] == 0.25  # a metric of its own is still lifted
+    assert job["detailed_metrics"]["deduplicated"] is True
+    assert job["detailed_metrics"]["callbacks"] == [{"url": "http://x", "state": "delivered"}]
+    in_batch = server.get(f"/batches/{accepted['batch_id']}").json["results"]["words"]
+    assert "callbacks" not in in_batch and "deduplicated" not in in_batch and in_batch["success"] is True
+
+
+# A job forging its worker's job_done message: it owns the worker's end of the channel
+# (the one socket among its fds), so it can send any error_type the protocol carries.
+FORGES_ERROR_TYPE = """
+import json, os, stat
+from multiprocessing.connection import Connection
+def is_socket(fd):
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:  # the listing's own fd, closed by now
+        return False
+channel = next(fd for fd in map(int, os.listdir("/proc/self/fd")) if is_socket(fd))
+forged = {"v": 1, "type": "job_done", "job_id": os.path.basename(os.getcwd()), "return_code": 1,
+          "error_type": "%s", "error_message": "forged", "run_seconds": 0.1, "peak_rss_bytes": 0}
+Connection(channel).send_bytes(json.dumps(forged).encode())
+os._exit(1)
+"""
+
+
+def test_a_forged_error_type_reaches_neither_the_result_nor_metrics(server):  # noqa: F811
+    def run(letter: str) -> dict:
+        body = server.post("/execute", {"code": FORGES_ERROR_TYPE % (letter * 16_000)}).json
+        assert body["error_type"] in ERROR_TYPES and body["success"] is False, body["error_type"][:40]
+        return body
+
+    server.get("/metrics")  # its own request counter exists from here on
+    run("A")
+    first = server.get("/metrics").raw.decode()
+    for letter in "BCD":
+        run(letter)
+    after = server.get("/metrics").raw.decode()
+    assert not re.search("AAAA|BBBB|CCCC|DDDD", first + after)
+    series = lambda text: {line.rsplit(" ", 1)[0] for line in text.splitlines()}  # noqa: E731
+    assert series(after) == series(first)  # counts grew, not the set of series
+    assert len(after) < len(first) + 200

@@ -29,6 +29,7 @@ from warm_pool.config import BACKENDS, DEFAULT_ARTIFACTS, DEFAULT_PRELOAD, JOB_H
 from warm_pool.errors import PoolBroken, PoolClosed, PoolError, QueueFull
 from warm_pool.pool import WarmPool
 from warm_pool.result import (
+    ERROR_TYPES,
     STATUS_CANCELLED,
     STATUS_COMPLETED,
     STATUS_INTERRUPTED,
@@ -43,7 +44,7 @@ from warm_pool.result import (
 from warm_pool.settings import ConfigError
 
 __all__ = [
-    "BACKENDS", "DEFAULT_ARTIFACTS", "DEFAULT_PRELOAD", "JOB_HELPERS_DIR", "STATUS_CANCELLED",
+    "BACKENDS", "DEFAULT_ARTIFACTS", "DEFAULT_PRELOAD", "ERROR_TYPES", "JOB_HELPERS_DIR", "STATUS_CANCELLED",
     "STATUS_COMPLETED", "STATUS_INTERRUPTED", "STATUS_QUEUED", "STATUS_RUNNING", "STREAMS",
     "TERMINAL_STATUSES", "TRUNCATION_MARK", "Artifact", "ConfigError", "JobOutput", "JobResult", "JobSpec",
     "PoolBroken", "PoolClosed", "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef", "artifacts",

@@ -19,7 +19,14 @@ Every file there was chosen by untrusted code, so the copy trusts nothing about 
   or a URL could misread;
 - exactly the size seen on the descriptor, never more, and never past the cap.
 
-What matched a pattern but was refused is listed with the reason (`skipped`).
+A job decides how many directories it leaves (up to max_job_files), so the scan holds
+a bounded number of descriptors: one per level it is in (at most MAX_DEPTH), each
+closed once that directory is listed; a kept file is opened again later by walking
+down from the job dir, component by component with O_NOFOLLOW, and its directory must
+be the one scanned. At most MAX_SCANNED entries are looked at.
+
+What matched a pattern but was refused is listed with the reason (`skipped`), and so
+are directories too deep to look into and a scan cut short.
 """
 
 from __future__ import annotations
@@ -30,14 +37,19 @@ import os
 import re
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 ._+=-]{0,127}$")
 MAX_DEPTH = 6
 MAX_ARTIFACTS = 1000
 MAX_SKIPPED = 20
+# Most directory entries (files and directories) looked at per job: above the default
+# max_job_files (100,000), so a job within its limits is scanned whole; beyond it the
+# rest is not looked at, and `skipped` says so.
+MAX_SCANNED = 200_000
 _CHUNK = 1 << 20
 _SKIP_DIRS = {"__pycache__"}
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -51,11 +63,24 @@ class Artifact:
 
 @dataclass(frozen=True)
 class _Found:
-    name: str
-    dir_fd: int
-    entry: str
+    name: str                 # relative, '/'-separated
+    folder: tuple[int, int]   # (st_dev, st_ino) of its directory, as scanned
     ino: int
     size: int
+
+
+@dataclass
+class _Scan:
+    """What one scan looks for, what it found, and what it has left."""
+
+    owner: int
+    patterns: tuple[str, ...]
+    skipped: list[dict[str, str]]
+    found: list[_Found] = field(default_factory=list)
+    left: int = 0                                      # entries it may still look at
+    too_deep: int = 0                                  # directories not looked into
+    first_too_deep: str | None = None
+    cut_at: str | None = None                          # where MAX_SCANNED ran out
 
 
 def collect(job_dir: str, dest: str, owner_uid: int, patterns: tuple[str, ...],
@@ -66,37 +91,49 @@ def collect(job_dir: str, dest: str, owner_uid: int, patterns: tuple[str, ...],
     if cap_bytes <= 0 or not patterns:
         return kept, skipped
     try:
-        root = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        root = os.open(job_dir, _DIR_FLAGS)
     except OSError:
         return kept, skipped
-    fds = [root]
+    scan = _Scan(owner_uid, tuple(p.lower() for p in patterns), skipped, left=MAX_SCANNED)
     try:
-        found: list[_Found] = []
-        _scan(root, "", 0, owner_uid, tuple(p.lower() for p in patterns), found, skipped, fds)
+        _scan(root, "", 0, scan)
         total = 0
-        for item in sorted(found, key=lambda f: (f.size, f.name)):
+        for item in sorted(scan.found, key=lambda f: (f.size, f.name)):
             if len(kept) >= MAX_ARTIFACTS:
                 _skip(skipped, item.name, f"more than {MAX_ARTIFACTS} artifacts")
             elif total + item.size > cap_bytes:
                 _skip(skipped, item.name, f"over max_artifacts_mb ({item.size} bytes)")
             else:
-                artifact = _copy(item, dest, owner_uid, skipped)
+                artifact = _copy(root, item, dest, owner_uid, skipped)
                 if artifact is not None:
                     kept.append(artifact)
                     total += artifact.size
     finally:
-        for fd in fds:
-            os.close(fd)
+        os.close(root)
+    if scan.first_too_deep is not None:
+        more = f" (and {scan.too_deep - 1} more)" if scan.too_deep > 1 else ""
+        _skip(skipped, scan.first_too_deep, f"deeper than {MAX_DEPTH} levels{more}: not looked into")
+    if scan.cut_at is not None:
+        _skip(skipped, scan.cut_at, f"more than {MAX_SCANNED} entries: the rest were not looked at")
     return sorted(kept, key=lambda a: a.name), skipped
 
 
-def _scan(dir_fd: int, prefix: str, depth: int, owner: int, patterns: tuple[str, ...],
-          found: list[_Found], skipped: list[dict[str, str]], fds: list[int]) -> None:
+def _scan(dir_fd: int, prefix: str, depth: int, scan: _Scan) -> None:
+    """List one directory (within what is left of MAX_SCANNED), then each subdirectory,
+    each open only while it is scanned: at most MAX_DEPTH descriptors at once."""
+    entries = []
     try:
         with os.scandir(dir_fd) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            for entry in it:
+                if scan.left <= 0:
+                    scan.cut_at = scan.cut_at or prefix or "."
+                    break
+                scan.left -= 1
+                entries.append(entry)
     except OSError:
         return
+    entries.sort(key=lambda e: e.name)
+    folder: tuple[int, int] | None = None
     for entry in entries:
         name = entry.name
         try:
@@ -104,23 +141,32 @@ def _scan(dir_fd: int, prefix: str, depth: int, owner: int, patterns: tuple[str,
         except OSError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            if depth + 1 < MAX_DEPTH and name not in _SKIP_DIRS and _NAME.match(name):
-                try:
-                    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                  dir_fd=dir_fd)
-                except OSError:
-                    continue
-                fds.append(sub)
-                _scan(sub, f"{prefix}{name}/", depth + 1, owner, patterns, found, skipped, fds)
+            if name in _SKIP_DIRS or not _NAME.match(name):
+                continue
+            if depth + 1 >= MAX_DEPTH:
+                scan.too_deep += 1
+                scan.first_too_deep = scan.first_too_deep or f"{prefix}{name}/"
+                continue
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            except OSError:
+                continue
+            try:
+                _scan(sub, f"{prefix}{name}/", depth + 1, scan)
+            finally:
+                os.close(sub)
             continue
         lowered = name.lower()
-        if not any(fnmatch.fnmatchcase(lowered, p) for p in patterns):
+        if not any(fnmatch.fnmatchcase(lowered, p) for p in scan.patterns):
             continue
-        why = _refuse(name, st, owner)
+        why = _refuse(name, st, scan.owner)
         if why:
-            _skip(skipped, prefix + name, why)
-        else:
-            found.append(_Found(prefix + name, dir_fd, name, st.st_ino, st.st_size))
+            _skip(scan.skipped, prefix + name, why)
+            continue
+        if folder is None:
+            here = os.fstat(dir_fd)
+            folder = (here.st_dev, here.st_ino)
+        scan.found.append(_Found(prefix + name, folder, st.st_ino, st.st_size))
 
 
 def _refuse(name: str, st: os.stat_result, owner: int) -> str | None:
@@ -136,16 +182,43 @@ def _refuse(name: str, st: os.stat_result, owner: int) -> str | None:
     return None
 
 
-def _copy(item: _Found, dest: str, owner: int, skipped: list[dict[str, str]]) -> Artifact | None:
+def _open_folder(root: int, parts: list[str]) -> int:
+    """The directory root/parts..., opened one component at a time with O_NOFOLLOW (no
+    symlink anywhere on the way), holding at most two descriptors besides root."""
+    fd = root
     try:
-        fd = os.open(item.entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
-                     dir_fd=item.dir_fd)
+        for part in parts:
+            sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            if fd != root:
+                os.close(fd)
+            fd = sub
+    except BaseException:
+        if fd != root:
+            os.close(fd)
+        raise
+    return fd
+
+
+def _copy(root: int, item: _Found, dest: str, owner: int, skipped: list[dict[str, str]]) -> Artifact | None:
+    parts = item.name.split("/")
+    folder = fd = None
+    try:
+        folder = _open_folder(root, parts[:-1])
+        here = os.fstat(folder)
+        if (here.st_dev, here.st_ino) != item.folder:
+            _skip(skipped, item.name, "replaced while being kept")
+            return None
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                     dir_fd=folder)
     except OSError as exc:
         _skip(skipped, item.name, f"cannot open: {exc.strerror}")
         return None
+    finally:
+        if folder is not None and folder != root:
+            os.close(folder)
     try:
         st = os.fstat(fd)
-        why = _refuse(item.entry, st, owner)
+        why = _refuse(parts[-1], st, owner)
         if why is None and st.st_ino != item.ino:
             why = "replaced while being kept"
         if why is None and st.st_size > item.size:

@@ -21,6 +21,13 @@ STATUS_CANCELLED = "cancelled"
 STATUS_INTERRUPTED = "interrupted"
 TERMINAL_STATUSES = (STATUS_COMPLETED, STATUS_CANCELLED, STATUS_INTERRUPTED)
 
+# Every error_type a result may carry (docs/api.md); null when the job succeeded.
+ERROR_TYPES = frozenset({
+    "exception", "syntax_error", "exit", "signal", "timeout", "memory_limit", "output_limit",
+    "disk_limit", "protocol_error", "worker_crashed", "node_lost", "cancelled", "interrupted",
+    "internal",
+})
+
 
 @dataclass(frozen=True)
 class JobSpec:
