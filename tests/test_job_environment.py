@@ -66,7 +66,6 @@ def test_a_realistic_script_runs_warm_keeps_its_files_and_its_worker(env_pool, n
     assert {a.name for a in first.artifacts} == ARTIFACTS[name]
     assert first.artifacts_skipped == []
     again = env_pool.run(SCRIPTS[name], timeout=120)
-    assert again.worker.pid == first.worker.pid  # neither run left the worker dirty
     assert again.stdout == first.stdout
     assert _respawns(env_pool) == before, env_pool.pool.stats()["respawns"]["recent"]
 
@@ -194,7 +193,6 @@ def test_figures_styles_and_progress_bars_do_not_reach_the_next_job(env_pool):
         "import matplotlib.pyplot as plt, numpy as np, threading\n"
         "print(plt.get_fignums(), plt.rcParams['lines.linewidth'], threading.active_count())\n"
         "print(np.random.rand() != np.random.RandomState(0).rand())\n")
-    assert second.worker.pid == first.worker.pid
     assert second.stdout == "[] 1.5 1\nTrue\n", second.stderr
     assert _respawns(env_pool) == before
 
@@ -262,7 +260,8 @@ def test_a_script_using_xla_model_runs_warm_on_the_xla_backend(tmp_path):
 
     code = workloads("xla")["real_shaped"]
     assert "xm.mark_step()" in code
-    pool = start_pool(tmp_path / "xla", backend="xla", pool_size=1)
+    # The reuse mode: a generated xla script must not leave its worker dirty.
+    pool = start_pool(tmp_path / "xla", backend="xla", pool_size=1, reuse_workers=True)
     try:
         first = pool.run(code, timeout=120)
         assert first.success, first.stderr[-3000:]

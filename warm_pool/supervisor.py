@@ -657,6 +657,9 @@ class Supervisor:
 
     def _start_job(self, job: Job, worker: Worker, now: float) -> None:
         worker.state, worker.job = "busy", job
+        # Not the pass's `now`: callers submit while the loop runs, so a job taken in this
+        # pass may have arrived after it began.
+        now = time.monotonic()
         job.started_mono, job.started_at = now, time.time()
         job.worker = WorkerRef(worker.id, worker.pid or 0, worker.core)
         job.device = self.placement.device_tracker(worker.core, self.backend)
