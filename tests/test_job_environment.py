@@ -186,9 +186,9 @@ def test_loaders_shape_the_cached_and_synthetic_sets(env_pool):
 
 def test_figures_styles_and_progress_bars_do_not_reach_the_next_job(env_pool):
     before = _respawns(env_pool)
-    first = env_pool.run("import matplotlib.pyplot as plt\nfrom tqdm import tqdm\nimport numpy as np\n"
-                         "plt.figure(); plt.plot([1, 2])\nplt.rcParams['lines.linewidth'] = 9\n"
-                         "bar = tqdm(total=3); bar.update(1)\nnp.random.seed(0)\n")
+    env_pool.run("import matplotlib.pyplot as plt\nfrom tqdm import tqdm\nimport numpy as np\n"
+                 "plt.figure(); plt.plot([1, 2])\nplt.rcParams['lines.linewidth'] = 9\n"
+                 "bar = tqdm(total=3); bar.update(1)\nnp.random.seed(0)\n")
     second = env_pool.run(
         "import matplotlib.pyplot as plt, numpy as np, threading\n"
         "print(plt.get_fignums(), plt.rcParams['lines.linewidth'], threading.active_count())\n"
