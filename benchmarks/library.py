@@ -29,11 +29,12 @@ def job_uid_base() -> int:
 
 
 def start_pool(backend: str, work_dir: Path, size: int = 2, timeout: float = 180.0,
-               isolation: str = "auto", backend_preload: tuple[str, ...] | None = None
-               ) -> tuple[WarmPool, float]:
+               isolation: str = "auto", backend_preload: tuple[str, ...] | None = None,
+               reuse_workers: bool = False) -> tuple[WarmPool, float]:
     """Start a pool and wait until all `size` workers are idle; return it and the seconds it took."""
     pool = WarmPool(PoolConfig(backend=backend, pool_size=size, work_dir=work_dir, isolation=isolation,
-                               backend_preload=backend_preload, job_uid_base=job_uid_base()))
+                               backend_preload=backend_preload, job_uid_base=job_uid_base(),
+                               reuse_workers=reuse_workers))
     start = time.perf_counter()
     pool.start()
     if not pool.wait_ready(timeout) or not wait_idle(pool, size, timeout):
@@ -215,14 +216,17 @@ def throughput(pool: WarmPool, clients: int, max_jobs: int, max_seconds: float) 
 
 
 def isolation_overhead(backend: str, work_dir: Path, runs: int) -> dict[str, Any]:
-    """Empty-job latency with jobs under their own uids (isolation uid: uid switch, Landlock,
-    every process of the uid killed after the job, outside checks) and without (none), and
-    what the worker's after-job restore and fingerprint check cost (after the result)."""
+    """Empty-job latency side by side: one process per job with jobs under their own uids
+    (uid: a uid per seat, Landlock, cgroup, namespaces, every process of the uid killed
+    after the job), the same under the service's uid (none), and the reuse mode (reuse:
+    one worker for job after job, uid isolation), with what its after-job restore and
+    fingerprint check cost (after the result)."""
     out: dict[str, Any] = {}
-    for isolation in ("uid", "none"):
-        pool, _ = start_pool(backend, work_dir / f"{backend}-iso-{isolation}", isolation=isolation)
+    for isolation, reuse in (("uid", False), ("none", False), ("reuse", True)):
+        pool, _ = start_pool(backend, work_dir / f"{backend}-iso-{isolation}",
+                             isolation="auto" if reuse else isolation, reuse_workers=reuse)
         try:
-            if pool.stats()["isolation"] != isolation:
+            if pool.stats()["isolation"] != ("uid" if reuse else isolation):
                 out[isolation] = {"skipped": f"isolation {isolation} not possible here"}
                 continue
             out[isolation] = latencies(pool, workloads.EMPTY, runs, warmup=5)

@@ -92,8 +92,9 @@ def render(results: dict[str, Any]) -> str:
             out.append(f"workers replaced during warm library runs: {recycled}")
         iso = s.get("isolation") or {}
         if iso:
-            parts = [f"{k} p50 {_f(v.get('p50_ms'), 2)} ms (after-job restore and fingerprint check "
-                     f"{_f(v.get('check_ms_mean'), 2)} ms, off the result's path)"
+            parts = [f"{k} p50 {_f(v.get('p50_ms'), 2)} ms" + (
+                     f" (after-job restore and fingerprint check {_f(v.get('check_ms_mean'), 2)} ms, off "
+                     "the result's path)" if v.get("check_ms_mean") else "")
                      for k, v in iso.items() if isinstance(v, dict) and "p50_ms" in v]
             out.append("empty job via library, isolation " + "; ".join(parts))
         b = s["batch"]
