@@ -92,7 +92,9 @@ def test_each_worker_owns_one_core_set_before_its_runtime_starts(neuron_pool):
     assert stats["backend"] == "neuron"
     assert stats["preloaded"][:3] == ["torch", "torch_xla", "torch_neuronx"]
     records = _records(neuron_pool)
-    by_pid = {w["pid"]: w for w in stats["workers"]}
+    # A core serves one process at a time: each slot's other spares wait, parked, without it.
+    by_pid = {w["pid"]: w for w in stats["workers"] if w["state"] in ("idle", "busy")}
+    assert {w["state"] for w in stats["workers"]} <= {"idle", "busy", "parked"}
     assert set(records) == set(by_pid)
     assert sorted(r["NEURON_RT_VISIBLE_CORES"] for r in records.values()) == ["0", "1"]
     for pid, record in records.items():

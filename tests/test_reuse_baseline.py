@@ -64,6 +64,13 @@ def in_worker(job, check, setup=None, unprivileged=False) -> dict:
     if pid == 0:  # pragma: no cover - the child reports through the pipe
         os.close(read_end)
         try:
+            # As a worker starts: dumpable (sandbox.enter sets it; a thread of the suite's
+            # process that took a job uid to kill its processes cleared it for the process),
+            # and only its own fds: what other tests left open here (a resource tracker's
+            # pipe, a server's log) is not a worker's.
+            prctl(PR_SET_DUMPABLE, 1)
+            os.closerange(3, write_end)
+            os.closerange(write_end + 1, 65536)
             if unprivileged:
                 _drop_privileges()
             ctx = setup() if setup else {}

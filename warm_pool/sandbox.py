@@ -52,7 +52,7 @@ NEEDED_CAPS = {"CAP_CHOWN": CAP_CHOWN, "CAP_DAC_OVERRIDE": CAP_DAC_OVERRIDE, "CA
 
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
-_PR_SET_DUMPABLE = 4
+_PR_SET_DUMPABLE, _PR_GET_DUMPABLE = 4, 3
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _LAST_CAP = 63
@@ -372,9 +372,14 @@ def kill_uid_now(uid: int) -> bool:
             pass
         done.append(True)
 
+    # A credential change, even a thread's, makes the whole process non-dumpable (the
+    # kernel's rule for set*uid): put back what this process was.
+    dumpable = _libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0)
     thread = threading.Thread(target=as_uid, name=f"kill-uid-{uid}", daemon=True)
     thread.start()
     thread.join()
+    if dumpable >= 0:
+        _prctl(_PR_SET_DUMPABLE, dumpable)
     return bool(done)
 
 

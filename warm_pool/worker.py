@@ -159,7 +159,8 @@ def main(fd: int, worker_id: int, backend: str, core: int | None, preloaded: tup
                                             confinement)):
         return 0
     if one_job:
-        _hold_address_space()
+        if not defer_device:
+            _hold_address_space()
         return _one_job(conn, worker_id, backend, preloaded, confinement, job_paths,
                         device is None and defer_device)
     runner = ScriptRunner(baseline, fingerprint, isolated="uid" in confinement, job_paths=job_paths,
@@ -244,6 +245,7 @@ def _one_job(conn: Connection, worker_id: int, backend: str, preloaded: tuple[st
                 _send(conn, protocol.WorkerFailed(worker_id, protocol.clip(traceback.format_exc())))
                 return 3
             device_pending = False
+            _hold_address_space()  # after the runtime's start: it sees no other process of ours
             if not _send(conn, protocol.WorkerReady(worker_id, preloaded, device,
                                                     time.perf_counter() - started, confinement)):
                 return 0
