@@ -48,7 +48,7 @@ def available() -> str | None:
 def bench_cluster(batch_size: int, job_s: float, dispatch_runs: int, work: Path) -> dict[str, Any]:
     """Run the measurements inside a namespace of their own (its progress on stderr); their figures."""
     out = work / "cluster.json"
-    root = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp"))  # short: Ray's socket paths
+    root = Path(tempfile.mkdtemp(prefix="rb-", dir="/var/tmp"))  # short: Ray's socket paths
     try:
         cmd = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-m",
                "benchmarks.cluster", "--inside", str(out), str(root), str(work / "cluster"),

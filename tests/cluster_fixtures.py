@@ -69,7 +69,9 @@ class ClusterNamespace:
     def __init__(self, root: Path):
         self.root = root
         # Ray's temporary dir holds unix sockets (paths of at most 107 bytes): keep it short.
-        self.ray_root = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
+        # Not below /tmp: a job's /tmp is its own, which would hide Ray's sockets from the
+        # test that checks a job cannot open them.
+        self.ray_root = Path(tempfile.mkdtemp(prefix="rc-", dir="/var/tmp"))
         self.proc: subprocess.Popen | None = None
         self.pid_ns: int | None = None
         self.info: dict[str, Any] = {}
