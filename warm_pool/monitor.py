@@ -60,7 +60,8 @@ class Monitor:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():  # a pool shut down before it started never started it
+            self._thread.join(timeout=5)
 
     def watch(self, watched: tuple[Watched, ...]) -> None:
         """Measure these jobs from now on (the loop's latest view of what runs)."""
