@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -32,12 +34,22 @@ _THREADS = 2
 class Finisher:
     """A small pool of threads that build results and hand them to their callers."""
 
-    def __init__(self, config: PoolConfig):
+    def __init__(self, config: PoolConfig, on_done: Callable[[], None] = lambda: None):
         self.config = config
+        self._on_done = on_done  # told after each result is delivered (the loop's wake)
         self._executor = ThreadPoolExecutor(_THREADS, thread_name_prefix="warm-pool-finisher")
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether a result is being built or waits to be."""
+        return self._pending > 0
 
     def submit(self, job: Job, fds: dict[str, int], remove_tmp: bool) -> None:
         """Build and deliver `job`'s result; `fds` (stream → descriptor) are closed after."""
+        with self._lock:
+            self._pending += 1
         self._executor.submit(self._finish, job, fds, remove_tmp)
 
     def shutdown(self) -> None:
@@ -53,9 +65,12 @@ class Finisher:
         finally:
             for fd in fds.values():
                 os.close(fd)
-        if not self.config.keep_job_dirs:
-            remove_job_dir(job, tmp=remove_tmp)
         complete(job.future, result)
+        if not self.config.keep_job_dirs:  # after the caller has its result
+            remove_job_dir(job, tmp=remove_tmp)
+        with self._lock:
+            self._pending -= 1
+        self._on_done()
 
     def _result(self, job: Job, fds: dict[str, int]) -> Any:
         cap = self.config.max_output_bytes

@@ -338,7 +338,7 @@ except ProcessLookupError:
 _SYS_SETRESUID = {"x86_64": 117, "aarch64": 147}.get(platform.machine())
 
 
-def kill_uid_now(uid: int) -> bool:
+def kill_uid_now(uid: int, wait: bool = True) -> bool:
     """SIGKILL every process of a uid from a short-lived thread of this process.
 
     Linux keeps credentials per thread; glibc's setresuid changes every thread of the
@@ -346,40 +346,46 @@ def kill_uid_now(uid: int) -> bool:
     drops every capability it still holds (a non-root service keeps them across a uid
     change) and checks that none is left, then kill(-1): every process of the uid, at
     once, and never this process (kill(-1) skips the caller's thread group). The thread
-    then ends with those credentials. About 0.1 ms, against tens for a helper process.
-    False when it could not (not x86_64/aarch64, or the checks failed): use kill_uid.
+    then ends with those credentials. About 0.1 ms of work, against tens for a helper
+    process. `wait=False` returns once the thread is started (the caller checks the
+    result some other way: the uid's processes gone). False when it could not (not
+    x86_64/aarch64, or the checks failed): use kill_uid.
     """
     if uid == 0:
         raise ValueError("refusing to kill every process of uid 0")
     if _SYS_SETRESUID is None:
         return False
     done: list[bool] = []
+    # A credential change, even a thread's, makes the whole process non-dumpable (the
+    # kernel's rule for set*uid): the thread puts back what this process was.
+    dumpable = _libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0)
 
     def as_uid() -> None:
-        if _libc.syscall(_SYS_SETRESUID, uid, uid, uid) != 0:
-            return
         try:
-            drop_capabilities()
-            with open("/proc/thread-self/status") as f:
-                held = [line.split()[1] for line in f if line.startswith(("CapPrm", "CapEff", "CapAmb"))]
-        except (OSError, ConfinementError):
-            return
-        if any(int(value, 16) for value in held) or _thread_uid() != uid:
-            return
-        try:
-            os.kill(-1, 9)
-        except ProcessLookupError:
-            pass
-        done.append(True)
+            if _libc.syscall(_SYS_SETRESUID, uid, uid, uid) != 0:
+                return
+            try:
+                drop_capabilities()
+                with open("/proc/thread-self/status") as f:
+                    held = [line.split()[1] for line in f if line.startswith(("CapPrm", "CapEff", "CapAmb"))]
+            except (OSError, ConfinementError):
+                return
+            if any(int(value, 16) for value in held) or _thread_uid() != uid:
+                return
+            try:
+                os.kill(-1, 9)
+            except ProcessLookupError:
+                pass
+            done.append(True)
+        finally:
+            if dumpable >= 0:
+                _prctl(_PR_SET_DUMPABLE, dumpable)
 
-    # A credential change, even a thread's, makes the whole process non-dumpable (the
-    # kernel's rule for set*uid): put back what this process was.
-    dumpable = _libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0)
     thread = threading.Thread(target=as_uid, name=f"kill-uid-{uid}", daemon=True)
     thread.start()
+    if not wait:
+        return True
     thread.join()
-    if dumpable >= 0:
-        _prctl(_PR_SET_DUMPABLE, dumpable)
     return bool(done)
 
 

@@ -62,7 +62,8 @@ class Seats:
         """A worker's process is gone (or going): end everything of its seat now and wait
         for it to be clean before the seat is used again."""
         if kill:
-            if worker.uid is not None and not sandbox.kill_uid_now(worker.uid):
+            # Not waited for: the seat stays dirty until nothing of it is left (`clean`).
+            if worker.uid is not None and not sandbox.kill_uid_now(worker.uid, wait=False):
                 sandbox.kill_uid(worker.uid)
             if worker.group is not None:
                 worker.group.kill()

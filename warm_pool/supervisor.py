@@ -104,8 +104,8 @@ class Supervisor:
         self.idle_since: float | None = None
         self.spare_seconds: deque[float] = deque(maxlen=50)  # fork → ready of the latest spares
         self.capture = Capture(os.path.join(config.work_dir, "capture"), placement.output_limit_bytes)
-        self.finisher = Finisher(config)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.finisher = Finisher(config, on_done=self.wake)
         self.monitor = Monitor(config, self.wake)
         self._thread: threading.Thread | None = None
 
@@ -614,7 +614,7 @@ class Supervisor:
         for slot in range(self.size):
             mine = [w for w in self.workers.values() if w.slot == slot]
             waiting = [w for w in mine if w.state in ("starting", "parked", "opening", "idle")]
-            wanted = self.config.spares_per_slot if self.one_job else (0 if mine else 1)
+            wanted = self._spares_wanted(mine)
             for _ in range(wanted - len(waiting)):
                 uid = self.seats.free(slot, [w.uid for w in mine], len(mine))
                 if uid is False:
@@ -622,6 +622,20 @@ class Supervisor:
                 mine.append(self.spawn_worker(slot, uid))
             if self.one_job and self.backend == "neuron":
                 self._open_device(slot, mine)
+
+    def _spares_wanted(self, mine: list[Worker]) -> int:
+        """How many waiting processes a slot should have now.
+
+        While the slot runs a job, or a job's result is being built, one ready spare is
+        enough for the next job, and the rest are forked after: the template reports a
+        job's exit only between two forks (a fork of the template takes 20-40 ms here),
+        and a fork's work competes with the result's for the cores.
+        """
+        if not self.one_job:
+            return 0 if mine else 1
+        if self.finishing or self.finisher.busy or any(w.state == "busy" for w in mine):
+            return min(1, self.config.spares_per_slot)
+        return self.config.spares_per_slot
 
     def _open_device(self, slot: int, mine: list[Worker]) -> None:
         """Neuron: a NeuronCore serves one process at a time, so spares wait without it;
