@@ -427,7 +427,7 @@ UID_BASE="${UID_BASE:-61000}"
 POOL_SIZE="$(env_value "$ENV_FILE" EXECUTOR_POOL_SIZE)"
 POOL_SIZE="${POOL_SIZE:-64}"
 SPARES="$(env_value "$ENV_FILE" EXECUTOR_SPARES_PER_SLOT)"
-SPARES="${SPARES:-2}"
+SPARES="${SPARES:-5}"
 for setting in "EXECUTOR_JOB_UID_BASE=$UID_BASE" "EXECUTOR_POOL_SIZE=$POOL_SIZE" "EXECUTOR_SPARES_PER_SLOT=$SPARES"; do
     case "${setting#*=}" in
         ""|*[!0-9]*) die "$CONF_DIR/$SERVICE.env: $setting is not a whole number" ;;

@@ -112,6 +112,7 @@ def start_pool(tmp: Path, **kw) -> PoolHandle:
     kw.setdefault("backend", "cpu")
     kw.setdefault("job_uid_base", job_uid_base())
     kw.setdefault("pool_size", 1)
+    kw.setdefault("spares_per_slot", 2)  # fewer forks than the default's 5: the suite is big
     pool = WarmPool(PoolConfig(work_dir=reachable_by_jobs(tmp), **kw)).start()
     assert pool.wait_ready(120), pool.stats()
     handle = PoolHandle(pool)

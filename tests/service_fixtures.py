@@ -72,7 +72,7 @@ class Server:
         cmd = [*self.command_prefix, sys.executable, "-m", "executor_service", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--backend", "cpu", "--pool-size", "2",
                "--work-dir", str(self.work_dir), "--shutdown-grace", "5",
-               "--job-uid-base", str(self.uid_base), *self.args]
+               "--job-uid-base", str(self.uid_base), "--spares-per-slot", "2", *self.args]
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=self.log)
         if wait:

@@ -329,10 +329,10 @@ def test_setup_confines_jobs_group_devices_and_network(instance):
     rule = (instance.root / "etc/udev/rules.d/90-trainium-executor-neuron.rules").read_text()
     assert rule == 'KERNEL=="neuron[0-9]*", GROUP="trainium-jobs", MODE="0660"\n'
     rules = (instance.root / "etc/trainium-executor/jobs.nft").read_text()
-    # No pool size set: 64 slots (the most there can be), 3 uids each (a slot's and 2 spares').
-    assert "meta skuid 61000-61191 ip daddr 169.254.169.254" in rules
-    assert "meta skuid 61000-61191 ip6 daddr fd00:ec2::254" in rules
-    assert "meta skuid 61000-61191 fib daddr type local tcp dport { 8000, 8001 }" in rules
+    # No pool size set: 64 slots (the most there can be), 6 uids each (5 spares' and one more).
+    assert "meta skuid 61000-61383 ip daddr 169.254.169.254" in rules
+    assert "meta skuid 61000-61383 ip6 daddr fd00:ec2::254" in rules
+    assert "meta skuid 61000-61383 fib daddr type local tcp dport { 8000, 8001 }" in rules
     assert "@" not in rules.replace("@UID", "")
     assert any(c.startswith("nft -c -f ") for c in instance.calls("nft"))
     assert (instance.root / "etc/systemd/system/trainium-executor-firewall.service").read_text() == \
@@ -349,7 +349,7 @@ def test_setup_renders_the_rules_for_the_configured_uid_base(instance):
     env_file.write_text(env_file.read_text().replace("UID_BASE=61000", "UID_BASE=70000"))
     proc = instance.run()
     assert proc.returncode == 0, proc.stderr
-    assert "meta skuid 70000-70191" in (instance.root / "etc/trainium-executor/jobs.nft").read_text()
+    assert "meta skuid 70000-70383" in (instance.root / "etc/trainium-executor/jobs.nft").read_text()
     assert "systemctl restart trainium-executor-firewall" in instance.calls("systemctl")
 
 
@@ -548,7 +548,7 @@ def test_setup_head_adds_ray_its_unit_and_points_the_service_at_it(instance):
     assert systemctl.index("start trainium-executor-ray-head") < systemctl.index("start trainium-executor")
     rules = (instance.root / "etc/trainium-executor/jobs.nft").read_text()
     ray_rule = next(line for line in rules.splitlines() if line.startswith("add rule"))
-    assert "meta skuid 61000-61191 tcp dport { 6379, 8265, 6380, 6381, 6382, 6383, 6384, 6385, 44217, " \
+    assert "meta skuid 61000-61383 tcp dport { 6379, 8265, 6380, 6381, 6382, 6383, 6384, 6385, 44217, " \
            "44227, 10100-10199 } counter reject" in ray_rule
     assert "tcp dport { 8000, 8001 }" in rules  # and still the API's ports
     assert "healthy: http://127.0.0.1:8001/health" in proc.stdout
@@ -589,7 +589,7 @@ def test_setup_node_installs_ray_its_unit_and_the_job_confinement_only(instance)
     assert not (system / "trainium-executor-idle-stop.timer").exists()
     assert "groupadd --system trainium-jobs" in instance.calls("groupadd")
     rules = (instance.root / "etc/trainium-executor/jobs.nft").read_text()
-    assert "meta skuid 61000-61191 tcp dport { 6379," in rules
+    assert "meta skuid 61000-61383 tcp dport { 6379," in rules
     assert any("requirements-cluster.txt" in c for c in instance.calls("pip install"))
 
 

@@ -89,8 +89,9 @@ class PoolConfig:
         "process, ~7 s on trn1), restoring and checking it between jobs; weaker isolation between "
         "papers (docs/security.md says what it does not stop). Off: one fresh process per job")
     spares_per_slot: int = setting(
-        2, "processes each slot keeps forked, confined and warmed for its next jobs; each slot gets "
-        "this many + 1 job uids (a finished job's uid is cleaned while the others serve)",
+        5, "processes each slot keeps forked, confined and warmed for its next jobs (5 on 2 slots: a "
+        "batch of ten finds a process ready for each paper); each slot gets this many + 1 job uids "
+        "(a finished job's uid is cleaned while the others serve)",
         minimum=1, maximum=8)
     max_jobs_per_worker: int = setting(
         100, "reuse mode: replace a worker after this many jobs even if it looks clean", minimum=0,
