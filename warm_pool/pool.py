@@ -20,7 +20,7 @@ from warm_pool.config import PoolConfig
 from warm_pool.placement import Placement
 from warm_pool.result import JobSpec
 from warm_pool.supervisor import Job, Supervisor
-from warm_pool.usage import tree_rss
+from warm_pool.usage import process_rss
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _MIB = 1024 * 1024
@@ -117,9 +117,10 @@ class WarmPool:
         out["requested_backend"] = self.config.backend
         out["max_queue"] = self.config.max_queue
         out.update(self.placement.describe())
-        # Measured outside the supervisor's lock: both walk /proc or the file system.
+        # One small /proc read per worker (no walk over every process: /health and every
+        # request's admission read this).
         for worker in out["workers"]:
-            worker["rss_mb"] = round(tree_rss(worker["pid"]) / _MIB, 1) if worker["pid"] else None
+            worker["rss_mb"] = round(process_rss(worker["pid"]) / _MIB, 1) if worker["pid"] else None
         out["neuron"] = self._neuron_stats()
         return out
 

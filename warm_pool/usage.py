@@ -90,6 +90,15 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def process_rss(pid: int) -> int:
+    """Resident bytes of one process (0 if it is gone): /proc/<pid>/statm, no walk."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def disk_usage(roots: tuple[str, ...], uid: int | None, max_files: int) -> tuple[int, int]:
     """(bytes, files) a job holds: its directory trees, and its uid's files in /dev/shm.
 
