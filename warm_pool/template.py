@@ -304,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
             _, error = import_modules(_SUPPORT_MODULES)
         if error is None:
             optional = _load_optional(settings, list(imported), started, argv[0])
-            _FINGERPRINT = Fingerprint.take()
+            # Only the reuse mode checks a worker against it after each job; a process
+            # that runs one job has nothing to compare (and the template starts faster).
+            _FINGERPRINT = Fingerprint.take() if settings.get("reuse_workers") else None
             # Everything preloaded lives as long as every worker: out of the collector's
             # reach. Otherwise each worker's collections walk (and write the GC header of)
             # every object the template made, so copy-on-write copies those pages into
@@ -319,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     _PRELOADED = tuple(dict.fromkeys([*imported, *optional.imported]))
     skipped = {k: protocol.clip(v, 500) for k, v in optional.skipped.items()}
     conn.send_bytes(protocol.TemplateReady(os.getpid(), backend, _PRELOADED, time.perf_counter() - started,
-                                           len(_FINGERPRINT), skipped, optional.native_threads).encode())
+                                           len(_FINGERPRINT) if _FINGERPRINT else 0, skipped,
+                                           optional.native_threads).encode())
     conn.close()
     c = settings["confinement"]
     confinement = sandbox.Confinement(c["uid_base"], tuple(c["groups"]), tuple(c["writable"]),

@@ -31,7 +31,8 @@ class TemplateLink:
                     "matplotlib_dir": str(config.matplotlib_dir),
                     "job_paths": list(config.job_paths()),
                     "confinement": placement.confinement_settings(),
-                    "needed": list(placement.needed_paths())}
+                    "needed": list(placement.needed_paths()),
+                    "reuse_workers": config.reuse_workers}
         self.proc = subprocess.Popen(
             [config.python_executable(), "-P", "-m", "warm_pool.template",
              str(theirs.fileno()), json.dumps(settings)],
