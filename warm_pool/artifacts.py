@@ -81,11 +81,13 @@ class _Scan:
     too_deep: int = 0                                  # directories not looked into
     first_too_deep: str | None = None
     cut_at: str | None = None                          # where MAX_SCANNED ran out
+    skip: tuple[str, ...] = ()                         # top-level directories not looked into
 
 
 def collect(job_dir: str, dest: str, owner_uid: int, patterns: tuple[str, ...],
-            cap_bytes: int) -> tuple[list[Artifact], list[dict[str, str]]]:
-    """Copy the job's artifacts into dest (created); return (kept, skipped)."""
+            cap_bytes: int, skip: tuple[str, ...] = ()) -> tuple[list[Artifact], list[dict[str, str]]]:
+    """Copy the job's artifacts into dest (created); return (kept, skipped). `skip`:
+    directories of job_dir not looked into (kept otherwise, e.g. a Neuron profile)."""
     kept: list[Artifact] = []
     skipped: list[dict[str, str]] = []
     if cap_bytes <= 0 or not patterns:
@@ -94,7 +96,7 @@ def collect(job_dir: str, dest: str, owner_uid: int, patterns: tuple[str, ...],
         root = os.open(job_dir, _DIR_FLAGS)
     except OSError:
         return kept, skipped
-    scan = _Scan(owner_uid, tuple(p.lower() for p in patterns), skipped, left=MAX_SCANNED)
+    scan = _Scan(owner_uid, tuple(p.lower() for p in patterns), skipped, left=MAX_SCANNED, skip=skip)
     try:
         _scan(root, "", 0, scan)
         total = 0
@@ -141,7 +143,7 @@ def _scan(dir_fd: int, prefix: str, depth: int, scan: _Scan) -> None:
         except OSError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            if name in _SKIP_DIRS or not _NAME.match(name):
+            if name in _SKIP_DIRS or not _NAME.match(name) or (depth == 0 and name in scan.skip):
                 continue
             if depth + 1 >= MAX_DEPTH:
                 scan.too_deep += 1

@@ -6,7 +6,9 @@ in the module that relies on it.
 - runtime_env: the environment of a worker that owns one NeuronCore, and the compile
   cache's variables;
 - compile_cache: the persistent compile cache on disk (entries, stale locks, pruning);
-- device_memory: a job's device-memory peak and a worker's idle growth (sysfs counters).
+- device_memory: a job's device-memory peak and a worker's idle growth (sysfs counters);
+- profile: the runtime's profiler settings for a profiled job, keeping what it wrote, and
+  its conversion for Perfetto (neuron-profile).
 """
 
 from warm_pool.neuron.compile_cache import cache_entries, cache_size_bytes, clear_stale_locks, prune_cache
@@ -24,6 +26,7 @@ from warm_pool.neuron.devices import (
     device_core_count,
     device_paths,
     find_neuron_ls,
+    find_tool,
     neuron_ls,
 )
 from warm_pool.neuron.runtime_env import (
@@ -37,6 +40,6 @@ from warm_pool.neuron.runtime_env import (
 __all__ = [
     "CONFLICTING_ENV", "LOG_LEVELS", "RETRY_FLAG", "CoreMemory", "IdleGrowth", "NeuronInfo", "PeakTracker",
     "cache_entries", "cache_size_bytes", "clear_stale_locks", "compile_cache_env", "core_memory",
-    "core_sysfs_dir", "detect", "device_core_count", "device_paths", "find_neuron_ls", "neuron_ls",
-    "prune_cache", "reset_core_peak", "worker_env",
+    "core_sysfs_dir", "detect", "device_core_count", "device_paths", "find_neuron_ls", "find_tool",
+    "neuron_ls", "prune_cache", "reset_core_peak", "worker_env",
 ]

@@ -49,6 +49,12 @@ def device_paths(dev_root: str | os.PathLike = "/dev") -> list[str]:
 
 def find_neuron_ls(executable: str = "neuron-ls") -> str | None:
     """The neuron-ls to run: on PATH, else in /opt/aws/neuron/bin, else None."""
+    return find_tool(executable)
+
+
+def find_tool(executable: str) -> str | None:
+    """A Neuron tool (neuron-ls, neuron-profile) to run: on PATH, else in
+    /opt/aws/neuron/bin, else None."""
     if os.sep in executable:
         return executable if os.access(executable, os.X_OK) else None
     found = shutil.which(executable)
