@@ -30,6 +30,7 @@ from warm_pool.errors import PoolBroken, PoolClosed, PoolError, QueueFull
 from warm_pool.pool import WarmPool
 from warm_pool.result import (
     ERROR_TYPES,
+    PROFILE_STATES,
     STATUS_CANCELLED,
     STATUS_COMPLETED,
     STATUS_INTERRUPTED,
@@ -44,9 +45,9 @@ from warm_pool.result import (
 from warm_pool.settings import ConfigError
 
 __all__ = [
-    "BACKENDS", "DEFAULT_ARTIFACTS", "DEFAULT_PRELOAD", "ERROR_TYPES", "JOB_HELPERS_DIR", "STATUS_CANCELLED",
-    "STATUS_COMPLETED", "STATUS_INTERRUPTED", "STATUS_QUEUED", "STATUS_RUNNING", "STREAMS",
-    "TERMINAL_STATUSES", "TRUNCATION_MARK", "Artifact", "ConfigError", "JobOutput", "JobResult", "JobSpec",
-    "PoolBroken", "PoolClosed", "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef", "artifacts",
-    "settings", "utc_iso",
+    "BACKENDS", "DEFAULT_ARTIFACTS", "DEFAULT_PRELOAD", "ERROR_TYPES", "JOB_HELPERS_DIR", "PROFILE_STATES",
+    "STATUS_CANCELLED", "STATUS_COMPLETED", "STATUS_INTERRUPTED", "STATUS_QUEUED", "STATUS_RUNNING",
+    "STREAMS", "TERMINAL_STATUSES", "TRUNCATION_MARK", "Artifact", "ConfigError", "JobOutput", "JobResult",
+    "JobSpec", "PoolBroken", "PoolClosed", "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef",
+    "artifacts", "settings", "utc_iso",
 ]

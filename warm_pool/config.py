@@ -189,6 +189,14 @@ class PoolConfig:
     neuron_idle_growth_jobs: int = setting(
         3, "replace a worker whose idle device memory grew after this many jobs in a row",
         minimum=0, zero="never")
+    neuron_profile_device: bool = setting(
+        True, "a profiled job (\"profile\": true) gets device profiles too, not only the system profile: "
+        "NEURON_RT_INSPECT_DEVICE_PROFILE=1, the first execution of each compiled graph on its NeuronCore "
+        "(.ntff with its .neff)")
+    neuron_profile_convert_timeout: float = setting(
+        300.0, "longest `neuron-profile view` may take to convert a profiled job's profile for Perfetto "
+        "(after the job, before its result is delivered; then it is stopped and the result says so)",
+        unit="s", minimum=0, zero="never convert")
     job_env: tuple[str, ...] = setting(
         (), "variables given to every job, NAME=VALUE, the flag repeated or `;` between them (e.g. "
         "HF_TOKEN, NEURON_RT_LOG_LEVEL); every job can read them, so no secret of the service belongs "

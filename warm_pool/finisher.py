@@ -10,6 +10,10 @@ thread pool does the rest and completes the job's future::
     supervisor loop ──(job, its capture fds)──▶ Finisher.submit ─▶ thread:
         read capped output ─▶ disk limit at the end ─▶ build_result ─▶ artifacts
         ─▶ remove the job's dirs ─▶ future.set_result
+
+A profiled job's result waits for its profile: kept as artifacts, then converted for
+Perfetto by `neuron-profile` (for up to neuron_profile_convert_timeout), on a thread of
+its own, so that no other job's result waits for a conversion (neuron/profile.py).
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from typing import Any
 from warm_pool import artifacts, limits, outcome
 from warm_pool.capture import read_capped
 from warm_pool.config import PoolConfig
+from warm_pool.neuron import profile
 from warm_pool.records import Job
 
 # Results built at once; more wait their turn (each is a few file reads).
 _THREADS = 2
+# Profiles kept and converted at once (a conversion may take minutes).
+_PROFILE_THREADS = 1
 
 
 class Finisher:
@@ -38,12 +45,13 @@ class Finisher:
         self.config = config
         self._on_done = on_done  # told after each result is delivered (the loop's wake)
         self._executor = ThreadPoolExecutor(_THREADS, thread_name_prefix="warm-pool-finisher")
+        self._profiles = ThreadPoolExecutor(_PROFILE_THREADS, thread_name_prefix="warm-pool-profile")
         self._lock = threading.Lock()
         self._pending = 0
 
     @property
     def busy(self) -> bool:
-        """Whether a result is being built or waits to be."""
+        """Whether a result is being built or waits to be (a profile's conversion included)."""
         return self._pending > 0
 
     def submit(self, job: Job, fds: dict[str, int], remove_tmp: bool) -> None:
@@ -53,8 +61,9 @@ class Finisher:
         self._executor.submit(self._finish, job, fds, remove_tmp)
 
     def shutdown(self) -> None:
-        """Wait for the results being built."""
+        """Wait for the results being built (profiles included)."""
         self._executor.shutdown(wait=True)
+        self._profiles.shutdown(wait=True)
 
     def _finish(self, job: Job, fds: dict[str, int], remove_tmp: bool) -> None:
         try:
@@ -65,6 +74,27 @@ class Finisher:
         finally:
             for fd in fds.values():
                 os.close(fd)
+        if job.profile_dir is not None and result.error_type != "internal":
+            self._profiles.submit(self._finish_profile, job, result, remove_tmp)
+            return
+        self._deliver(job, result, remove_tmp)
+
+    def _finish_profile(self, job: Job, result: Any, remove_tmp: bool) -> None:
+        """Keep the profile a profiled job's runtime wrote, convert it, then deliver."""
+        owner = job.uid if job.uid is not None else os.geteuid()
+        room = self.config.max_artifacts_mb * 1024 * 1024 - sum(a.size for a in result.artifacts)
+        dest = os.path.join(str(self.config.artifacts_dir / job.spec.job_id), profile.OUTPUT_DIR)
+        timeout = self.config.neuron_profile_convert_timeout
+        try:
+            kept = profile.keep(job.profile_dir, dest, owner, room, timeout)
+        except Exception as exc:  # noqa: BLE001 - the result matters more than its profile
+            kept = profile.Kept("failed", f"keeping it failed: {exc!r}"[:300])
+        result.profile, result.profile_detail = kept.status, kept.detail
+        result.artifacts = sorted([*result.artifacts, *kept.artifacts], key=lambda a: a.name)
+        result.artifacts_skipped = [*result.artifacts_skipped, *kept.skipped][:artifacts.MAX_SKIPPED]
+        self._deliver(job, result, remove_tmp)
+
+    def _deliver(self, job: Job, result: Any, remove_tmp: bool) -> None:
         complete(job.future, result)
         if not self.config.keep_job_dirs:  # after the caller has its result
             remove_job_dir(job, tmp=remove_tmp)
@@ -85,10 +115,11 @@ class Finisher:
         result = outcome.build_result(job, job.worker, self.config, read_output)
         if job.started_mono is not None:
             owner = job.uid if job.uid is not None else os.geteuid()
+            profiled = (profile.OUTPUT_DIR,) if job.profile_dir is not None else ()  # kept on its own
             try:
                 result.artifacts, result.artifacts_skipped = artifacts.collect(
                     job.job_dir, str(self.config.artifacts_dir / job.spec.job_id), owner,
-                    self.config.artifacts_pattern, self.config.max_artifacts_mb * 1024 * 1024)
+                    self.config.artifacts_pattern, self.config.max_artifacts_mb * 1024 * 1024, skip=profiled)
             except Exception as exc:  # noqa: BLE001 - the result matters more than its files
                 result.artifacts_skipped = [{"name": "*", "reason": f"collection failed: {exc!r}"[:300]}]
         return result

@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from warm_pool.neuron.profile import ENV_PREFIX as NEURON_PROFILE_PREFIX
 from warm_pool.neuron.runtime_env import LOG_LEVELS as NEURON_LOG_LEVELS
 from warm_pool.settings import ConfigError
 
@@ -68,7 +69,8 @@ OWNED = {
     "NEURON_CC_FLAGS": "the service's own environment (the pool adds its flags to it)",
     **dict.fromkeys(HF_LOCATIONS, "--hf-home"),
 }
-OWNED_PREFIXES = {"LD_": None, "PYTHON": None, "EXECUTOR_": None, "AWS_": None}
+OWNED_PREFIXES = {"LD_": None, "PYTHON": None, "EXECUTOR_": None, "AWS_": None,
+                  NEURON_PROFILE_PREFIX: 'a job\'s "profile": true (and --profile-jobs)'}
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL = "job_env (--job-env / EXECUTOR_JOB_ENV)"

@@ -83,7 +83,16 @@ def build_result(job: Job, worker: WorkerRef | None, config: PoolConfig,
         peak_device_memory_mb=(round(job.peak_device_bytes / _MIB, 3)
                                if job.peak_device_bytes is not None else None),
         worker=worker if started is not None else None,
+        **_no_profile(job),
     )
+
+
+def _no_profile(job: Job) -> dict[str, str]:
+    """A profiled job that had no profile captured: why (the finisher keeps a captured one)."""
+    if not job.spec.profile or job.profile_dir is not None:
+        return {}
+    why = job.profile_unavailable or "the job never started"
+    return {"profile": "unavailable", "profile_detail": why}
 
 
 def exit_outcome(return_code: int | None, claim: JobDone | None) -> tuple[str | None, str | None]:
@@ -137,6 +146,7 @@ def syntax_error(code: str, path: str) -> tuple[str, str] | None:
 def syntax_result(spec: JobSpec, stderr: str, message: str) -> JobResult:
     """The result of a script that does not compile: no worker is spent on it."""
     now = time.time()
+    profile = {"profile": "unavailable", "profile_detail": "the script does not compile: it never ran"}
     return JobResult(job_id=spec.job_id, paper_id=spec.paper_id, return_code=1, stderr=stderr,
                      error_type="syntax_error", error_message=message, submitted_at=now,
-                     started_at=now, finished_at=now)
+                     started_at=now, finished_at=now, **(profile if spec.profile else {}))

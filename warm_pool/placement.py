@@ -12,7 +12,8 @@
   whether each job process gets its own IPC namespace, /tmp and /dev/shm;
 - the confinement every worker gets (sandbox.py) and the paths a job uid must reach;
 - the files' ownership: the work dir and the jobs dir traversable but not listable by
-  job uids, each job's dir handed to its slot's uid when the job starts (`hand_over`),
+  job uids, each job's dir handed to its slot's uid when the job starts (`hand_over`; a
+  profiled job's before its process starts the Neuron runtime: `hand_over_profile`),
   the capture files and the job store closed to them;
 - what every job reads and none may change: the job helper dirs (on its sys.path and
   PYTHONPATH), the data set cache (its DATASET_CACHE_DIR) and the operator's Hugging
@@ -40,6 +41,7 @@ from typing import Any
 
 from warm_pool import job_env, sandbox
 from warm_pool.config import PoolConfig
+from warm_pool.neuron import profile
 from warm_pool.settings import ConfigError
 
 log = logging.getLogger("warm_pool")
@@ -312,6 +314,19 @@ class Placement:
                 os.chown(path, uid, self.service_gid)
         os.chmod(job_dir, 0o2770)
 
+    def hand_over_profile(self, job_dir: str, main_path: str, uid: int | None) -> dict[str, str]:
+        """A profiled job's dir, handed to the process that will run it before that process
+        starts its runtime, with an empty output dir for the profiler in it; the runtime's
+        settings that write there (neuron/profile.py). Done again if another process takes
+        over the job (its predecessor failed to start): the dir is made afresh for it."""
+        self.hand_over(job_dir, None, main_path, uid)
+        out = os.path.join(job_dir, profile.OUTPUT_DIR)
+        shutil.rmtree(out, ignore_errors=True)
+        os.mkdir(out, 0o700)
+        if uid is not None:
+            os.chown(out, uid, self.service_gid)
+        return profile.capture_env(out, self.config.neuron_profile_device)
+
     # --- environment ----------------------------------------------------------------------
 
     def template_env(self) -> dict[str, str]:
@@ -323,6 +338,8 @@ class Placement:
         env.update(self.thread_env())
         for name in job_env.inherited_to_drop():
             env.pop(name, None)
+        for name in [n for n in env if n.startswith(profile.ENV_PREFIX)]:  # only a profiled job's
+            del env[name]
         env.update(self.library_env())
         return env
 

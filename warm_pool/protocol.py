@@ -26,8 +26,9 @@ deadline is a protocol error of its sender, never a wait of the reader's.
 
 Lifecycle of a worker (the default, one job per process): worker_ready (with its device,
 or none yet on neuron: then open_device → worker_ready again once the NeuronCore is
-free); run_job → job_done, a *claim* about how the job ended (error type, message),
-then the process exits. The supervisor takes the job's end from the template's
+free; for a profiled job, open_device carries the profiler's settings); run_job →
+job_done, a *claim* about how the job ended (error type, message), then the process
+exits. The supervisor takes the job's end from the template's
 `exited` (the wait status, the kernel's peak RSS) and its memory from the job's cgroup;
 the claim only names the kind of error, from a fixed set. In the reuse mode, job_done
 ends the job and worker_idle follows (the worker restored itself and lists what it
@@ -159,9 +160,11 @@ class WorkerFailed(Message):
 
 @dataclass(frozen=True)
 class OpenDevice(Message):
-    """The NeuronCore is free now: start the device (the worker answers worker_ready)."""
+    """The NeuronCore is free now: start the device (the worker answers worker_ready),
+    with `env` set first (a profiled job's runtime settings; empty for any other)."""
 
     type: ClassVar[str] = "open_device"
+    env: dict[str, str]
 
 
 @dataclass(frozen=True)

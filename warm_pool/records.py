@@ -43,6 +43,10 @@ class Job:
     worker: WorkerRef | None = None
     device: Any = None  # neuron.PeakTracker of the job's NeuronCore
     peak_device_bytes: int | None = None
+    # A profiled job (spec.profile): where its runtime writes the profile, once it started on
+    # a process opened for it; else why it has none.
+    profile_dir: str | None = None
+    profile_unavailable: str | None = None
 
 
 @dataclass(eq=False)
@@ -72,6 +76,7 @@ class Worker:
     checks: int = 0                # jobs after which it restored and checked itself
     check_seconds: float = 0.0     # the time those checks took, in all
     growth: Any = None  # neuron.IdleGrowth of its core's idle device memory
+    profile_job: str | None = None  # the profiled job its runtime was started for (it takes no other)
 
     def stats(self) -> dict[str, Any]:
         """What /health shows of this worker."""

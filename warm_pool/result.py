@@ -21,6 +21,9 @@ STATUS_CANCELLED = "cancelled"
 STATUS_INTERRUPTED = "interrupted"
 TERMINAL_STATUSES = (STATUS_COMPLETED, STATUS_CANCELLED, STATUS_INTERRUPTED)
 
+# What became of a profile the job asked for (JobResult.profile; null when it asked for none).
+PROFILE_STATES = ("captured", "failed", "unavailable")
+
 # Every error_type a result may carry (docs/api.md); null when the job succeeded.
 ERROR_TYPES = frozenset({
     "exception", "syntax_error", "exit", "signal", "timeout", "memory_limit", "output_limit",
@@ -34,13 +37,16 @@ class JobSpec:
     """One script to run as `python main.py`.
 
     job_id names the job directory, so it must be a safe file name
-    ([A-Za-z0-9._-]{1,128}); timeout is in seconds (None: the pool's default).
+    ([A-Za-z0-9._-]{1,128}); timeout is in seconds (None: the pool's default). `profile`:
+    capture a Neuron profile of the job (on neuron, its process starts its runtime with
+    the profiler on; elsewhere the result says it is unavailable).
     """
 
     code: str
     job_id: str
     paper_id: str | None = None
     timeout: float | None = None
+    profile: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,9 @@ class JobResult:
     # those that matched the pattern but were refused ({"name", "reason"}).
     artifacts: list[Any] = field(default_factory=list)
     artifacts_skipped: list[dict[str, str]] = field(default_factory=list)
+    # The Neuron profile, when the job asked for one: one of PROFILE_STATES, and why.
+    profile: str | None = None
+    profile_detail: str | None = None
 
     @property
     def success(self) -> bool:
@@ -121,4 +130,6 @@ class JobResult:
             "worker": asdict(self.worker) if self.worker else None,
             "artifacts": [a.name for a in self.artifacts],
             "artifacts_skipped": list(self.artifacts_skipped),
+            "profile": self.profile,
+            "profile_detail": self.profile_detail,
         }

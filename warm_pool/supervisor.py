@@ -16,9 +16,10 @@ One process per job (the default): a slot keeps `spares_per_slot` workers forked
 confined and warmed, each on a uid (seat) of its own; a job goes to a ready spare of a
 free slot; its process ends with it, everything of its uid is killed, its cgroup goes
 once empty, and a new spare takes the seat. Nothing the job says ends it: the template
-reports the wait status, the kernel the memory. In the reuse mode (`reuse_workers`) a
-worker runs job after job: its job_done ends a job, worker_idle (or its check deadline)
-decides whether it serves again.
+reports the wait status, the kernel the memory. On neuron a profiled job waits for a
+process that starts its runtime for it, with the profiler on (profiling.py). In the
+reuse mode (`reuse_workers`) a worker runs job after job: its job_done ends a job,
+worker_idle (or its check deadline) decides whether it serves again.
 
 Locking: `lock` guards only what callers share with the loop (the queue, the jobs by
 id, the commands, the published snapshot), and is held for moments: no socket, file
@@ -48,7 +49,9 @@ from warm_pool.config import PoolConfig
 from warm_pool.errors import PoolBroken, PoolClosed, QueueFull
 from warm_pool.finisher import Finisher, remove_job_dir
 from warm_pool.monitor import Monitor, Watched
+from warm_pool.neuron import profile
 from warm_pool.placement import Placement
+from warm_pool.profiling import ProfileSlots
 from warm_pool.records import Job, Worker
 from warm_pool.result import WorkerRef
 from warm_pool.seats import Seats
@@ -103,6 +106,7 @@ class Supervisor:
         self.next_worker_id = 1
         self.idle_since: float | None = None
         self.spare_seconds: deque[float] = deque(maxlen=50)  # fork → ready of the latest spares
+        self.profiling = ProfileSlots(self.size)  # neuron: slots kept for profiled jobs
         self.capture = Capture(os.path.join(config.work_dir, "capture"), placement.output_limit_bytes)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.finisher = Finisher(config, on_done=self.wake)
@@ -289,7 +293,8 @@ class Supervisor:
             "spares": {"ready": states.count("idle"), "starting": states.count("starting"),
                        "parked": states.count("parked") + states.count("opening"),
                        "per_slot": self.config.spares_per_slot,
-                       "ready_ms_p50": _p50_ms(self.spare_seconds)},
+                       "ready_ms_p50": _p50_ms(self.spare_seconds),
+                       "kept_for_profiles": sorted(self.profiling.kept)},
             "queued": len(self.queue), "ready": any(s in _READY for s in states),
             "running": len(with_job), "finishing": len(self.finishing),
             "preloaded": list(self.preloaded), "preload_skipped": dict(self.preload_skipped),
@@ -639,27 +644,55 @@ class Supervisor:
 
     def _open_device(self, slot: int, mine: list[Worker]) -> None:
         """Neuron: a NeuronCore serves one process at a time, so spares wait without it;
-        once its last holder has exited (its seat clean), the oldest spare opens it."""
+        once its last holder has exited (its seat clean), the oldest spare opens it. On a
+        slot kept for a profiled job, with the profiler on, writing into the job's dir."""
         if any(w.state in ("opening", "idle", "busy") for w in mine) or self.seats.slot_dirty(slot):
             return
         parked = sorted((w for w in mine if w.state == "parked"), key=lambda w: w.id)
         if parked:
+            worker, job = parked[0], self.profiling.opening(slot)
             try:
-                _send(parked[0], protocol.OpenDevice().encode())
-                parked[0].state = "opening"
+                env = self.placement.hand_over_profile(job.job_dir, job.main_path, worker.uid) if job else {}
+                _send(worker, protocol.OpenDevice(env).encode())
+                worker.state, worker.profile_job = "opening", job.spec.job_id if job else None
             except OSError:
-                self.kill_worker(parked[0], "channel_closed")
+                self.kill_worker(worker, "channel_closed")
+
+    def _own_process(self, job: Job) -> bool:
+        """Whether a job needs a process whose runtime starts for it: a profiled job on
+        neuron, one process per job (profiling.py)."""
+        return job.spec.profile and self.one_job and self.backend == "neuron"
+
+    def _keep_slots(self, queued: list[Job], busy: set[int]) -> None:
+        """Keep slots for the profiled jobs in line: retire the spares that hold or open
+        their cores (they never ran a job), but one opened for the job itself."""
+        ready = {w.slot for w in self.workers.values() if w.state == "idle" and w.profile_job is None}
+        for slot, keep in self.profiling.plan(queued, busy, ready, self._own_process):
+            for worker in [w for w in self.workers.values() if w.slot == slot]:
+                if worker.state in ("opening", "idle") and worker.profile_job != keep:
+                    self.kill_worker(worker, "profiling")
 
     def dispatch(self, now: float) -> None:
-        """Give queued jobs to ready spares of free slots, oldest job first."""
+        """Give queued jobs to ready spares of free slots, oldest job first; on neuron a
+        profiled job first gets a process of its own (profiling.py, _open_device)."""
         busy = {w.slot for w in self.workers.values() if w.state in ("busy", "checking")}
+        with self.lock:
+            queued = list(self.queue)
+        if self.profiling.kept or any(job.spec.profile for job in queued):
+            self._keep_slots(queued, busy)
         for worker in sorted(self.workers.values(), key=lambda w: w.id):
             if worker.state != "idle" or worker.slot in busy:
                 continue
-            with self.lock:
-                job = self.queue.popleft() if self.queue else None
+            job = self.profiling.job_for(worker, queued, self._own_process)
             if job is None:
-                break
+                continue
+            queued.remove(job)
+            with self.lock:  # shutdown() may have emptied the queue since it was read
+                taken = job in self.queue
+                if taken:
+                    self.queue.remove(job)
+            if not taken:
+                continue
             if not job.future.set_running_or_notify_cancel():
                 with self.lock:
                     self.jobs.pop(job.spec.job_id, None)
@@ -671,6 +704,13 @@ class Supervisor:
 
     def _start_job(self, job: Job, worker: Worker, now: float) -> None:
         worker.state, worker.job = "busy", job
+        if job.spec.profile:  # its runtime was started for it, or it has no profile
+            self.profiling.started(job, worker.slot)
+            if worker.profile_job == job.spec.job_id:
+                job.profile_dir = os.path.join(job.job_dir, profile.OUTPUT_DIR)
+            else:
+                job.profile_unavailable = profile.unavailable(self.backend, self.one_job) or \
+                    "its process's Neuron runtime was started without the profiler"
         # Not the pass's `now`: callers submit while the loop runs, so a job taken in this
         # pass may have arrived after it began.
         now = time.monotonic()

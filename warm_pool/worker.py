@@ -230,6 +230,7 @@ def _one_job(conn: Connection, worker_id: int, backend: str, preloaded: tuple[st
              confinement: dict[str, str], job_paths: tuple[str, ...], device_pending: bool) -> int:
     """Wait for the job (on neuron, first for the core), run it, and end as
     `python main.py` ends: its exit status, or the signal that stopped it."""
+    profiled = False
     while True:
         try:
             msg = protocol.decode(conn.recv_bytes(), protocol.TO_WORKER)
@@ -238,6 +239,8 @@ def _one_job(conn: Connection, worker_id: int, backend: str, preloaded: tuple[st
         if isinstance(msg, protocol.RunJob):
             break
         if device_pending:  # open_device: the NeuronCore's last holder has exited
+            os.environ.update(msg.env)  # a profiled job's: the runtime reads them as it starts
+            profiled = bool(msg.env)
             started = time.perf_counter()
             try:
                 device = _start_device(backend, True)
@@ -251,11 +254,43 @@ def _one_job(conn: Connection, worker_id: int, backend: str, preloaded: tuple[st
                 return 0
     pipes = _receive_fds(conn, 2)
     done = ScriptRunner(None, None, isolated=False, job_paths=job_paths).run(msg, pipes, last=True)
+    if profiled:
+        close_runtime()
     _send(conn, done)  # a claim: the supervisor takes the end from our exit status
     if done.return_code < 0:  # stopped by a signal (KeyboardInterrupt): end by it, as CPython does
         signal.signal(-done.return_code, signal.SIG_DFL)
         os.kill(os.getpid(), -done.return_code)
     return done.return_code
+
+
+# The Neuron runtime's library, as the Neuron PJRT plugin loads it (aws-neuronx-runtime-lib).
+_LIBNRT = ("libnrt.so.1", "libnrt.so")
+
+
+def close_runtime() -> None:
+    """End a profiled job's Neuron runtime as a cold run's exit would, so that it writes
+    what it still holds of the profile.
+
+    A job's process ends with os._exit, skipping the libraries' teardown (_LastAtexit),
+    where the runtime would be closed. So: torch_xla's exit hook first (it waits for the
+    device's pending work), then the runtime's own nrt_close() ("closes all the devices and
+    cleans up the runtime state", nrt.h), in the library already loaded. A process whose
+    runtime never started has no such library loaded: nothing is done. Never raises.
+    """
+    xlac = getattr(sys.modules.get("torch_xla"), "_XLAC", None)
+    try:
+        if xlac is not None and xlac._xla_runtime_is_initialized():
+            xlac._prepare_to_exit()
+    except Exception:  # noqa: BLE001 - the profile is best effort, the job's status is not
+        pass
+    for name in _LIBNRT:
+        try:
+            close = ctypes.CDLL(name, mode=os.RTLD_NOLOAD).nrt_close
+        except (OSError, AttributeError):  # not loaded (or not the runtime's)
+            continue
+        close.restype = None
+        close()
+        return
 
 
 def _receive_fds(conn: Connection, count: int) -> list[int]:
