@@ -180,7 +180,7 @@ def _register_errors(app: Flask, config: ServiceConfig) -> None:
 
 def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metrics: Metrics) -> None:
     rules = validation.Rules(config.pool.default_timeout, config.pool.max_timeout, config.max_batch_size,
-                             config.callback_hosts)
+                             config.callback_hosts, config.profile_jobs)
     default_t = config.pool.default_timeout
 
     def body() -> dict[str, Any]:

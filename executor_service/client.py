@@ -13,6 +13,9 @@ which carries the batch id and the partial response, so a later invocation can r
 with `wait_batch`). 503 answers (queue full, restarting) are retried, honouring
 Retry-After, as are connection errors; other 4xx raise ExecutorError at once.
 
+A Neuron profile of a job: `profile=True` on `execute`, `submit`, `submit_batch` or
+`run_batch` (the result's `profile` says what became of it; the files are its artifacts).
+
 Fire and forget: `submit(code, paper_id, timeout=3600, callback_url=..., paper_title=...,
 slack_thread_ts=...)` or `submit_batch(batch, callback_url=...)` return the ids at once;
 the service POSTs the result to `callback_url` (signed, see docs/webhooks.md), and
@@ -127,34 +130,42 @@ class ExecutorClient:
         return self.request("GET", "/status")
 
     def execute(self, code: str, paper_id: str = "test", timeout: float | None = None,
-                **fields: Any) -> dict:
-        """POST /execute: run one script and wait for its result (synchronous). `fields`:
-        the caller's own (paper_title, slack_thread_ts, s3_code_key), returned with it."""
+                profile: bool | None = None, **fields: Any) -> dict:
+        """POST /execute: run one script and wait for its result (synchronous). `profile`:
+        capture a Neuron profile (None: the service's default). `fields`: the caller's own
+        (paper_title, slack_thread_ts, s3_code_key), returned with it."""
         payload: dict[str, Any] = {"code": code, "paper_id": paper_id, **fields}
         if timeout is not None:
             payload["timeout"] = timeout
+        if profile is not None:
+            payload["profile"] = profile
         return self.request("POST", "/execute", payload, timeout=(timeout or 600) * 3 + 60)
 
     def submit(self, code: str, paper_id: str, timeout: float | None = None,
-               callback_url: str | None = None, deadline: float | None = None, **fields: Any) -> dict:
+               callback_url: str | None = None, deadline: float | None = None, profile: bool | None = None,
+               **fields: Any) -> dict:
         """POST /jobs with one script: {"job_id", "batch_id", "deduplicated", ...} at once."""
         payload: dict[str, Any] = {"code": code, "paper_id": paper_id, **fields}
-        return self._submit(payload, timeout, callback_url, deadline)
+        return self._submit(payload, timeout, callback_url, deadline, profile)
 
     def submit_batch(self, batch: list[dict[str, Any]], timeout: float | None = None,
-                     deadline: float | None = None, callback_url: str | None = None) -> dict[str, Any]:
+                     deadline: float | None = None, callback_url: str | None = None,
+                     profile: bool | None = None) -> dict[str, Any]:
         """POST /jobs: {"batch_id", "job_ids": {paper_id: job_id}}; returns at once.
-        `callback_url` receives the batch's results when every job has ended."""
-        return self._submit({"batch": batch}, timeout, callback_url, deadline)
+        `callback_url` receives the batch's results when every job has ended; `profile`
+        applies to the items that do not say."""
+        return self._submit({"batch": batch}, timeout, callback_url, deadline, profile)
 
     def _submit(self, payload: dict[str, Any], timeout: float | None, callback_url: str | None,
-                deadline: float | None) -> dict[str, Any]:
+                deadline: float | None, profile: bool | None = None) -> dict[str, Any]:
         # Every retry carries the same Idempotency-Key, so a request whose answer was
         # lost does not submit the work twice.
         if timeout is not None:
             payload["timeout"] = timeout
         if callback_url is not None:
             payload["callback_url"] = callback_url
+        if profile is not None:
+            payload["profile"] = profile
         key = {"Idempotency-Key": uuid.uuid4().hex}
         return self.request("POST", "/jobs", payload, deadline=deadline, headers=key)
 
@@ -338,11 +349,13 @@ class ExecutorClient:
             delay = min(self.poll_max, delay * 1.5)
 
     def run_batch(self, batch: list[dict[str, Any]], timeout: float | None = None,
-                  deadline_s: float | None = None, callback_url: str | None = None) -> dict[str, Any]:
+                  deadline_s: float | None = None, callback_url: str | None = None,
+                  profile: bool | None = None) -> dict[str, Any]:
         """Submit a batch and wait for it: the response POST /execute_batch would give."""
         start = time.monotonic()
         deadline = start + deadline_s if deadline_s else None
-        submitted = self.submit_batch(batch, timeout=timeout, deadline=deadline, callback_url=callback_url)
+        submitted = self.submit_batch(batch, timeout=timeout, deadline=deadline, callback_url=callback_url,
+                                      profile=profile)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.wait_batch(submitted["batch_id"], deadline_s=left)
 

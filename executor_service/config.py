@@ -75,6 +75,10 @@ class ServiceConfig:
     deduplicate: bool = setting(
         True, "a request for a paper_id whose identical code is already queued or running gets that "
         "job back (\"deduplicated\": true) instead of a second run")
+    profile_jobs: bool = setting(
+        False, "capture a Neuron profile of every job whose request does not say (\"profile\": true or "
+        "false): on neuron its process starts its runtime with the profiler on (a runtime start more per "
+        "job), and the profile becomes the job's artifacts; elsewhere the result says it is unavailable")
     callback_hosts: tuple[str, ...] = setting(
         (), "hosts a callback_url may name, comma-separated: a name or address with an optional :port, "
         "or *.domain for the names below it; other URLs are refused (400), so callers cannot make the "

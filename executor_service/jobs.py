@@ -273,7 +273,8 @@ class JobRunner:
                                 tuple(r.paper_id for r in rows if r.deduplicated), repeated=True)
             jobs, callbacks = [], []
             for item in request.items:
-                same = self.store.active_job(item.paper_id, item.code) if self.config.deduplicate else None
+                same = (self.store.active_job(item.paper_id, item.code, item.profile)
+                        if self.config.deduplicate else None)
                 if same is not None:
                     jobs.append({"job_id": same.job_id, "paper_id": item.paper_id, "deduplicated": True})
                 else:
@@ -281,7 +282,7 @@ class JobRunner:
                     if item.paper_title is not None:
                         fields.setdefault("paper_title", item.paper_title)
                     jobs.append({"job_id": new_id(), "paper_id": item.paper_id, "code": item.code,
-                                 "timeout": request.timeout, "fields": fields,
+                                 "timeout": request.timeout, "fields": fields, "profile": item.profile,
                                  "timeout_clamped_from": request.timeout_clamped_from})
                 if item.callback_url:
                     callbacks.append((jobs[-1]["job_id"], item.callback_url))
@@ -326,7 +327,7 @@ class JobRunner:
                     if row.job_id in self._submitted:
                         continue
                 spec = JobSpec(code=row.code, job_id=row.job_id, paper_id=row.paper_id,
-                               timeout=row.timeout)
+                               timeout=row.timeout, profile=row.profile)
                 try:
                     fut = self.pool.submit(spec, on_start=self._on_start)
                 except PoolQueueFull:

@@ -31,6 +31,7 @@ RESPAWN_REASONS = frozenset({
     "crashed", "start_failed", "start_timeout", "check_timeout", "template_died", "killed",
     "shutdown", "channel_closed", "dirty", "recycled", "device_memory_growth", "timeout",
     "memory_limit", "output_limit", "disk_limit", "protocol_error", "cancelled", "interrupted",
+    "profiling",
 })
 LOST_JOB_OUTCOMES = frozenset({"run_again", "node_lost"})
 

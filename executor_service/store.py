@@ -111,6 +111,9 @@ _MIGRATIONS = (
     CREATE INDEX callbacks_by_job ON callbacks(job_id);
     CREATE INDEX callbacks_by_batch ON callbacks(batch_id);
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN profile INTEGER NOT NULL DEFAULT 0;  -- capture a Neuron profile
+    """,
 )
 
 ACTIVE_STATUSES = (STATUS_QUEUED, STATUS_RUNNING)
@@ -146,6 +149,7 @@ class JobRow:
     fields: dict[str, Any] = field(default_factory=dict)
     seq: int = 0
     deduplicated: bool = False
+    profile: bool = False
 
     def to_public(self) -> dict[str, Any]:
         """The job as the API shows it: its result when it has one, else its state.
@@ -275,10 +279,12 @@ class JobStore:
             new = [j for j in jobs if not j.get("deduplicated")]
             db.executemany(
                 "INSERT INTO jobs(job_id, batch_id, paper_id, paper_title, code, timeout, status,"
-                " created_at, code_sha256, timeout_clamped_from, fields) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " created_at, code_sha256, timeout_clamped_from, fields, profile)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(j["job_id"], batch_id, j["paper_id"], j.get("fields", {}).get("paper_title"), j["code"],
                   j.get("timeout"), STATUS_QUEUED, now, code_sha256(j["code"]),
-                  j.get("timeout_clamped_from"), json.dumps(j.get("fields") or {})) for j in new])
+                  j.get("timeout_clamped_from"), json.dumps(j.get("fields") or {}),
+                  int(bool(j.get("profile")))) for j in new])
             db.executemany("INSERT INTO batch_jobs(batch_id, position, job_id, deduplicated)"
                            " VALUES (?,?,?,?)",
                            [(batch_id, i, j["job_id"], int(bool(j.get("deduplicated"))))
@@ -370,10 +376,12 @@ class JobStore:
         rows = self._all("SELECT batch_id FROM batches WHERE idem_key=?", (idem_key,))
         return rows[0][0] if rows else None
 
-    def active_job(self, paper_id: str, code: str) -> JobRow | None:
-        """The newest queued or running job of this paper with exactly this code."""
+    def active_job(self, paper_id: str, code: str, profile: bool = False) -> JobRow | None:
+        """The newest queued or running job of this paper with exactly this code (and, when
+        `profile`, capturing a profile: a request for one never joins a job without)."""
         rows = self._all("SELECT * FROM jobs WHERE paper_id=? AND code_sha256=? AND status IN (?,?) "
-                         "ORDER BY seq DESC LIMIT 1", (paper_id, code_sha256(code), *ACTIVE_STATUSES))
+                         "AND profile >= ? ORDER BY seq DESC LIMIT 1",
+                         (paper_id, code_sha256(code), *ACTIVE_STATUSES, int(profile)))
         return _row(rows[0]) if rows else None
 
     def get_job(self, job_id: str) -> JobRow | None:
@@ -541,4 +549,5 @@ def _row(r: sqlite3.Row) -> JobRow:
         timeout_clamped_from=r["timeout_clamped_from"] if "timeout_clamped_from" in keys else None,
         fields=fields, seq=r["seq"] if "seq" in keys else 0,
         deduplicated=bool(r["dedup"]) if "dedup" in keys else False,
+        profile=bool(r["profile"]) if "profile" in keys else False,
     )

@@ -7,10 +7,11 @@ file name ([A-Za-z0-9._-]{1,128}: it names a directory, so no traversal is possi
 unique paper_ids in a batch, at most `max_batch_size` items. `timeout` a positive finite
 number; one above the operator's maximum runs with the maximum, and the request says so
 (`timeout_clamped_from`) rather than failing: a fire-and-forget caller never reads a 400.
-The callers' own fields (`paper_title`, `slack_thread_ts`, `s3_code_key`) are kept and
-returned with the result. `callback_url` is http(s) to a host on the operator's
-allow-list. A client's value quoted back in a message is cut to its first ECHO_CHARS
-characters.
+`profile` true or false (a Neuron profile of the job; absent: the operator's default,
+`profile_jobs`; beside `batch`, the default of its items). The callers' own fields
+(`paper_title`, `slack_thread_ts`, `s3_code_key`) are kept and returned with the result.
+`callback_url` is http(s) to a host on the operator's allow-list. A client's value
+quoted back in a message is cut to its first ECHO_CHARS characters.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Item:
     paper_title: str | None = None
     fields: Mapping[str, Any] = field(default_factory=dict)
     callback_url: str | None = None
+    profile: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Rules:
     max_timeout: float
     max_batch_size: int = 10
     callback_hosts: tuple[str, ...] = ()
+    profile_jobs: bool = False  # a job's "profile" when its request names none
 
 
 def cut(text: str, limit: int = ECHO_CHARS) -> str:
@@ -151,7 +154,7 @@ def _paper_id(value: Any, where: str) -> str:
 
 
 def _item(obj: Any, where: str, default_paper_id: str | None, hosts: tuple[str, ...] = (),
-          defaults: Mapping[str, Any] | None = None) -> Item:
+          defaults: Mapping[str, Any] | None = None, profile: bool = False) -> Item:
     if not isinstance(obj, dict):
         raise ApiError(400, f"{where}must be a JSON object, not {_kind(obj)}")
     code = obj.get("code")
@@ -175,7 +178,17 @@ def _item(obj: Any, where: str, default_paper_id: str | None, hosts: tuple[str, 
     title = fields.get("paper_title")
     callback = parse_callback_url(obj.get("callback_url"), hosts, f"{where}callback_url")
     return Item(paper_id=paper_id, code=code, paper_title=title if isinstance(title, str) else None,
-                fields=fields, callback_url=callback)
+                fields=fields, callback_url=callback,
+                profile=parse_profile(obj.get("profile"), profile, f"{where}profile"))
+
+
+def parse_profile(value: Any, default: bool, name: str = "profile") -> bool:
+    """Whether to capture a Neuron profile of the job: true or false (None: `default`)."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{name} must be true or false, not {_kind(value)}")
+    return value
 
 
 def caller_fields(obj: dict[str, Any], where: str = "") -> dict[str, Any]:
@@ -310,8 +323,9 @@ def parse_idempotency_key(value: str | None) -> str | None:
 
 def parse_single(obj: dict[str, Any], default_paper_id: str, rules: Rules,
                  prefer: str | None = None) -> Request:
-    """POST /execute: {"code", "paper_id"?, "timeout"?, "async"?, "callback_url"?, caller fields}."""
-    item = _item(obj, "", default_paper_id, rules.callback_hosts)
+    """POST /execute: {"code", "paper_id"?, "timeout"?, "async"?, "callback_url"?, "profile"?,
+    caller fields}."""
+    item = _item(obj, "", default_paper_id, rules.callback_hosts, profile=rules.profile_jobs)
     timeout, asked = parse_timeout(obj.get("timeout"), rules.default_timeout, rules.max_timeout)
     return Request(items=(item,), timeout=timeout, is_batch=False, timeout_clamped_from=asked,
                    respond_async=parse_async(obj, prefer))
@@ -319,7 +333,8 @@ def parse_single(obj: dict[str, Any], default_paper_id: str, rules: Rules,
 
 def parse_batch(obj: dict[str, Any], rules: Rules, prefer: str | None = None) -> Request:
     """POST /execute_batch: {"batch": [{"paper_id", "code", ...}], "timeout"?, "async"?,
-    "callback_url"?}; caller fields given beside "batch" apply to every item that lacks them."""
+    "callback_url"?, "profile"?}; caller fields and "profile" given beside "batch" apply to
+    every item that lacks them."""
     if "batch" not in obj:
         raise ApiError(400, "batch is missing")
     batch = obj["batch"]
@@ -330,7 +345,8 @@ def parse_batch(obj: dict[str, Any], rules: Rules, prefer: str | None = None) ->
     if len(batch) > rules.max_batch_size:
         raise ApiError(400, f"batch has {len(batch)} items; the maximum is {rules.max_batch_size}")
     shared = caller_fields(obj)
-    items = tuple(_item(entry, f"batch[{i}].", None, rules.callback_hosts, shared)
+    profile = parse_profile(obj.get("profile"), rules.profile_jobs)
+    items = tuple(_item(entry, f"batch[{i}].", None, rules.callback_hosts, shared, profile)
                   for i, entry in enumerate(batch))
     seen: set[str] = set()
     for item in items:
