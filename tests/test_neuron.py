@@ -1,8 +1,10 @@
-"""warm_pool.neuron against realistic fakes: a neuron-ls script, /dev, sysfs, a compile cache.
+"""warm_pool.neuron against realistic fakes: a neuron-ls script, /dev, sysfs, a compile cache,
+a profile capture and a neuron-profile script.
 
 The neuron-ls output is the documented ``--json-output`` shape as captured on a
 trn1.2xlarge (one device, two NeuronCores); the sysfs tree follows the Neuron Sysfs User
-Guide; the cache layout follows the Neuron Persistent Cache guide.
+Guide; the cache layout follows the Neuron Persistent Cache guide; the capture and
+neuron-profile's Perfetto output follow the Neuron Profiler 2.0 guide.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import os
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+from conftest import wait_until
+from neuron_fakes import install_fake_neuron_profile
 
-from warm_pool import neuron
+from warm_pool import ConfigError, job_env, neuron
+from warm_pool.neuron import profile
 
 TRN1_2XLARGE = [{
     "neuron_device": 0,
@@ -368,6 +374,121 @@ def test_idle_growth_ignores_small_growth():
 
 def test_the_neuron_helpers_never_import_torch():
     sources = list(Path(neuron.__file__).parent.glob("*.py"))
-    assert len(sources) == 5
+    assert len(sources) == 6
     for source in sources:
         assert "import torch" not in source.read_text(), source.name
+
+
+# --- a job's profile (neuron/profile.py) ---------------------------------------------------
+
+def test_the_profilers_settings_turn_it_on_into_the_jobs_dir():
+    assert profile.capture_env("/w/jobs/j1/neuron-profile") == {
+        "NEURON_RT_INSPECT_ENABLE": "1", "NEURON_RT_INSPECT_OUTPUT_DIR": "/w/jobs/j1/neuron-profile",
+        "NEURON_RT_INSPECT_DEVICE_PROFILE": "1"}
+    assert "NEURON_RT_INSPECT_DEVICE_PROFILE" not in profile.capture_env("/x", device=False)
+
+
+def test_a_profile_is_unavailable_off_neuron_and_in_the_reuse_mode_with_why():
+    assert "backend is cpu" in profile.unavailable("cpu", one_job=True)
+    assert "backend is xla" in profile.unavailable("xla", one_job=True)
+    assert "reuse mode" in profile.unavailable("neuron", one_job=False)
+    assert profile.unavailable("neuron", one_job=True) is None
+
+
+def test_jobs_environment_may_not_set_the_profilers_variables():
+    with pytest.raises(ConfigError, match="NEURON_RT_INSPECT_ENABLE is set by the pool.*\"profile\": true"):
+        job_env.parse(("NEURON_RT_INSPECT_ENABLE=1",))
+    with pytest.raises(ConfigError, match="NEURON_RT_INSPECT_OUTPUT_DIR"):
+        job_env.parse(("NEURON_RT_INSPECT_OUTPUT_DIR=/tmp/x",))
+
+
+def make_capture(root: Path) -> Path:
+    """What the runtime leaves in a profiled job's neuron-profile/ (one process, one core)."""
+    run = root / "neuron-profile" / "i-0abc_pid_77"
+    run.mkdir(parents=True)
+    for name, size in (("ntrace.pb", 300), ("trace_info.pb", 40), ("cpu_util.pb", 20), ("host_mem.pb", 20),
+                       ("neff_9.neff", 500), ("9_instid_0_vnc_0.ntff", 700), ("trace.json", 10)):
+        (run / name).write_bytes(b"x" * size)
+    (run / "notes.md").write_text("not a profile file")
+    (run / "evil.pb").symlink_to("/etc/passwd")
+    return root / "neuron-profile"
+
+
+def _keep(tmp_path, cap=1 << 20, timeout=10.0):
+    source = make_capture(tmp_path / "job")
+    dest = tmp_path / "artifacts" / "j1" / "neuron-profile"
+    return profile.keep(str(source), str(dest), os.geteuid(), cap, timeout), dest
+
+
+def test_keep_copies_the_capture_and_adds_its_perfetto_traces(tmp_path, fake_path, monkeypatch):
+    install_fake_neuron_profile(fake_path)
+    monkeypatch.setenv("EXECUTOR_API_TOKEN", "service-secret")
+    kept, dest = _keep(tmp_path)
+    run = "neuron-profile/i-0abc_pid_77"
+    assert kept.status == "captured"
+    files = ("ntrace.pb", "trace_info.pb", "cpu_util.pb", "host_mem.pb", "neff_9.neff",
+             "9_instid_0_vnc_0.ntff", "trace.json")
+    traces = ("system_profile.pftrace", "device_profile_model_9.pftrace")
+    assert {a.name for a in kept.artifacts} == {f"{run}/{n}" for n in files} | {
+        f"neuron-profile/perfetto/{n}" for n in traces}
+    assert kept.skipped == [{"name": f"{run}/evil.pb", "reason": "not a regular file"}]
+    assert (dest / "perfetto" / "system_profile.pftrace").read_text() == "perfetto: system\n"
+    assert kept.detail.startswith("7 files (0.0 MiB) kept as artifacts under neuron-profile/; converted for "
+                                  "Perfetto: neuron-profile/perfetto/")
+    assert not (dest.parent / ".perfetto-work").exists()
+    env = (fake_path / "neuron-profile.env").read_text()
+    assert "service-secret" not in env and f"HOME={dest.parent}/.perfetto-work" in env
+
+
+def test_keep_without_neuron_profile_keeps_the_capture_and_says_it_is_not_converted(tmp_path, fake_path,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("PATH", str(fake_path))
+    kept, _ = _keep(tmp_path)
+    assert kept.status == "captured" and len(kept.artifacts) == 7
+    assert kept.detail.endswith("not converted for Perfetto: neuron-profile is not installed "
+                                "(aws-neuronx-tools)")
+
+
+def test_keep_reports_a_failing_conversion_with_what_the_tool_said(tmp_path, fake_path):
+    install_fake_neuron_profile(fake_path, mode="fail")
+    kept, _ = _keep(tmp_path)
+    assert kept.status == "captured"
+    assert kept.detail.endswith("not converted for Perfetto: neuron-profile view exited with status 3: "
+                                "ERRO[0000] cannot read the profile: bad magic")
+    assert not [a for a in kept.artifacts if a.name.endswith(".pftrace")]
+
+
+def test_keep_stops_a_conversion_over_its_time_with_what_it_started(tmp_path, fake_path):
+    install_fake_neuron_profile(fake_path, mode="hang")
+    started = time.monotonic()
+    kept, _ = _keep(tmp_path, timeout=1.0)
+    assert time.monotonic() - started < 10
+    assert kept.status == "captured"
+    assert kept.detail.endswith("neuron-profile view was stopped after 1 s (neuron_profile_convert_timeout)")
+    child = psutil.Process(int((fake_path / "neuron-profile.child").read_text()))
+    wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout=10)
+
+
+def test_keep_with_conversion_off_never_runs_the_tool(tmp_path, fake_path):
+    install_fake_neuron_profile(fake_path)
+    kept, _ = _keep(tmp_path, timeout=0)
+    assert kept.detail.endswith("not converted for Perfetto (neuron_profile_convert_timeout is 0)")
+    assert not (fake_path / "neuron-profile.calls").exists()
+
+
+def test_keep_within_the_room_left_keeps_the_smallest_files_and_lists_the_rest(tmp_path, fake_path):
+    install_fake_neuron_profile(fake_path)
+    kept, _ = _keep(tmp_path, cap=1000)
+    names = {a.name.rsplit("/", 1)[1] for a in kept.artifacts}
+    assert kept.status == "captured" and "9_instid_0_vnc_0.ntff" not in names and "ntrace.pb" in names
+    assert any(s["reason"].startswith("over max_artifacts_mb") for s in kept.skipped)
+    assert sum(a.size for a in kept.artifacts) <= 1000
+
+
+def test_keep_says_why_there_is_no_profile(tmp_path):
+    empty = tmp_path / "job" / "neuron-profile"
+    empty.mkdir(parents=True)
+    nothing = profile.keep(str(empty), str(tmp_path / "dest"), os.geteuid(), 1 << 20, 5)
+    assert nothing.status == "failed" and "wrote no profile" in nothing.detail
+    no_room, _ = _keep(tmp_path, cap=0)
+    assert no_room.status == "failed" and "max_artifacts_mb" in no_room.detail

@@ -67,7 +67,7 @@ def test_prune_removes_only_old_finished_batches(tmp_path):
 
 def test_a_store_from_before_the_migrations_is_upgraded_in_place(tmp_path):
     path = tmp_path / "old.sqlite3"
-    from executor_service.store import _SCHEMA
+    from executor_service.store import _MIGRATIONS, _SCHEMA
 
     old = sqlite3.connect(path)
     old.executescript(_SCHEMA)  # the first release's schema, user_version 0
@@ -79,9 +79,23 @@ def test_a_store_from_before_the_migrations_is_upgraded_in_place(tmp_path):
     store = JobStore(path)
     [row] = store.get_batch("b")
     assert (row.job_id, row.fields, row.timeout_clamped_from) == ("j", {"paper_title": "Old title"}, None)
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
+    assert row.profile is False
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS)
     store.close()
     JobStore(path).close()  # opening again applies nothing twice
+
+
+def test_a_job_keeps_whether_it_is_profiled_and_a_profiled_request_joins_only_a_profiled_job(tmp_path):
+    store = JobStore(tmp_path / "s.db")
+    store.add_batch("plain", "async", [_job("j", "p")])
+    assert store.get_job("j").profile is False
+    assert store.active_job("p", "print(1)", profile=True) is None
+    store.add_batch("profiled", "async", [{**_job("k", "p"), "profile": True}])
+    assert store.get_job("k").profile is True
+    assert store.queued()[1].profile is True
+    assert store.active_job("p", "print(1)", profile=True).job_id == "k"
+    assert store.active_job("p", "print(1)").job_id == "k"  # the newest; a profile does no harm
+    store.close()
 
 
 def test_a_batch_can_join_another_batchs_job_and_pruning_waits_for_both(tmp_path):
