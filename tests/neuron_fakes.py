@@ -7,7 +7,8 @@
   (warm_pool/neuron/profile.py) it writes what the Neuron runtime writes: the device
   profile as it starts (a NEFF and its NTFF, in <output dir>/i-0fake_pid_<pid>/), and the
   system profile (ntrace.pb, trace_info.pb) when its library's nrt_close() is called, as
-  the real runtime's close would.
+  the real runtime's close would. With a file "refuse-profiler" in the record dir, a
+  runtime with the profiler on does not start.
 - FAKE_LIBNRT: that library (libnrt.so.1), a few lines of C built by `build_fake_libnrt`
   when a C compiler is there (without one there is no system profile).
 - FAKE_NEURON_PROFILE: `neuron-profile view -d DIR --output-format perfetto` as the Neuron
@@ -40,6 +41,8 @@ FAKE_TORCH_NEURONX = textwrap.dedent('''
         """What the Neuron runtime does as it starts with the profiler's settings."""
         if os.environ.get("NEURON_RT_INSPECT_ENABLE") != "1":
             return
+        if os.path.exists(os.path.join(RECORD_DIR, "refuse-profiler")):
+            raise RuntimeError("nrt_init: cannot allocate the profiler's trace buffers")
         out = os.path.join(os.environ.get("NEURON_RT_INSPECT_OUTPUT_DIR", "./output"),
                            f"i-0fake_pid_{os.getpid()}")
         os.makedirs(out, exist_ok=True)

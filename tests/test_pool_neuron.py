@@ -225,3 +225,16 @@ def test_neuron_profile_failing_hanging_or_missing_is_reported_and_the_profile_k
     assert missing.profile == "captured"
     assert "not converted for Perfetto: neuron-profile is not installed" in missing.profile_detail
     assert any(a.name.endswith("4242_instid_0_vnc_0.ntff") for a in missing.artifacts)
+
+
+def test_a_runtime_that_will_not_start_with_the_profiler_lets_the_job_run_without_it(one_core):
+    (one_core.records / "refuse-profiler").write_text("")
+    result = _run(one_core, USES_THE_CORE, profile=True)
+    assert result.success and result.stdout.splitlines() == ["4.0", "[]"]
+    assert result.profile == "unavailable"
+    assert result.profile_detail.startswith(
+        "its Neuron runtime did not start with the profiler on (2 processes tried")
+    stats = one_core.pool.stats()
+    assert stats["state"] == "ready" and stats["respawns"]["by_reason"]["start_failed"] == 2
+    (one_core.records / "refuse-profiler").unlink()
+    assert _run(one_core, USES_THE_CORE, profile=True).profile == "captured"

@@ -78,6 +78,14 @@ def test_the_spare_opened_for_a_profiled_job_takes_it_and_no_other():
     assert not slots.kept
 
 
+def test_a_job_whose_runtime_does_not_start_with_the_profiler_is_let_go_after_two_processes():
+    slots, p = ProfileSlots(1), _job("p", profile=True)
+    slots.plan([p], busy=set(), ready=set(), own_process=_own)
+    assert slots.opening(0) is p and slots.opening(0) is p
+    assert slots.opening(0) is None and not slots.kept
+    assert p.profile_unavailable.startswith("its Neuron runtime did not start with the profiler on (2 ")
+
+
 def test_a_slot_whose_profiled_job_left_the_queue_is_given_back():
     slots, p = ProfileSlots(1), _job("p", profile=True)
     slots.plan([p], busy=set(), ready={0}, own_process=_own)

@@ -12,6 +12,11 @@ job and no other::
     queued profiled job ─▶ plan: keep a free slot ─▶ retire its ready spare ─▶ core free
         ─▶ open_device(profiler settings) ─▶ worker_ready ─▶ job_for: that job ─▶ run_job
 
+If the runtime does not start with the profiler on (MAX_OPENS processes opened for the
+job failed), the job is let go: it runs on an ordinary process, and its result says why.
+Otherwise each failed start would be followed by another, for ever (a parked spare's
+ready resets the pool's count of start failures).
+
 `ProfileSlots` only decides; the supervisor owns the workers and acts on what it returns.
 """
 
@@ -21,6 +26,9 @@ from collections.abc import Callable
 from typing import Any
 
 from warm_pool.records import Job
+
+# Processes opened for one profiled job before it runs without a profile.
+MAX_OPENS = 2
 
 
 class ProfileSlots:
@@ -60,9 +68,19 @@ class ProfileSlots:
         return retire
 
     def opening(self, slot: int) -> Job | None:
-        """The job whose settings the slot's next runtime starts with, if it is kept for one."""
+        """The job whose settings the slot's next runtime starts with, if it is kept for
+        one; after MAX_OPENS processes opened for it, none: the job is let go, told why."""
         job = self.kept.get(slot)
-        return job if job is not None and job.ended_mono is None else None
+        if job is None or job.ended_mono is not None:
+            return None
+        if job.profile_opens >= MAX_OPENS:
+            del self.kept[slot]
+            job.profile_unavailable = (f"its Neuron runtime did not start with the profiler on ({MAX_OPENS} "
+                                       "processes tried, counted in /health?verbose=1 as "
+                                       "respawns.by_reason.start_failed); the job ran without it")
+            return None
+        job.profile_opens += 1
+        return job
 
     def job_for(self, worker: Any, queued: list[Job], own_process: Callable[[Job], bool]) -> Job | None:
         """The queued job a ready spare takes: the one its runtime was opened for, else the

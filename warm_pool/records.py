@@ -47,6 +47,7 @@ class Job:
     # a process opened for it; else why it has none.
     profile_dir: str | None = None
     profile_unavailable: str | None = None
+    profile_opens: int = 0  # processes opened for it, with the profiler on (profiling.py)
 
 
 @dataclass(eq=False)

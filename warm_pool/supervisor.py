@@ -660,8 +660,9 @@ class Supervisor:
 
     def _own_process(self, job: Job) -> bool:
         """Whether a job needs a process whose runtime starts for it: a profiled job on
-        neuron, one process per job (profiling.py)."""
-        return job.spec.profile and self.one_job and self.backend == "neuron"
+        neuron, one process per job, unless that runtime would not start (profiling.py)."""
+        wanted = job.spec.profile and job.profile_unavailable is None
+        return wanted and self.one_job and self.backend == "neuron"
 
     def _keep_slots(self, queued: list[Job], busy: set[int]) -> None:
         """Keep slots for the profiled jobs in line: retire the spares that hold or open
@@ -708,7 +709,7 @@ class Supervisor:
             self.profiling.started(job, worker.slot)
             if worker.profile_job == job.spec.job_id:
                 job.profile_dir = os.path.join(job.job_dir, profile.OUTPUT_DIR)
-            else:
+            elif job.profile_unavailable is None:
                 job.profile_unavailable = profile.unavailable(self.backend, self.one_job) or \
                     "its process's Neuron runtime was started without the profiler"
         # Not the pass's `now`: callers submit while the loop runs, so a job taken in this
