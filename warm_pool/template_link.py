@@ -31,7 +31,8 @@ class TemplateLink:
                     "matplotlib_dir": str(config.matplotlib_dir),
                     "job_paths": list(config.job_paths()),
                     "confinement": placement.confinement_settings(),
-                    "needed": list(placement.needed_paths())}
+                    "needed": list(placement.needed_paths()),
+                    "reuse_workers": config.reuse_workers}
         self.proc = subprocess.Popen(
             [config.python_executable(), "-P", "-m", "warm_pool.template",
              str(theirs.fileno()), json.dumps(settings)],
@@ -58,12 +59,13 @@ class TemplateLink:
         when it sent something it should not have."""
         return protocol.decode(self.conn.recv_bytes(protocol.MAX_FRAME), protocol.FROM_TEMPLATE)
 
-    def close(self) -> None:
-        """Close the socket (EOF: the template kills and reaps every worker) and wait for it."""
+    def close(self) -> int:
+        """Close the socket (EOF: the template kills and reaps every worker) and wait for
+        it; its exit status (negative: the signal that ended it)."""
         self.conn.close()
         self._sock.close()
         try:
-            self.proc.wait(timeout=5)
+            return self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait()
+            return self.proc.wait()
