@@ -12,6 +12,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import job_uid_base, reachable_by_jobs, shutdown_leaving_nothing, wait_until
 
@@ -155,6 +156,8 @@ def test_workers_killed_while_starting_never_break_the_pool(make_pool):
 def test_a_template_killed_while_it_imports_never_breaks_the_pool(make_pool):
     handle = make_pool(pool_size=1, spares_per_slot=1, max_start_failures=1)
     pool = handle.pool
+    standby = wait_until(lambda: pool.stats()["standby_template_pid"])
+    os.kill(standby, signal.SIGKILL)  # with it, the template is not imported again (next test)
     for _ in range(3):
         old = pool.stats()["template_pid"]
         os.kill(old, signal.SIGKILL)
@@ -167,6 +170,28 @@ def test_a_template_killed_while_it_imports_never_breaks_the_pool(make_pool):
     stats = pool.stats()
     assert stats["state"] == "ready" and stats["starts"]["failed_total"] == 0
     assert handle.run("print('back')").stdout == "back\n"
+
+
+def test_a_killed_template_is_replaced_at_once_by_its_standby(make_pool):
+    handle = make_pool(pool_size=2, spares_per_slot=1)
+    pool = handle.pool
+    stats = wait_until(lambda: (s := pool.stats())["standby_template_pid"] and s)
+    template, standby = stats["template_pid"], stats["standby_template_pid"]
+    assert psutil.Process(standby).ppid() == template  # a fork of it
+    workers = {w["pid"] for w in stats["workers"]}
+    os.kill(template, signal.SIGKILL)
+    wait_until(lambda: pool.stats()["template_pid"] == standby, timeout=5)
+    handle.wait_full(timeout=10)  # spares forked by the standby: no imports waited for
+    stats = pool.stats()
+    assert not workers & {w["pid"] for w in stats["workers"]}
+    assert stats["starts"]["failed_total"] == 0 and stats["state"] == "ready"
+    assert handle.run("print('on the standby')").stdout == "on the standby\n"
+    # It has a standby of its own, and a standby killed from outside is simply forked again.
+    second = wait_until(lambda: pool.stats()["standby_template_pid"])
+    assert psutil.Process(second).ppid() == standby
+    os.kill(second, signal.SIGKILL)
+    wait_until(lambda: pool.stats()["standby_template_pid"] not in (None, second))
+    assert pool.stats()["template_pid"] == standby
 
 
 def _failing_pool(work: Path, **kw) -> WarmPool:

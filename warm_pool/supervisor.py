@@ -99,6 +99,7 @@ class Supervisor:
         self.preload_skipped: dict[str, str] = {}
         self.preload_threads: dict[str, int] = {}
         self.template: TemplateLink | None = None
+        self.standby: TemplateLink | None = None  # a fork of the template, to take over if it dies
         self.restarts = Restarts(config.max_start_failures)  # bad starts, the wait before the next
         self.last_start_error: str | None = None  # a worker's start-up traceback
         self.next_worker_id = 1
@@ -196,6 +197,7 @@ class Supervisor:
             self._thread.join(timeout=10)
         self.monitor.stop()
         self._close_template()  # EOF: the template kills and reaps every worker
+        self._drop_standby()
         for worker in list(self.workers.values()):
             self.kill_worker(worker, "shutdown")
             self.seats.release(worker, kill=True)
@@ -219,6 +221,8 @@ class Supervisor:
                                         if not w.reader.eof] + self.capture.fds()
             if self.template is not None:
                 objects.append(self.template.conn)
+            if self.standby is not None:
+                objects.append(self.standby.conn)
             ready = connection.wait(objects, self._next_timeout(time.monotonic()))
             self.step(ready)
         self._finish_jobs(time.monotonic(), force=True)
@@ -233,6 +237,8 @@ class Supervisor:
                 os.read(self._wake_r, 4096)
             elif self.template is not None and obj is self.template.conn:
                 self._read_template()
+            elif self.standby is not None and obj is self.standby.conn:
+                self._read_standby()
             elif obj in by_fd:
                 self._read_worker(by_fd[obj], now)
             elif isinstance(obj, int):  # a job's output pipe
@@ -299,6 +305,7 @@ class Supervisor:
                          "recent": list(self.replacements)},
             "idle_since": self.idle_since,
             "template_pid": self.template.pid if self.template else None,
+            "standby_template_pid": self.standby.pid if self.standby and self.standby.ready else None,
             "starts": self.restarts.describe(time.monotonic()),
         }
 
@@ -360,6 +367,7 @@ class Supervisor:
             self.respawns["start_failed"] += 1
             self.restarts.template_failed(failed, now)
             self.break_pool(failed.strip() + _RETRYING)
+            self._drop_standby()
             return
         self.respawns["template_died"] += 1
         what = f"the template ended: {describe_exit(return_code)}"
@@ -367,6 +375,24 @@ class Supervisor:
             self.restarts.start_killed(what, now)
         else:
             self._start_failed(what, now)
+        if self.standby is not None and self.standby.ready:  # it takes over: no imports to wait for
+            self.template, self.standby = self.standby, None
+        self._drop_standby()
+
+    def _read_standby(self) -> None:
+        """The standby says it is ready; anything else (its end, a stray message) drops it
+        and manage_workers asks the template for another."""
+        try:
+            if isinstance(self.standby.read(), protocol.TemplateReady) and self.standby.ready:
+                return
+        except (EOFError, OSError, protocol.ProtocolError):
+            pass
+        self._drop_standby()
+
+    def _drop_standby(self) -> None:
+        standby, self.standby = self.standby, None
+        if standby is not None:
+            standby.close()
 
     def _close_template(self) -> int | None:
         """Close the template (it ends and takes its workers); its exit status."""
@@ -649,6 +675,8 @@ class Supervisor:
             return
         if self.backend is None:
             return  # the template is still importing
+        if self.standby is None:
+            self.standby = TemplateLink.standby_of(self.template)
         for slot in range(self.size):
             mine = [w for w in self.workers.values() if w.slot == slot]
             waiting = [w for w in mine if w.state in ("starting", "parked", "opening", "idle")]
