@@ -3,7 +3,8 @@
 For each backend, in this order so that nothing else competes for the two cores:
 cold per-script runs and the cold batch (no pool running); then a library pool
 (latency, dispatch, throughput, memory, timeouts, replacement last since it kills);
-then the HTTP service (latency, dispatch, the warm batch, throughput). Then several
+then the HTTP service (latency, dispatch, the warm batch, throughput). Then the soak
+(hostile jobs) and the chaos run (SIGKILLs under load) against the service. Then several
 instances on Ray (benchmarks/cluster.py; needs Ray and root): the same batch on 1 node
 and on 2, and an empty job's dispatch through Ray against the local pool. Prints a table,
 writes benchmarks/results/latest.json and, when matplotlib imports, latency.png.
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cluster, cold, library, report, service, soak, workloads
+from benchmarks import chaos, cluster, cold, library, report, service, soak, workloads
 from benchmarks.report import ratio, summarize
 from benchmarks.table import goals, render
 
@@ -47,14 +48,16 @@ class Plan:
     # Several instances: a batch of jobs that each wait this long, on 1 then 2 nodes of 2 workers.
     # Issue 22: hostile jobs against the service, this long.
     soak_seconds: float = 60.0
+    # Issue 21: mixed jobs while the pool's processes are SIGKILLed from outside, this long.
+    chaos_seconds: float = 60.0
     cluster_batch: int = 8
     cluster_job_s: float = 1.0
     cluster_dispatch_runs: int = 200
 
 
 QUICK = Plan(cold_runs=2, cold_runs_xla=2, warm_runs=5, batch_size=2, dispatch_runs=20, kills=2,
-             soak_seconds=5.0, kills_xla=2, timeouts_soft=1, timeouts_hard=0, memory_jobs=10,
-             throughput_jobs=100,
+             soak_seconds=5.0, chaos_seconds=5.0, kills_xla=2, timeouts_soft=1, timeouts_hard=0,
+             memory_jobs=10, throughput_jobs=100,
              throughput_seconds=0.5, throughput_clients=(2,), cluster_batch=4, cluster_job_s=0.5,
              cluster_dispatch_runs=20)
 
@@ -156,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - reported with the rest
             log(f"soak: FAILED: {exc}")
             results["errors"]["soak"] = f"{type(exc).__name__}: {exc}"
+        log(f"chaos: mixed jobs for {plan.chaos_seconds:g} s while the pool's processes are SIGKILLed")
+        try:
+            results["chaos"] = chaos.chaos(backends[0], work / "chaos", plan.chaos_seconds)
+        except Exception as exc:  # noqa: BLE001 - reported with the rest
+            log(f"chaos: FAILED: {exc}")
+            results["errors"]["chaos"] = f"{type(exc).__name__}: {exc}"
         why_not = "--no-cluster" if args.no_cluster else cluster.available()
         if why_not:
             log(f"cluster: skipped ({why_not})")

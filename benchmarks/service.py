@@ -33,6 +33,7 @@ class Service:
         self.proc: subprocess.Popen | None = None
         self.log_path = work_dir / "service.log"
         self.ready_s: float | None = None
+        self.uid_base = library.job_uid_base()  # the pool's job uids: 32 from here
 
     def __enter__(self) -> Service:
         self.start()
@@ -50,7 +51,7 @@ class Service:
         cmd = [sys.executable, "-m", "executor_service", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--backend", self.backend, "--pool-size", str(self.pool_size),
                "--work-dir", str(self.work_dir), "--log-level", "WARNING",
-               "--job-uid-base", str(library.job_uid_base()), *self.args]
+               "--job-uid-base", str(self.uid_base), *self.args]
         start = time.perf_counter()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -50,6 +50,14 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         for key, what in (("health_worst_s", "soak: worst GET /health"),
                           ("timeout_overshoot_worst_s", "soak: worst timeout overshoot")):
             row("cpu", f"{what} ≤ {soak['goal_s']:g} s", soak.get(key), soak["goal_s"] + 1e-9)
+    chaos = results.get("chaos") or {}
+    if chaos:  # issue 21: no value (None) when the pool was never whole again: missed
+        row("cpu", f"chaos: pool whole again ≤ {chaos['goal_s']:g} s after the last kill",
+            chaos.get("recovery_s"), chaos["goal_s"] + 1e-9)
+        if chaos.get("recovery_s") is None and chaos.get("kills"):
+            rows[-1]["met"] = False
+        rows.append({"backend": "cpu", "goal": "chaos: jobs without exactly one result",
+                     "value": chaos.get("lost_count"), "target": 0, "met": chaos.get("lost_count") == 0})
     return rows
 
 
@@ -127,6 +135,15 @@ def render(results: dict[str, Any]) -> str:
                 f"worst GET /health {_f(soak.get('health_worst_s'), 3)} s over {soak.get('health_requests')} "
                 f"requests; worst timeout overshoot {_f(soak.get('timeout_overshoot_worst_s'), 3)} s over "
                 f"{soak.get('control_jobs')} control jobs; hostile jobs ended: {soak.get('hostile')}"]
+    chaos = results.get("chaos")
+    if chaos:
+        out += ["", f"== chaos: mixed jobs for {chaos['seconds']:g} s, SIGKILLs from outside "
+                    "(benchmarks/chaos.py) ==",
+                f"{chaos.get('jobs_submitted')} jobs submitted, {chaos.get('results')} results "
+                f"({chaos.get('lost_count')} lost); {chaos.get('kills')} kills "
+                f"{chaos.get('kills_by_target')}; "
+                f"pool whole again {_f(chaos.get('recovery_s'), 2)} s after the last kill; "
+                f"refused {chaos.get('refused') or 'none'}; leftovers {len(chaos.get('leftovers') or [])}"]
     if results.get("errors"):
         out += ["", "ERRORS:"] + [f"  {k}: {v}" for k, v in results["errors"].items()]
     out += ["", "== goals (reported, not asserted) =="]

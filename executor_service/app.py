@@ -32,13 +32,13 @@ _RETRY = {"Retry-After": str(RETRY_AFTER_S)}
 ERRORS: dict[type[BaseException], tuple[int, str, dict[str, str]]] = {
     jobs.QueueFull: (503, "{exc}", _RETRY),
     jobs.Closing: (503, "{exc}", _RETRY),
-    jobs.Unavailable: (503, "{exc}", {}),
+    jobs.Unavailable: (503, "{exc}", _RETRY),  # a broken pool keeps trying to start again
     jobs.UnknownJob: (404, "{exc}", {}),
     jobs.UnknownBatch: (404, "{exc}", {}),
     jobs.AlreadyFinished: (409, "{exc}", {}),
     PoolQueueFull: (503, "queue is full; retry later", _RETRY),
     PoolClosed: (503, "service is shutting down; retry later", _RETRY),
-    PoolBroken: (503, "pool is broken: {exc}", {}),
+    PoolBroken: (503, "pool is broken: {exc}", _RETRY),
 }
 
 # HTTP errors → our stable messages: Werkzeug's, and those the WSGI server raises before

@@ -76,7 +76,7 @@ class Closing(JobsError):
 
 
 class Unavailable(JobsError):
-    """The pool cannot run jobs (broken); the message says why."""
+    """The pool cannot run jobs now (broken, trying to start again); the message says why."""
 
 
 class QueueFull(JobsError):

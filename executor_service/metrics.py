@@ -28,7 +28,7 @@ OUTCOMES = frozenset({"success", "failed", *ERROR_TYPES})
 POOL_STATES = frozenset({"starting", "ready", "broken", "closing", "closed", "unknown"})
 # Why the pool replaced a worker (the supervisor's retire reasons).
 RESPAWN_REASONS = frozenset({
-    "crashed", "start_failed", "start_timeout", "check_timeout", "template_died", "killed",
+    "crashed", "start_failed", "start_killed", "start_timeout", "check_timeout", "template_died", "killed",
     "shutdown", "channel_closed", "dirty", "recycled", "device_memory_growth", "timeout",
     "memory_limit", "output_limit", "disk_limit", "protocol_error", "cancelled", "interrupted",
     "profiling",

@@ -142,8 +142,12 @@ class PoolConfig:
         120.0, "how long a worker may take from fork to ready, device start included",
         unit="s", minimum=0.001)
     max_start_failures: int = setting(
-        5, "worker starts failing in a row before the pool declares itself broken "
-        "(backoff 0.25 s doubling to 10 s between them)", minimum=1)
+        5, "failed starts in a row (a worker's confinement or device failed, or it exited or "
+        "faulted before it was ready; the template's failed imports count as all of them) before "
+        "the pool reports itself broken: it refuses jobs (503) and keeps trying, one worker at a "
+        "time, at most 30 s apart, until one starts. Starts killed from outside (SIGKILL) never "
+        "count. Between starts: 0.25 s doubling, to 2 s after killed ones and 10 s after failed "
+        "ones", minimum=1)
     monitor_interval: float = setting(
         0.05, "how often running jobs' memory is measured", unit="s", minimum=0.001)
     threads_per_worker: int | None = setting(

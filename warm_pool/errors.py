@@ -3,8 +3,9 @@
 1. The job failed (its own exception or exit status): not an exception at all, a
    JobResult with error_type set. `describe_exit` turns an exit status into its words.
 2. The worker died: `WorkerDied`, carrying the exit code or signal and a human hint.
-3. The pool itself is broken (the template could not import its modules, or workers
-   keep dying while starting): `PoolBroken`; the pool stops respawning and says why.
+3. The pool itself is broken (the template could not import its modules, or worker
+   starts keep failing): `PoolBroken`; the pool refuses jobs and says why while it keeps
+   trying, slowly, and takes jobs again once a worker starts (restarts.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ class PoolError(Exception):
 
 
 class PoolBroken(PoolError):
-    """The pool cannot run jobs: the template or every worker start failed."""
+    """The pool cannot run jobs now: the template or every recent worker start failed."""
 
 
 class PoolClosed(PoolError):

@@ -3,7 +3,8 @@
 Two channels, both AF_UNIX stream sockets::
 
     supervisor ──spawn (+ the worker's socket, by SCM_RIGHTS)──▶ template
-    supervisor ◀──template_ready | template_failed | spawned | exited── template
+    supervisor ──fork_standby (+ the standby's socket)──▶ template
+    supervisor ◀──template_ready | template_failed | spawned | exited── template (or standby)
 
     supervisor ──open_device | run_job (+ the job's stdout and stderr pipes)──▶ worker
     supervisor ◀──worker_ready | worker_failed | job_done | worker_idle── worker
@@ -89,6 +90,15 @@ class Spawn(Message):
     tmpfs_at: tuple[str, ...]        # where those mounts go (/dev/shm, and /tmp unless the work dir is there)
     defer_device: bool               # wait for open_device before touching the device
     one_job: bool                    # run one job, then exit (False: the reuse mode)
+
+
+@dataclass(frozen=True)
+class ForkStandby(Message):
+    """Fork a standby: a copy of the template that keeps only what it imported and
+    answers template_ready on the socket that follows as an fd. The supervisor turns to
+    it when the template dies, instead of waiting for a new one's imports."""
+
+    type: ClassVar[str] = "fork_standby"
 
 
 @dataclass(frozen=True)
@@ -204,7 +214,7 @@ class WorkerIdle(Message):
 
 FROM_TEMPLATE = (TemplateReady, TemplateFailed, Spawned, Exited)
 FROM_WORKER = (WorkerReady, WorkerFailed, JobDone, WorkerIdle)
-TO_TEMPLATE = (Spawn,)
+TO_TEMPLATE = (Spawn, ForkStandby)
 TO_WORKER = (RunJob, OpenDevice)
 
 # What a job's process may claim as its error_type; anything else is a protocol error.

@@ -46,13 +46,14 @@ from typing import Any
 from warm_pool import limits, protocol, usage
 from warm_pool.capture import Capture, JobOutput, read_live
 from warm_pool.config import PoolConfig
-from warm_pool.errors import PoolBroken, PoolClosed, QueueFull
+from warm_pool.errors import PoolBroken, PoolClosed, QueueFull, describe_exit
 from warm_pool.finisher import Finisher, remove_job_dir
 from warm_pool.monitor import Monitor, Watched
 from warm_pool.neuron import profile
 from warm_pool.placement import Placement
 from warm_pool.profiling import ProfileSlots
 from warm_pool.records import Job, Worker
+from warm_pool.restarts import BROKEN_MAX_WAIT_S, Restarts, killed_from_outside
 from warm_pool.result import WorkerRef
 from warm_pool.seats import Seats
 from warm_pool.template_link import TemplateLink
@@ -70,6 +71,7 @@ _READY = ("idle", "busy", "checking")
 # Longest a send to a worker may wait for room in its socket (it holds a few bytes; only
 # a worker that stopped reading makes it wait): then the worker is treated as gone.
 _SEND_TIMEOUT_S = 0.2
+_RETRYING = f"; the pool tries again by itself, at most {BROKEN_MAX_WAIT_S:g} s apart"
 
 
 class Supervisor:
@@ -100,9 +102,9 @@ class Supervisor:
         self.preload_skipped: dict[str, str] = {}
         self.preload_threads: dict[str, int] = {}
         self.template: TemplateLink | None = None
-        self.start_failures = 0
+        self.standby: TemplateLink | None = None  # a fork of the template, to take over if it dies
+        self.restarts = Restarts(config.max_start_failures)  # bad starts, the wait before the next
         self.last_start_error: str | None = None  # a worker's start-up traceback
-        self.next_start_mono = 0.0
         self.next_worker_id = 1
         self.idle_since: float | None = None
         self.spare_seconds: deque[float] = deque(maxlen=50)  # fork → ready of the latest spares
@@ -179,8 +181,7 @@ class Supervisor:
         with self._changed:
             if self.state == "closed":
                 return
-            if self.state != "broken":
-                self.state = "closing"
+            self.state = "closing"  # a broken pool too: it stops retrying
             while self.queue:  # never started: the caller may submit them again later
                 job = self.queue.popleft()
                 self.jobs.pop(job.spec.job_id, None)
@@ -200,6 +201,7 @@ class Supervisor:
             self._thread.join(timeout=10)
         self.monitor.stop()
         self._close_template()  # EOF: the template kills and reaps every worker
+        self._drop_standby()
         for worker in list(self.workers.values()):
             self.kill_worker(worker, "shutdown")
             self.seats.release(worker, kill=True)
@@ -223,6 +225,8 @@ class Supervisor:
                                         if not w.reader.eof] + self.capture.fds()
             if self.template is not None:
                 objects.append(self.template.conn)
+            if self.standby is not None:
+                objects.append(self.standby.conn)
             ready = connection.wait(objects, self._next_timeout(time.monotonic()))
             self.step(ready)
         self._finish_jobs(time.monotonic(), force=True)
@@ -237,6 +241,8 @@ class Supervisor:
                 os.read(self._wake_r, 4096)
             elif self.template is not None and obj is self.template.conn:
                 self._read_template()
+            elif self.standby is not None and obj is self.standby.conn:
+                self._read_standby()
             elif obj in by_fd:
                 self._read_worker(by_fd[obj], now)
             elif isinstance(obj, int):  # a job's output pipe
@@ -267,8 +273,8 @@ class Supervisor:
                 wakeups.append(w.channel_closed_mono + _CHANNEL_GRACE_S)
         if self.finishing or self.seats.dirty:
             wakeups.append(now + 0.005)
-        if self.next_start_mono > now:
-            wakeups.append(self.next_start_mono)
+        if self.restarts.next_mono > now:
+            wakeups.append(self.restarts.next_mono)
         return max(0.0, min(wakeups) - now)
 
     def publish(self) -> None:
@@ -304,6 +310,8 @@ class Supervisor:
                          "recent": list(self.replacements)},
             "idle_since": self.idle_since,
             "template_pid": self.template.pid if self.template else None,
+            "standby_template_pid": self.standby.pid if self.standby and self.standby.ready else None,
+            "starts": self.restarts.describe(time.monotonic()),
         }
 
     def _command(self, command: str, job_id: str, now: float) -> None:
@@ -334,7 +342,7 @@ class Supervisor:
         try:
             msg = self.template.read()
         except (EOFError, OSError, protocol.ProtocolError):
-            self._template_lost()
+            self._template_lost()  # its exit status says whether it failed or was killed
             return
         if isinstance(msg, protocol.TemplateReady):
             self.backend, self.preloaded = msg.backend, msg.preloaded
@@ -343,8 +351,7 @@ class Supervisor:
                 if self.state == "starting":
                     self.state = "ready"
         elif isinstance(msg, protocol.TemplateFailed):
-            self.break_pool(f"the template could not start: {msg.error.strip()}")
-            self._close_template()
+            self._template_lost(failed=f"the template could not start: {msg.error.strip()}")
         elif isinstance(msg, protocol.Spawned):
             worker = self.workers.get(msg.worker_id)
             if worker is not None:
@@ -352,22 +359,54 @@ class Supervisor:
         elif isinstance(msg, protocol.Exited):
             self.reap_workers(msg.worker_id, msg.return_code, msg.max_rss_kb * 1024)
 
-    def _template_lost(self) -> None:
-        """The template died: every worker dies with it (parent-death signal); start over."""
-        self._close_template()
+    def _template_lost(self, failed: str | None = None) -> None:
+        """The template died or could not start (`failed`): every worker dies with it
+        (parent-death signal); start over after a wait (restarts.py)."""
+        return_code = self._close_template()
         for worker_id in list(self.workers):
             self.reap_workers(worker_id, None, 0)
-        if self.state not in ("closing", "closed", "broken"):
-            self.respawns["template_died"] += 1
-            self.next_start_mono = time.monotonic() + 0.5
+        if self.state in ("closing", "closed"):
+            return
+        now = time.monotonic()
+        if failed is not None:
+            self.respawns["start_failed"] += 1
+            self.restarts.template_failed(failed, now)
+            self.break_pool(failed.strip() + _RETRYING)
+            self._drop_standby()
+            return
+        self.respawns["template_died"] += 1
+        what = f"the template ended: {describe_exit(return_code)}"
+        if killed_from_outside(return_code):
+            self.restarts.start_killed(what, now)
+        else:
+            self._start_failed(what, now)
+        if self.standby is not None and self.standby.ready:  # it takes over: no imports to wait for
+            self.template, self.standby = self.standby, None
+        self._drop_standby()
 
-    def _close_template(self) -> None:
-        if self.template is not None:
-            self.template.close()
-            self.template = None
+    def _read_standby(self) -> None:
+        """The standby says it is ready; anything else (its end, a stray message) drops it
+        and manage_workers asks the template for another."""
+        try:
+            if isinstance(self.standby.read(), protocol.TemplateReady) and self.standby.ready:
+                return
+        except (EOFError, OSError, protocol.ProtocolError):
+            pass
+        self._drop_standby()
+
+    def _drop_standby(self) -> None:
+        standby, self.standby = self.standby, None
+        if standby is not None:
+            standby.close()
+
+    def _close_template(self) -> int | None:
+        """Close the template (it ends and takes its workers); its exit status."""
+        template, self.template = self.template, None
+        return template.close() if template is not None else None
 
     def break_pool(self, reason: str) -> None:
-        """The pool cannot run jobs: fail the queued ones and say why from now on."""
+        """The pool cannot run jobs: fail the queued ones and say why until a worker
+        starts again (it keeps trying, restarts.py)."""
         with self.lock:
             self.state, self.broken_reason = "broken", reason
             queued, self.queue = list(self.queue), deque()
@@ -376,6 +415,12 @@ class Supervisor:
         for job in queued:
             remove_job_dir(job)
             job.future.set_exception(PoolBroken(reason))
+
+    def _recovered(self) -> None:
+        """A worker started: a broken pool takes jobs again."""
+        with self.lock:
+            if self.state == "broken":
+                self.state, self.broken_reason = "ready", None
 
     # --- workers ----------------------------------------------------------------------
 
@@ -493,7 +538,9 @@ class Supervisor:
             worker.preloaded, worker.device, worker.confinement = msg.preloaded, msg.device, msg.confinement
             if state == "starting":
                 worker.ready_seconds = now - worker.spawned_mono
-            self.start_failures, self.last_start_error = 0, None
+            self.restarts.started()
+            self.last_start_error = None
+            self._recovered()
             parked = worker.one_job and self.backend == "neuron" and msg.device is None
             worker.state = "parked" if parked else "idle"
             if not parked:
@@ -593,34 +640,56 @@ class Supervisor:
         if self.state in ("closing", "closed"):
             return
         if worker.ready_seconds is None:
-            self._start_failed(worker.retire_reason or "died while starting")
+            self._start_ended(worker, return_code)
         elif worker.retire_reason is not None:
             self.respawns[worker.retire_reason] += 1
 
-    def _start_failed(self, reason: str) -> None:
-        self.respawns["start_failed"] += 1
-        self.start_failures += 1
-        if self.start_failures >= self.config.max_start_failures:
-            detail = self.last_start_error or reason
-            self.break_pool(f"{self.start_failures} worker starts failed in a row; last: {detail.strip()}")
+    def _start_ended(self, worker: Worker, return_code: int | None) -> None:
+        """A worker ended before it was ready: a failed start, or one killed from outside
+        (never counted towards broken); restarts.py says which and how long to wait."""
+        if return_code is None:  # it died with its template, which _template_lost counts
+            self.respawns["start_killed"] += 1
             return
-        self.next_start_mono = time.monotonic() + min(0.25 * 2 ** (self.start_failures - 1), 10.0)
+        now = time.monotonic()
+        what = f"worker {worker.id} ended before it was ready: {describe_exit(return_code)}"
+        if killed_from_outside(return_code, worker.retire_reason):
+            self.respawns["start_killed"] += 1
+            self.restarts.start_killed(what, now)
+            return
+        self.respawns["start_failed"] += 1
+        if worker.retire_reason == "start_failed" and self.last_start_error:
+            what = self.last_start_error  # what it reported (WorkerFailed): its traceback
+        elif worker.retire_reason in ("start_timeout", "protocol_error"):
+            what += f" (stopped: {worker.retire_reason})"
+        self._start_failed(what, now)
+
+    def _start_failed(self, what: str, now: float) -> None:
+        self.restarts.start_failed(what, now)
+        if self.restarts.broken:  # the reason kept current while it stays broken
+            self.break_pool(f"{self.restarts.failed} starts failed in a row{_RETRYING}; "
+                            f"last: {what.strip()}")
 
     def manage_workers(self, now: float) -> None:
         """Clean the seats jobs left, restore each slot's spares, hand free cores over."""
         self.seats.clean()
-        if self.state in ("broken", "closing", "closed") or now < self.next_start_mono:
+        starting = sum(1 for w in self.workers.values() if w.state == "starting")
+        if self.state in ("closing", "closed") or not self.restarts.may_start(now, starting):
             return
         if self.template is None:
             self.template = TemplateLink(self.config, self.placement)
             return
         if self.backend is None:
             return  # the template is still importing
+        if self.standby is None:
+            self.standby = TemplateLink.standby_of(self.template)
         for slot in range(self.size):
             mine = [w for w in self.workers.values() if w.slot == slot]
             waiting = [w for w in mine if w.state in ("starting", "parked", "opening", "idle")]
             wanted = self._spares_wanted(mine)
             for _ in range(wanted - len(waiting)):
+                if not self.restarts.may_start(now, starting):
+                    break  # broken: one worker at a time
+                starting += 1
                 uid = self.seats.free(slot, [w.uid for w in mine], len(mine))
                 if uid is False:
                     break
