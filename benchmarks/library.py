@@ -112,12 +112,17 @@ def replacement(pool: WarmPool, kills: int, size: int) -> dict[str, Any]:
     """SIGKILL an idle worker; time until a replacement is idle (stats() polled every 0.5 ms)."""
     times, ready = [], []
     for _ in range(kills):
-        wait_idle(pool, size, 60)
-        workers = pool.stats()["workers"]
-        known = {w["pid"] for w in workers}
-        victim = next(w["pid"] for w in workers if w["state"] == "idle")
-        start = time.perf_counter()
-        os.kill(victim, signal.SIGKILL)
+        for _attempt in range(5):  # a spare listed idle may have ended since the snapshot
+            wait_idle(pool, size, 60)
+            workers = pool.stats()["workers"]
+            known = {w["pid"] for w in workers}
+            victim = next(w["pid"] for w in workers if w["state"] == "idle")
+            start = time.perf_counter()
+            try:
+                os.kill(victim, signal.SIGKILL)
+                break
+            except ProcessLookupError:
+                time.sleep(0.05)
         if not wait_idle(pool, size, 60, exclude={victim}):
             raise RuntimeError("no replacement worker became idle within 60 s")
         times.append(time.perf_counter() - start)
