@@ -229,7 +229,40 @@ plt.savefig("val_loss.png")
 print(f"METRICS: {json.dumps({'best_val_loss': round(best, 6)})}")
 '''
 
+# The callers' newer kind (issue 20): a tiny BERT-style classifier from a config (no
+# download), trained a few steps on dataset_loader's imdb.
+BERT_IMDB = '''\
+import json
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+from dataset_loader import load_dataset
+
+torch.manual_seed(3)
+train_loader, test_loader = load_dataset("imdb", batch_size=8, max_length=32, vocab_size=200)
+config = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=64, num_labels=2)
+model = BertForSequenceClassification(config)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+model.train()
+for step, (ids, labels) in enumerate(train_loader):
+    out = model(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels)
+    opt.zero_grad()
+    out.loss.backward()
+    opt.step()
+    print(f"step {step} loss {out.loss.item():.6f}")
+model.eval()
+correct = total = 0
+with torch.no_grad():
+    for ids, labels in test_loader:
+        pred = model(input_ids=ids, attention_mask=(ids != 0).long()).logits.argmax(-1)
+        correct += int((pred == labels).sum())
+        total += len(labels)
+torch.save(model.state_dict(), "bert.pt")
+print(f"METRICS: {json.dumps({'training_loss': round(out.loss.item(), 6), 'accuracy': correct / total})}")
+'''
+
 SCRIPTS = {
+    "bert_imdb": BERT_IMDB,
     "cifar_cnn": CIFAR_CNN,
     "mnist_mlp": MNIST_MLP,
     "resnet_synthetic": RESNET_SYNTHETIC,
@@ -237,6 +270,7 @@ SCRIPTS = {
 }
 
 ARTIFACTS = {
+    "bert_imdb": {"bert.pt"},
     "cifar_cnn": {"loss_curve.png", "model.pt", "metrics.json"},
     "mnist_mlp": {"results/history.csv", "results/training.png", "checkpoint.pth"},
     "resnet_synthetic": {"samples.png", "loss.png", "results.txt"},
@@ -261,6 +295,16 @@ def write_tiny_cache(dest: Path) -> Path:
             torch.randint(0, 10, (n_train,), generator=gen),
             torch.randint(0, 256, (n_test, *shape), generator=gen, dtype=torch.uint8),
             torch.randint(0, 10, (n_test,), generator=gen))
+    words = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "actor", "scene"]
+    imdb = dest / "imdb"
+    imdb.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", 32), ("test", 16)):
+        with open(imdb / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for _ in range(rows):
+                picks = torch.randint(0, len(words), (12,), generator=gen).tolist()
+                text = " ".join(words[k] for k in picks)
+                label = int(sum(1 if k < 3 else -1 if k < 6 else 0 for k in picks) > 0)
+                f.write(json.dumps({"text": text, "label": label}) + "\n")
     for path in [dest, *dest.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     return dest
