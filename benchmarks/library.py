@@ -123,7 +123,8 @@ def replacement(pool: WarmPool, kills: int, size: int) -> dict[str, Any]:
                 break
             except ProcessLookupError:
                 time.sleep(0.05)
-        if not wait_idle(pool, size, 60, exclude={victim}):
+        # A new process (not one of the spares already there) idle in the victim's place.
+        if not wait_idle(pool, 1, 60, exclude=known):
             raise RuntimeError("no replacement worker became idle within 60 s")
         times.append(time.perf_counter() - start)
         ready.extend(w["ready_seconds"] for w in pool.stats()["workers"]
