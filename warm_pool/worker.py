@@ -506,14 +506,7 @@ class JobAtexit:
     def run(self) -> None:
         while self.handlers:
             func, args, kwargs = self.handlers.pop()
-            try:
-                func(*args, **kwargs)
-            except SystemExit:
-                pass
-            except BaseException as exc:  # noqa: BLE001 - reported like CPython, then the next
-                sys.unraisablehook(types.SimpleNamespace(
-                    exc_type=type(exc), exc_value=exc, exc_traceback=exc.__traceback__,
-                    err_msg="Exception ignored in atexit callback", object=func))
+            _call_like_atexit(func, *args, **kwargs)
 
 
 class _LastAtexit(JobAtexit):
@@ -545,10 +538,10 @@ class _LastAtexit(JobAtexit):
                 _call_like_atexit(getattr(loaded, name))
 
 
-def _call_like_atexit(func: Any) -> None:
+def _call_like_atexit(func: Any, *args: Any, **kwargs: Any) -> None:
     """Call an exit handler; report its failure as CPython does at exit."""
     try:
-        func()
+        func(*args, **kwargs)
     except SystemExit:
         pass
     except BaseException as exc:  # noqa: BLE001 - reported like CPython, then the next
