@@ -38,6 +38,8 @@ from typing import Any
 
 import psutil
 
+from warm_pool import usage
+
 GOAL_S = 10.0
 CLIENTS = 4
 KILL_EVERY_S = (1.0, 2.0)
@@ -294,11 +296,10 @@ def _kill_child(pid: int, parents: tuple[int | None, ...]) -> bool:
     except OSError:
         return False
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        ppid = usage.parent_pid(pid)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             ours = b"warm_pool.template" in f.read()  # workers are forks of a template
-        if ppid not in parents or not ours:
+        if ppid is None or ppid not in parents or not ours:
             return False
         signal.pidfd_send_signal(fd, signal.SIGKILL)
         return True

@@ -129,6 +129,16 @@ def bench_backend(backend: str, plan: Plan, work: Path) -> dict[str, Any]:
     return out
 
 
+def _section(results: dict[str, Any], name: str, what: str, measure: Any) -> None:
+    """Run one single-backend section; a failure is reported with the rest, never fatal."""
+    log(f"{name}: {what}")
+    try:
+        results[name] = measure()
+    except Exception as exc:  # noqa: BLE001 - reported with the rest
+        log(f"{name}: FAILED: {exc}")
+        results["errors"][name] = f"{type(exc).__name__}: {exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,18 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - one backend failing must not hide the other
                 log(f"{backend}: FAILED: {exc}")
                 results["errors"][backend] = f"{type(exc).__name__}: {exc}"
-        log(f"soak: hostile jobs for {plan.soak_seconds:g} s against /health and a timed-out control job")
-        try:
-            results["soak"] = soak.soak(backends[0], work / "soak", plan.soak_seconds)
-        except Exception as exc:  # noqa: BLE001 - reported with the rest
-            log(f"soak: FAILED: {exc}")
-            results["errors"]["soak"] = f"{type(exc).__name__}: {exc}"
-        log(f"chaos: mixed jobs for {plan.chaos_seconds:g} s while the pool's processes are SIGKILLed")
-        try:
-            results["chaos"] = chaos.chaos(backends[0], work / "chaos", plan.chaos_seconds)
-        except Exception as exc:  # noqa: BLE001 - reported with the rest
-            log(f"chaos: FAILED: {exc}")
-            results["errors"]["chaos"] = f"{type(exc).__name__}: {exc}"
+        _section(results, "soak", f"hostile jobs for {plan.soak_seconds:g} s against /health and a "
+                 "timed-out control job", lambda: soak.soak(backends[0], work / "soak", plan.soak_seconds))
+        _section(results, "chaos", f"mixed jobs for {plan.chaos_seconds:g} s while the pool's processes "
+                 "are SIGKILLed", lambda: chaos.chaos(backends[0], work / "chaos", plan.chaos_seconds))
         why_not = "--no-cluster" if args.no_cluster else cluster.available()
         if why_not:
             log(f"cluster: skipped ({why_not})")

@@ -21,7 +21,7 @@ import subprocess
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 
-from warm_pool import protocol
+from warm_pool import protocol, usage
 from warm_pool.config import PoolConfig
 from warm_pool.placement import Placement
 
@@ -106,12 +106,7 @@ class TemplateLink:
             fd = os.pidfd_open(pid)
         except OSError:
             return False
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            parent = None
-        if parent != self._parent:  # gone already, or its template died meanwhile
+        if usage.parent_pid(pid) != self._parent:  # gone already, or its template died meanwhile
             os.close(fd)
             return False
         self._pid, self._pidfd = pid, fd

@@ -90,6 +90,16 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent of a process, from /proc/<pid>/stat (None if it is gone). The command
+    name in parentheses may hold spaces and parentheses: the fields follow the last ')'."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def process_rss(pid: int) -> int:
     """Resident bytes of one process (0 if it is gone): /proc/<pid>/statm, no walk."""
     try:
