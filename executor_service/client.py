@@ -315,19 +315,20 @@ class ExecutorClient:
         """The same events from GET /jobs/<id>/output and GET /jobs/<id>, polled."""
         status = None
         while True:
-            ended = False
+            caught_up_after_end = []  # per stream: read to its end, and the job had ended
             for stream in ("stdout", "stderr"):
                 while True:
                     part = self.output(job_id, stream, offsets[stream])
-                    ended = part["ended"]
-                    if part["status"] != status and not ended:
+                    if part["status"] != status and not part["ended"]:
                         status = part["status"]
                         yield {"event": "status", "data": {"job_id": job_id, "status": status}}
                     if part["next_offset"] == offsets[stream]:
+                        caught_up_after_end.append(part["ended"])
                         break
                     offsets[stream] = part["next_offset"]
                     if part["text"]:
                         yield {"event": "output", "data": {"stream": stream, "text": part["text"]}}
+            ended = all(caught_up_after_end)
             if ended:
                 job = self.get_job(job_id)
                 yield {"event": "status", "data": {"job_id": job_id, "status": job.get("status")}}

@@ -58,9 +58,11 @@ def test_the_page_shows_the_workers_and_a_jobs_live_output_result_and_figure(sec
     shown = dashboard.show_job(browser, secured.url, submit, gate, shot, token=TOKEN)
     assert gates == [shown["job_id"]]
     assert "epoch 1/5  loss 1.2" in shown["live_output"]
-    workers = browser.eval("[...document.querySelectorAll('#workers tr')]"
-                           ".map(r => r.children[1].textContent)")
-    assert len(workers) == 2 and set(workers) <= {"idle", "busy", "checking", "starting"}
+    # One row per process: each slot's spares (and the job's process while it runs).
+    rows = browser.eval("[...document.querySelectorAll('#workers tr')]"
+                        ".map(r => [r.children[1].textContent, r.children[2].textContent])")
+    assert {slot for slot, _ in rows} == {"0", "1"}
+    assert {state for _, state in rows} <= {"idle", "busy", "checking", "starting", "parked", "opening"}
     assert browser.eval("document.getElementById('job-result').textContent").count("training_loss") >= 1
     row = browser.eval(f"document.querySelector('#jobs tr[data-job=\"{shown['job_id']}\"]').textContent")
     assert "0.24" in row and "0.91" in row  # training_loss and validation_accuracy in the table

@@ -334,9 +334,12 @@ def test_submit_follow_prints_each_jobs_output_as_it_comes_then_the_results(serv
     out, err = proc.communicate(timeout=60)
     out = "".join(lines) + out
     assert proc.returncode == 0, err
-    assert "[alpha] alpha 2\n" in out and "[beta] beta out\n" in out and "[beta] beta err\n" in err
-    assert out.index("[alpha] alpha 1") < out.index("[alpha] alpha 2") < out.index("{")
     results = json.loads(out[out.index("{"):])
+    printed = out[:out.index("{")]
+    assert "[alpha] alpha 2\n" in printed and "[beta] beta out\n" in printed, (
+        printed, err, results["results"])
+    assert "[beta] beta err\n" in err, (err, results["results"]["beta"])
+    assert out.index("[alpha] alpha 1") < out.index("[alpha] alpha 2") < out.index("{")
     assert results["successful"] == 2 and results["results"]["alpha"]["stdout"] == "alpha 1\nalpha 2\n"
 
 

@@ -71,10 +71,11 @@ function renderPool(health) {
   const pool = health.pool || {};
   badge($("pool-state"), pool.state || health.status);
   $("pool-summary").textContent =
-    `${pool.backend || "?"} · ${pool.size} workers · ${pool.idle} idle · ${pool.busy} busy · isolation ${health.isolation || "?"}`;
+    `${pool.backend || "?"} · ${pool.size} slots · ${pool.idle} idle · ${pool.busy} busy · ` +
+    `${(pool.spares || {}).ready ?? "?"} spares ready · isolation ${health.isolation || "?"}`;
   const rows = (pool.workers || []).map((w) => {
     const tr = el("tr");
-    tr.append(el("td", w.id));
+    tr.append(el("td", w.id), el("td", w.slot ?? "–"));
     const state = el("td");
     const b = el("span");
     badge(b, w.state);
