@@ -11,7 +11,14 @@ REPLACEMENT_GOAL_MS = {"cpu": 40.0, "xla": 80.0}
 BATCH_GOAL_RATIO = {"cpu": 250.0, "xla": 400.0}
 HTTP_EMPTY_GOAL_MS = 8.0
 LIBRARY_EMPTY_GOAL_MS = 3.0
+HTTP_OWN_COST_GOAL_MS = 2.0  # issue 23: what the HTTP path adds to the library's empty job
 HF_IMPORTS_GOAL_RATIO = 50.0  # issue 20: the Hugging Face imports warm ≥ 50× faster than cold
+
+
+def http_own_cost_ms(dispatch: dict[str, Any]) -> float | None:
+    """What the HTTP path adds to an empty job's p50 over the library's."""
+    http, library = (dispatch.get(k, {}).get("p50_ms") for k in ("http", "library"))
+    return None if http is None or library is None else round(http - library, 2)
 
 
 def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -31,6 +38,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             s["dispatch"]["http"].get("p50_ms"), HTTP_EMPTY_GOAL_MS)
         row(backend, f"empty job via library p50 ≤ {LIBRARY_EMPTY_GOAL_MS:g} ms",
             s["dispatch"]["library"].get("p50_ms"), LIBRARY_EMPTY_GOAL_MS)
+        row(backend, f"HTTP path's own cost (HTTP p50 − library p50) ≤ {HTTP_OWN_COST_GOAL_MS:g} ms",
+            http_own_cost_ms(s["dispatch"]), HTTP_OWN_COST_GOAL_MS)
         target = REPLACEMENT_GOAL_MS.get(backend, 150.0)
         row(backend, f"spare prepared (fork → ready) p50 ≤ {target:g} ms",
             (s["replacement"].get("worker_fork_to_ready") or {}).get("p50_ms"), target)

@@ -46,7 +46,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from executor_service.cluster_records import ClusterJob, ClusterResult, Node, NodeRef, pool_sums
+from executor_service.cluster_records import (
+    ClusterJob,
+    ClusterResult,
+    Node,
+    NodeRef,
+    cluster_state,
+    pool_sums,
+)
 from executor_service.config import split_address
 from executor_service.node_pool import NodePool
 from warm_pool import (
@@ -64,6 +71,7 @@ from warm_pool import (
     QueueFull,
 )
 from warm_pool import artifacts as pool_artifacts
+from warm_pool.contract import Condition
 
 log = logging.getLogger("executor_service.cluster")
 
@@ -248,6 +256,17 @@ class ClusterPool:
             return None
 
     # --- health ------------------------------------------------------------------------
+
+    def condition(self) -> Condition:
+        """The cluster's state, size and isolation from the nodes' last reported stats
+        (no Ray call: what every request's admission reads)."""
+        with self.lock:
+            pools = [n.stats for n in self.nodes.values()
+                     if n.stats is not None and n.state in ("placing", "ready")]
+            state = self.state
+        pool_state, reason = cluster_state(pools, state)
+        isolation = next((s["isolation"] for s in pools if s.get("isolation")), None)
+        return Condition(pool_state, reason, sum(s.get("size") or 0 for s in pools), isolation)
 
     def stats(self) -> dict[str, Any]:
         """The cluster as one pool for /health, /status and /metrics (sums over the nodes'

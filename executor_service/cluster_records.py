@@ -91,6 +91,19 @@ class ClusterJob:
     cancelled: bool = False
 
 
+def cluster_state(pools: list[dict[str, Any]], state: str) -> tuple[str, str | None]:
+    """The cluster's state as one pool's (contract.POOL_STATES) and why it is broken,
+    from the nodes' pools' stats: "broken" only when every node's pool is."""
+    if state in ("closing", "closed"):
+        return state, None
+    broken = [s for s in pools if s.get("state") == "broken"]
+    if pools and len(broken) == len(pools):
+        reasons = "; ".join(str(s.get("broken_reason")) for s in broken)
+        return "broken", f"every node's pool is broken: {reasons}"
+    ready = sum((s.get("idle") or 0) + (s.get("busy") or 0) for s in pools)
+    return ("ready" if ready else "starting"), None
+
+
 def pool_sums(pools: list[tuple[str, dict[str, Any]]], state: str, config: PoolConfig) -> dict[str, Any]:
     """The nodes' pools as one, for /health, /status and /metrics: counts summed, workers
     and replacements listed with their node; "broken" only when every node's pool is."""
@@ -106,15 +119,7 @@ def pool_sums(pools: list[tuple[str, dict[str, Any]]], state: str, config: PoolC
         preloaded = preloaded or list(s.get("preloaded") or [])
         backend = backend or s.get("backend")
         isolation = isolation or s.get("isolation")
-    broken = [s for _, s in pools if s.get("state") == "broken"]
-    reason = None
-    if state in ("closing", "closed"):
-        pool_state = state
-    elif pools and len(broken) == len(pools):
-        pool_state = "broken"
-        reason = "every node's pool is broken: " + "; ".join(str(s.get("broken_reason")) for s in broken)
-    else:
-        pool_state = "ready" if total["idle"] + total["busy"] else "starting"
+    pool_state, reason = cluster_state([s for _, s in pools], state)
     return {
         "backend": backend or (None if config.backend == "auto" else config.backend),
         "requested_backend": config.backend, "state": pool_state, "broken_reason": reason,

@@ -46,6 +46,7 @@ from warm_pool import (
     TERMINAL_STATUSES,
     JobResult,
     JobSpec,
+    Pool,
     PoolBroken,
     PoolClosed,
     utc_iso,
@@ -155,7 +156,7 @@ def synthetic_result(row: JobRow, status: str, error_type: str, message: str) ->
 class JobRunner:
     """Accepts validated requests, feeds the pool from the store, records results."""
 
-    def __init__(self, pool, store: JobStore, config: ServiceConfig, metrics: Metrics):
+    def __init__(self, pool: Pool, store: JobStore, config: ServiceConfig, metrics: Metrics):
         self.pool = pool
         self.store = store
         self.config = config
@@ -262,9 +263,9 @@ class JobRunner:
         """
         if self._closing.is_set():
             raise Closing("service is shutting down")
-        stats = self.pool.stats()
-        if stats.get("state") == "broken":
-            raise Unavailable(f"pool is broken: {short_reason(stats.get('broken_reason'))}")
+        condition = self.pool.condition()
+        if condition.state == "broken":
+            raise Unavailable(f"pool is broken: {short_reason(condition.broken_reason)}")
         batch_id = new_id()
         with self._accept_lock:
             if idem_key and (earlier := self.store.batch_for_key(idem_key)):
@@ -491,7 +492,7 @@ class JobRunner:
         counts = self.store.counts()
         running, queued = counts.get(STATUS_RUNNING, 0), counts.get(STATUS_QUEUED, 0)
         try:
-            capacity = self.pool.stats().get("size")
+            capacity = self.pool.condition().size
         except Exception:  # noqa: BLE001
             capacity = None
         idle_since = None

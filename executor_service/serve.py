@@ -49,7 +49,7 @@ def serve(config: ServiceConfig) -> int:
                                  "connection_limit": server.adj.connection_limit,
                                  "backend": config.pool.backend, "pool_size": config.pool.pool_size,
                                  "work_dir": str(config.work_dir), "auth": bool(config.api_token),
-                                 "isolation": runner.pool.stats().get("isolation"),
+                                 "isolation": runner.pool.condition().isolation,
                                  "ray_address": config.ray_address})
     loop = threading.Thread(target=server.run, name="waitress", daemon=True)
     loop.start()

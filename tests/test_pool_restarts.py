@@ -16,7 +16,7 @@ import psutil
 import pytest
 from conftest import job_uid_base, reachable_by_jobs, shutdown_leaving_nothing, wait_until
 
-from warm_pool import JobSpec, PoolConfig, WarmPool, errors
+from warm_pool import Condition, JobSpec, PoolConfig, WarmPool, errors
 from warm_pool.restarts import (
     BROKEN_MAX_WAIT_S,
     FAILED_MAX_WAIT_S,
@@ -212,6 +212,8 @@ def test_workers_that_cannot_start_break_the_pool_until_they_can_then_it_comes_b
     try:
         stats = _wait_state(pool, "broken", 60)
         assert "cannot reach" in stats["broken_reason"] and "tries again by itself" in stats["broken_reason"]
+        condition = pool.condition()  # what admission reads: the same state, no snapshot
+        assert condition.state == "broken" and "cannot reach" in condition.broken_reason
         with pytest.raises(errors.PoolBroken):
             pool.submit(JobSpec(code="pass", job_id="refused"))
         # It keeps trying, one worker at a time.
@@ -221,10 +223,12 @@ def test_workers_that_cannot_start_break_the_pool_until_they_can_then_it_comes_b
         closed.chmod(0o711)  # the operator's fix
         stats = _wait_state(pool, "ready", BROKEN_MAX_WAIT_S + 30)
         assert stats["broken_reason"] is None and stats["starts"]["failed_in_a_row"] == 0
+        assert pool.condition() == Condition("ready", None, 1, stats["isolation"])
         result = pool.submit(JobSpec(code="print('back')", job_id="after")).result(timeout=60)
         assert result.stdout == "back\n"
     finally:
         shutdown_leaving_nothing(pool)
+    assert pool.condition().state == "closed"
 
 
 def test_a_template_that_cannot_import_is_broken_until_it_can_then_it_comes_back(tmp_path):

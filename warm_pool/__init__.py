@@ -13,6 +13,7 @@ Public API (everything the HTTP service uses comes from here)::
     pool.cancel("j1")                  # queued or running; result.status == "cancelled"
     out: JobOutput | None = pool.output("j1", "stdout", offset=0, limit=65536)
                                        # live output of a running job (None: not running)
+    pool.condition()                   # Condition(state, broken_reason, size, isolation): cheap
     pool.stats()                       # dict for /health: backend, size, idle, busy, ...
     result.artifacts                   # files the job left that were kept (artifacts.py;
                                        # artifacts.pack/unpack move them to another machine)
@@ -26,6 +27,7 @@ from warm_pool import artifacts, settings
 from warm_pool.artifacts import Artifact
 from warm_pool.capture import STREAMS, TRUNCATION_MARK, JobOutput
 from warm_pool.config import BACKENDS, DEFAULT_ARTIFACTS, DEFAULT_PRELOAD, JOB_HELPERS_DIR, PoolConfig
+from warm_pool.contract import POOL_STATES, Condition, Pool
 from warm_pool.errors import PoolBroken, PoolClosed, PoolError, QueueFull
 from warm_pool.pool import WarmPool
 from warm_pool.result import (
@@ -45,9 +47,9 @@ from warm_pool.result import (
 from warm_pool.settings import ConfigError
 
 __all__ = [
-    "BACKENDS", "DEFAULT_ARTIFACTS", "DEFAULT_PRELOAD", "ERROR_TYPES", "JOB_HELPERS_DIR", "PROFILE_STATES",
-    "STATUS_CANCELLED", "STATUS_COMPLETED", "STATUS_INTERRUPTED", "STATUS_QUEUED", "STATUS_RUNNING",
-    "STREAMS", "TERMINAL_STATUSES", "TRUNCATION_MARK", "Artifact", "ConfigError", "JobOutput", "JobResult",
-    "JobSpec", "PoolBroken", "PoolClosed", "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef",
-    "artifacts", "settings", "utc_iso",
+    "BACKENDS", "DEFAULT_ARTIFACTS", "DEFAULT_PRELOAD", "ERROR_TYPES", "JOB_HELPERS_DIR",
+    "PROFILE_STATES", "POOL_STATES", "STATUS_CANCELLED", "STATUS_COMPLETED", "STATUS_INTERRUPTED",
+    "STATUS_QUEUED", "STATUS_RUNNING", "STREAMS", "TERMINAL_STATUSES", "TRUNCATION_MARK", "Artifact",
+    "Condition", "ConfigError", "JobOutput", "JobResult", "JobSpec", "Pool", "PoolBroken", "PoolClosed",
+    "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef", "artifacts", "settings", "utc_iso",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 from warm_pool import outcome
 from warm_pool.capture import STREAMS, JobOutput
 from warm_pool.config import PoolConfig
+from warm_pool.contract import Condition
 from warm_pool.placement import Placement
 from warm_pool.result import JobSpec
 from warm_pool.supervisor import Job, Supervisor
@@ -109,6 +110,13 @@ class WarmPool:
         return self.supervisor.read_output(job_id, stream, offset, limit)
 
     # --- health -----------------------------------------------------------------------
+
+    def condition(self) -> Condition:
+        """State, why it is broken, size and isolation: what every request's admission
+        reads (no snapshot, no /proc read)."""
+        sup = self.supervisor
+        with sup.lock:
+            return Condition(sup.state, sup.broken_reason, sup.size, self.placement.isolation)
 
     def stats(self) -> dict[str, Any]:
         """The pool's state for /health: counts, workers, preloaded modules, respawns."""
