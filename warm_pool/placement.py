@@ -157,11 +157,10 @@ class Placement:
             trees.append(str(self.config.compile_cache_dir))
         return tuple(trees)
 
-    def confinement_settings(self) -> dict[str, Any]:
-        """What the template needs to build each worker's sandbox.Confinement."""
-        return {"uid_base": self.config.job_uid_base if self.isolation == "uid" else None,
-                "groups": list(self.groups), "writable": list(self.writable()),
-                "max_file_bytes": self.config.max_disk_mb * _MIB}
+    def confinement(self) -> sandbox.Confinement:
+        """What the template needs to confine each worker."""
+        return sandbox.Confinement(self.config.job_uid_base if self.isolation == "uid" else None,
+                                   tuple(self.groups), tuple(self.writable()), self.config.max_disk_mb * _MIB)
 
     def needed_paths(self) -> tuple[str, ...]:
         """What a job's uid must be able to reach: the interpreter's libraries, the jobs dir,

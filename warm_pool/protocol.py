@@ -73,6 +73,29 @@ class Message:
         return _dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+# --- the template's start ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TemplateSettings(Message):
+    """How a template starts: its command line's second argument (template.main)."""
+
+    type: ClassVar[str] = "template_settings"
+    backend: str                             # auto | cpu | xla | neuron
+    backend_preload: tuple[str, ...] | None  # replaces the backend's own list (tests, operators)
+    preload: tuple[str, ...]                 # optional preloads: skipped when missing
+    matplotlib_dir: str                      # its font cache, kept across starts
+    job_paths: tuple[str, ...]               # dirs on every job's sys.path
+    needed: tuple[str, ...]                  # what a job's uid must be able to reach
+    reuse_workers: bool                      # the reuse mode: fingerprint the preloads
+    uid_base: int | None                     # sandbox.Confinement's fields
+    groups: tuple[int, ...]
+    writable: tuple[str, ...]
+    max_file_bytes: int
+    # Set by the template when it starts over without a preload that left a thread.
+    skip: dict[str, str] = dataclasses.field(default_factory=dict)
+    seconds_before: float = 0.0              # import time spent before it started over
+
+
 # --- template channel ------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -273,7 +296,9 @@ def _check(kind: str, name: str, value: Any, hint: Any) -> Any:
     elif hint is str:
         ok = type(value) is str and len(value) <= MAX_TEXT
     elif origin is tuple:
-        ok = type(value) is list and all(type(v) is str and len(v) <= MAX_TEXT for v in value)
+        item = typing.get_args(hint)[0]
+        ok = type(value) is list and all(type(v) is item and (item is not str or len(v) <= MAX_TEXT)
+                                         for v in value)
         value = tuple(value) if ok else value
     elif origin is dict:
         item = typing.get_args(hint)[1]

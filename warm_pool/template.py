@@ -30,9 +30,9 @@ killer, an operator) costs a fork, not a second round of imports (≈ 10 s here)
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import importlib
-import json
 import os
 import selectors
 import signal
@@ -318,21 +318,21 @@ _FINGERPRINT: Fingerprint | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: python -P -m warm_pool.template FD SETTINGS_JSON."""
+    """Entry point: python -P -m warm_pool.template FD SETTINGS (a protocol.TemplateSettings)."""
     global _PRELOADED, _FINGERPRINT
     argv = sys.argv[1:] if argv is None else argv
     control = socket.socket(fileno=int(argv[0]))
-    settings = json.loads(argv[1])
+    settings = protocol.decode(argv[1].encode("utf-8"), (protocol.TemplateSettings,))
     conn = Connection(os.dup(control.fileno()))
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     # The supervisor decides when we end (EOF); ignore the terminal's Ctrl-C.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    started = time.perf_counter() - settings.get("seconds_before", 0.0)
+    started = time.perf_counter() - settings.seconds_before
     optional = optional_preload.Preloaded()
     try:
-        backend, preload = resolve_backend(settings["backend"])
-        if settings.get("backend_preload") is not None:
-            preload = tuple(settings["backend_preload"])
+        backend, preload = resolve_backend(settings.backend)
+        if settings.backend_preload is not None:
+            preload = settings.backend_preload
         if backend == "xla":
             os.environ.setdefault("PJRT_DEVICE", "CPU")
         imported, error = import_modules(preload)
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             optional = _load_optional(settings, list(imported), started, argv[0])
             # Only the reuse mode checks a worker against it after each job; a process
             # that runs one job has nothing to compare (and the template starts faster).
-            _FINGERPRINT = Fingerprint.take() if settings.get("reuse_workers") else None
+            _FINGERPRINT = Fingerprint.take() if settings.reuse_workers else None
             # Everything preloaded lives as long as every worker: out of the collector's
             # reach. Otherwise each worker's collections walk (and write the GC header of)
             # every object the template made, so copy-on-write copies those pages into
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             gc.freeze()
     except BaseException:  # noqa: BLE001
-        imported, error, backend = [], traceback.format_exc(), settings["backend"]
+        imported, error, backend = [], traceback.format_exc(), settings.backend
     if error is not None:
         conn.send_bytes(protocol.TemplateFailed(protocol.clip(error)).encode())
         return 1
@@ -360,15 +360,13 @@ def main(argv: list[str] | None = None) -> int:
                                            len(_FINGERPRINT) if _FINGERPRINT else 0, skipped,
                                            optional.native_threads).encode())
     conn.close()
-    c = settings["confinement"]
-    confinement = sandbox.Confinement(c["uid_base"], tuple(c["groups"]), tuple(c["writable"]),
-                                      c["max_file_bytes"])
-    Template(control, backend, confinement, tuple(settings["needed"]),
-             tuple(settings.get("job_paths", ()))).serve()
+    confinement = sandbox.Confinement(settings.uid_base, settings.groups, settings.writable,
+                                      settings.max_file_bytes)
+    Template(control, backend, confinement, settings.needed, settings.job_paths).serve()
     return 0
 
 
-def _load_optional(settings: dict, backend_modules: list[str], started: float,
+def _load_optional(settings: protocol.TemplateSettings, backend_modules: list[str], started: float,
                    control_fd: str) -> optional_preload.Preloaded:
     """The optional preloads (and the backend modules' companions); skipped ones reported.
 
@@ -377,18 +375,17 @@ def _load_optional(settings: dict, backend_modules: list[str], started: float,
     none of it. A module that leaves a thread behind cannot be unloaded: the template
     starts over (exec, same pid and control socket) without it.
     """
-    ours = settings.get("matplotlib_dir") and "MPLCONFIGDIR" not in os.environ
+    ours = settings.matplotlib_dir and "MPLCONFIGDIR" not in os.environ
     if ours:
-        os.environ["MPLCONFIGDIR"] = settings["matplotlib_dir"]
+        os.environ["MPLCONFIGDIR"] = settings.matplotlib_dir
     try:
-        return optional_preload.load(backend_modules + list(settings.get("preload", ())),
-                                     settings.get("skip"))
+        return optional_preload.load(backend_modules + list(settings.preload), settings.skip)
     except optional_preload.ThreadStarted as exc:
-        settings["skip"] = {**settings.get("skip", {}), exc.module: str(exc)}
-        settings["seconds_before"] = time.perf_counter() - started
+        skip = {**settings.skip, exc.module: protocol.clip(str(exc), 500)}
+        again = dataclasses.replace(settings, skip=skip, seconds_before=time.perf_counter() - started)
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-P", "-m", "warm_pool.template", control_fd,
-                                  json.dumps(settings)])
+                                  again.encode().decode("utf-8")])
         raise  # not reached
     finally:
         if ours:

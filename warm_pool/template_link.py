@@ -12,7 +12,6 @@ template, lets `close` wait for it and kill it without ever hitting a recycled p
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -40,18 +39,17 @@ class TemplateLink:
         if config is None:
             return
         ours, theirs = socket.socketpair()
-        backend_preload = config.backend_preload
-        settings = {"backend": config.backend,
-                    "backend_preload": list(backend_preload) if backend_preload is not None else None,
-                    "preload": list(config.preload_list()),
-                    "matplotlib_dir": str(config.matplotlib_dir),
-                    "job_paths": list(config.job_paths()),
-                    "confinement": placement.confinement_settings(),
-                    "needed": list(placement.needed_paths()),
-                    "reuse_workers": config.reuse_workers}
+        confinement = placement.confinement()
+        settings = protocol.TemplateSettings(
+            backend=config.backend, backend_preload=config.backend_preload,
+            preload=tuple(config.preload_list()), matplotlib_dir=str(config.matplotlib_dir),
+            job_paths=tuple(config.job_paths()),
+            needed=placement.needed_paths(), reuse_workers=config.reuse_workers,
+            uid_base=confinement.uid_base, groups=confinement.groups, writable=confinement.writable,
+            max_file_bytes=confinement.max_file_bytes)
         self.proc = subprocess.Popen(
             [config.python_executable(), "-P", "-m", "warm_pool.template",
-             str(theirs.fileno()), json.dumps(settings)],
+             str(theirs.fileno()), settings.encode().decode("utf-8")],
             pass_fds=[theirs.fileno()], env=placement.template_env(),
             stdin=subprocess.DEVNULL, start_new_session=True)
         self._pid = self.proc.pid
