@@ -44,7 +44,6 @@ from warm_pool import STATUS_QUEUED, STREAMS, TERMINAL_STATUSES, TRUNCATION_MARK
 POLL_S = 0.1
 # Most bytes in one output event, and read per stream per poll before the other's turn.
 CHUNK = 64 * 1024
-RETRY_AFTER_S = 5
 
 
 def register(app: Flask, config: ServiceConfig, runner: jobs.JobRunner) -> None:
@@ -70,7 +69,7 @@ def register(app: Flask, config: ServiceConfig, runner: jobs.JobRunner) -> None:
         offsets = _resume(request.headers.get("Last-Event-ID"))
         if not slots.acquire(blocking=False):
             raise ApiError(503, f"too many event streams open (max_streams {config.stream_limit}); retry "
-                           f"later, or poll /jobs/{job_id}/output", {"Retry-After": str(RETRY_AFTER_S)})
+                           f"later, or poll /jobs/{job_id}/output", {"Retry-After": str(jobs.RETRY_AFTER_S)})
         released = threading.Event()
 
         def release() -> None:

@@ -243,6 +243,7 @@ def test_a_template_that_cannot_import_is_broken_until_it_can_then_it_comes_back
         (mods / "installed_later.py").write_text("VALUE = 1\n")  # the operator installs it
         stats = _wait_state(pool, "ready", BROKEN_MAX_WAIT_S + 60)
         assert stats["broken_reason"] is None and "installed_later" in stats["preloaded"]
+        assert 0 < stats["template_import_s"] < BROKEN_MAX_WAIT_S + 60  # by the template's own clock
         assert pool.wait_ready(60)
         result = pool.submit(JobSpec(code="print('back')", job_id="after")).result(timeout=60)
         assert result.stdout == "back\n"

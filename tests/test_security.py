@@ -120,7 +120,7 @@ def test_a_message_about_another_job_kills_the_sender(service):
     result = run(service, """
         import os, socket, stat, struct, json, time
         msg = json.dumps({"v": 1, "type": "job_done", "job_id": "someone-else", "return_code": 0,
-                          "error_type": None, "error_message": None, "run_seconds": 1.0,
+                          "error_type": None, "error_message": None,
                           "peak_rss_bytes": 0}).encode()
         for fd in range(3, 256):
             try:

@@ -408,7 +408,7 @@ def is_socket(fd):
         return False
 channel = next(fd for fd in map(int, os.listdir("/proc/self/fd")) if is_socket(fd))
 forged = {"v": 1, "type": "job_done", "job_id": os.path.basename(os.getcwd()), "return_code": 1,
-          "error_type": "%s", "error_message": "forged", "run_seconds": 0.1, "peak_rss_bytes": 0}
+          "error_type": "%s", "error_message": "forged", "peak_rss_bytes": 0}
 Connection(channel).send_bytes(json.dumps(forged).encode())
 os._exit(1)
 """

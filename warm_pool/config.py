@@ -16,6 +16,7 @@ from pathlib import Path
 from warm_pool import job_env
 from warm_pool.neuron import LOG_LEVELS as NEURON_LOG_LEVELS
 from warm_pool.settings import ConfigError, check_all, setting
+from warm_pool.usage import MIB
 
 BACKENDS = ("auto", "cpu", "xla", "neuron")
 ISOLATIONS = ("auto", "uid", "none")
@@ -244,7 +245,7 @@ class PoolConfig:
     @property
     def memory_limit_bytes(self) -> int | None:
         """The memory limit in bytes, or None when there is none."""
-        return self.max_memory_mb * 1024 * 1024 if self.max_memory_mb else None
+        return self.max_memory_mb * MIB if self.max_memory_mb else None
 
     @property
     def jobs_dir(self) -> Path:

@@ -31,6 +31,7 @@ from warm_pool.capture import read_capped
 from warm_pool.config import PoolConfig
 from warm_pool.neuron import profile
 from warm_pool.records import Job
+from warm_pool.usage import MIB
 
 # Results built at once; more wait their turn (each is a few file reads).
 _THREADS = 2
@@ -82,7 +83,7 @@ class Finisher:
     def _finish_profile(self, job: Job, result: Any, remove_tmp: bool) -> None:
         """Keep the profile a profiled job's runtime wrote, convert it, then deliver."""
         owner = job.uid if job.uid is not None else os.geteuid()
-        room = self.config.max_artifacts_mb * 1024 * 1024 - sum(a.size for a in result.artifacts)
+        room = self.config.max_artifacts_mb * MIB - sum(a.size for a in result.artifacts)
         dest = os.path.join(str(self.config.artifacts_dir / job.spec.job_id), profile.OUTPUT_DIR)
         timeout = self.config.neuron_profile_convert_timeout
         try:
@@ -119,7 +120,7 @@ class Finisher:
             try:
                 result.artifacts, result.artifacts_skipped = artifacts.collect(
                     job.job_dir, str(self.config.artifacts_dir / job.spec.job_id), owner,
-                    self.config.artifacts_pattern, self.config.max_artifacts_mb * 1024 * 1024, skip=profiled)
+                    self.config.artifacts_pattern, self.config.max_artifacts_mb * MIB, skip=profiled)
             except Exception as exc:  # noqa: BLE001 - the result matters more than its files
                 result.artifacts_skipped = [{"name": "*", "reason": f"collection failed: {exc!r}"[:300]}]
         return result

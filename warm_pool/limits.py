@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 from warm_pool import usage
 from warm_pool.config import PoolConfig
+from warm_pool.usage import MIB
 
 if TYPE_CHECKING:
     from warm_pool.records import Job, Worker
 
-_MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Verdict:
 def disk(config: PoolConfig, job: Job, uid: int | None) -> Verdict | None:
     """disk_limit when the job's files reached max_disk_mb or max_job_files."""
     used, files = usage.disk_usage((job.job_dir, job.tmp_dir), uid, config.max_job_files)
-    if used >= config.max_disk_mb * _MIB:
+    if used >= config.max_disk_mb * MIB:
         return Verdict("disk_limit", f"the job's files reached max_disk_mb={config.max_disk_mb}")
     if files > config.max_job_files:
         return Verdict("disk_limit", f"the job created more than max_job_files={config.max_job_files} files")

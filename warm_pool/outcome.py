@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from warm_pool import errors
 from warm_pool.config import PoolConfig
 from warm_pool.protocol import JOB_ERROR_TYPES, JobDone
+from warm_pool.records import Job
 from warm_pool.result import (
     STATUS_CANCELLED,
     STATUS_COMPLETED,
@@ -24,11 +24,7 @@ from warm_pool.result import (
     JobSpec,
     WorkerRef,
 )
-
-if TYPE_CHECKING:
-    from warm_pool.supervisor import Job
-
-_MIB = 1024 * 1024
+from warm_pool.usage import MIB
 
 # Why a job was stopped → its status and error_type.
 STOP_OUTCOMES = {
@@ -78,9 +74,9 @@ def build_result(job: Job, worker: WorkerRef | None, config: PoolConfig,
         execution_time=(ended - started) if started is not None else 0.0,
         queue_time=((started if started is not None else now_mono) - job.submitted_mono),
         submitted_at=job.submitted_at, started_at=job.started_at, finished_at=now,
-        peak_memory_mb=round(peak / _MIB, 3) if peak else None,
-        peak_memory_own_mb=round(job.own_peak_bytes / _MIB, 3) if job.own_peak_bytes is not None else None,
-        peak_device_memory_mb=(round(job.peak_device_bytes / _MIB, 3)
+        peak_memory_mb=round(peak / MIB, 3) if peak else None,
+        peak_memory_own_mb=round(job.own_peak_bytes / MIB, 3) if job.own_peak_bytes is not None else None,
+        peak_device_memory_mb=(round(job.peak_device_bytes / MIB, 3)
                                if job.peak_device_bytes is not None else None),
         worker=worker if started is not None else None,
         **_no_profile(job),

@@ -43,10 +43,10 @@ from warm_pool import job_env, sandbox
 from warm_pool.config import PoolConfig
 from warm_pool.neuron import profile
 from warm_pool.settings import ConfigError
+from warm_pool.usage import MIB
 
 log = logging.getLogger("warm_pool")
 
-_MIB = 1024 * 1024
 # Longest path of an AF_UNIX socket (sun_path is 108 bytes with its NUL), and what
 # programs add below TMPDIR for theirs (multiprocessing: /pymp-XXXXXXXX/listener-XXXXXXXX).
 _SOCKET_PATH_MAX = 107
@@ -129,7 +129,7 @@ class Placement:
 
     @property
     def output_limit_bytes(self) -> int:
-        return self.config.output_limit_mb * _MIB
+        return self.config.output_limit_mb * MIB
 
     def tmp_dir(self, slot: int) -> str:
         """A slot's temporary directory: the TMPDIR of the jobs it runs."""
@@ -160,7 +160,7 @@ class Placement:
     def confinement(self) -> sandbox.Confinement:
         """What the template needs to confine each worker."""
         return sandbox.Confinement(self.config.job_uid_base if self.isolation == "uid" else None,
-                                   tuple(self.groups), tuple(self.writable()), self.config.max_disk_mb * _MIB)
+                                   tuple(self.groups), tuple(self.writable()), self.config.max_disk_mb * MIB)
 
     def needed_paths(self) -> tuple[str, ...]:
         """What a job's uid must be able to reach: the interpreter's libraries, the jobs dir,
@@ -297,7 +297,7 @@ class Placement:
             os.chmod(cache, 0o2770)
         neuron.clear_stale_locks(cache)
         if self.config.neuron_cache_max_mb:
-            neuron.prune_cache(cache, self.config.neuron_cache_max_mb * _MIB)
+            neuron.prune_cache(cache, self.config.neuron_cache_max_mb * MIB)
 
     def hand_over(self, job_dir: str, tmp_dir: str | None, main_path: str, uid: int | None) -> None:
         """Give a job's dir and a fresh temporary dir (None: it has a /tmp of its own) to

@@ -21,10 +21,9 @@ from warm_pool.contract import Condition
 from warm_pool.placement import Placement
 from warm_pool.result import JobSpec
 from warm_pool.supervisor import Job, Supervisor
-from warm_pool.usage import process_rss
+from warm_pool.usage import MIB, process_rss
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_MIB = 1024 * 1024
 
 
 class WarmPool:
@@ -128,7 +127,7 @@ class WarmPool:
         # One small /proc read per worker (no walk over every process: /health and every
         # request's admission read this).
         for worker in out["workers"]:
-            worker["rss_mb"] = round(process_rss(worker["pid"]) / _MIB, 1) if worker["pid"] else None
+            worker["rss_mb"] = round(process_rss(worker["pid"]) / MIB, 1) if worker["pid"] else None
         out["neuron"] = self._neuron_stats()
         return out
 
@@ -143,7 +142,7 @@ class WarmPool:
             "available": bool(info and info.available),
             "reason": info.reason if info else None,
             "cores": self.placement.cores,
-            "compile_cache": {"dir": str(cache), "size_mb": round(neuron.cache_size_bytes(cache) / _MIB, 1),
+            "compile_cache": {"dir": str(cache), "size_mb": round(neuron.cache_size_bytes(cache) / MIB, 1),
                               "max_mb": self.config.neuron_cache_max_mb},
         }
 

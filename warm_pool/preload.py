@@ -121,16 +121,6 @@ class Preloaded:
     native_threads: dict[str, int] = field(default_factory=dict)
 
 
-def expand(names: tuple[str, ...] | list[str]) -> list[str]:
-    """Each name followed by its companions, each once."""
-    out: list[str] = []
-    for name in names:
-        for module in (name, *COMPANIONS.get(name, ())):
-            if module not in out:
-                out.append(module)
-    return out
-
-
 def load(names: list[str], skip: dict[str, str] | None = None, settle: float = SETTLE_S) -> Preloaded:
     """Import each module (and its companions and warm-up) unless skipped; raise
     ThreadStarted when one leaves a Python thread behind."""

@@ -132,7 +132,7 @@ class TemplateReady(Message):
     pid: int
     backend: str
     preloaded: tuple[str, ...]
-    import_seconds: float
+    import_seconds: float            # its imports, by its own clock (/health: template_import_s)
     fingerprint_items: int
     # Optional preloads left out, and why (not installed, import failed, started a thread).
     preload_skipped: dict[str, str]
@@ -178,7 +178,6 @@ class WorkerReady(Message):
     worker_id: int
     preloaded: tuple[str, ...]
     device: str | None
-    init_seconds: float
     confinement: dict[str, str]
 
 
@@ -222,7 +221,6 @@ class JobDone(Message):
     return_code: int
     error_type: str | None
     error_message: str | None
-    run_seconds: float
     peak_rss_bytes: int
 
 

@@ -101,6 +101,7 @@ class Supervisor:
         self.preloaded: tuple[str, ...] = ()
         self.preload_skipped: dict[str, str] = {}
         self.preload_threads: dict[str, int] = {}
+        self.template_import_s: float | None = None  # the last template's imports, by its clock
         self.template: TemplateLink | None = None
         self.standby: TemplateLink | None = None  # a fork of the template, to take over if it dies
         self.restarts = Restarts(config.max_start_failures)  # bad starts, the wait before the next
@@ -310,6 +311,7 @@ class Supervisor:
                          "recent": list(self.replacements)},
             "idle_since": self.idle_since,
             "template_pid": self.template.pid if self.template else None,
+            "template_import_s": self.template_import_s,
             "standby_template_pid": self.standby.pid if self.standby and self.standby.ready else None,
             "starts": self.restarts.describe(time.monotonic()),
         }
@@ -347,6 +349,8 @@ class Supervisor:
         if isinstance(msg, protocol.TemplateReady):
             self.backend, self.preloaded = msg.backend, msg.preloaded
             self.preload_skipped, self.preload_threads = msg.preload_skipped, msg.preload_threads
+            if msg.import_seconds:  # a standby that takes over imported nothing
+                self.template_import_s = round(msg.import_seconds, 3)
             with self.lock:
                 if self.state == "starting":
                     self.state = "ready"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
+MIB = 1024 * 1024  # the one MiB of the package: every *_mb setting is in these
 SHM_DIR = "/dev/shm"
 
 

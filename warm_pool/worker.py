@@ -140,7 +140,6 @@ def main(fd: int, worker_id: int, backend: str, core: int | None, preloaded: tup
          job_paths: tuple[str, ...] = (), one_job: bool = True, defer_device: bool = False) -> int:
     """The worker's life. One job (the default): init, ready, the job, exit with its
     status. Reuse mode: init, ready, jobs until the supervisor closes the channel."""
-    started = time.perf_counter()
     conn = Connection(fd)
     os.umask(0o022)  # what a job gets, as under a login shell (the service's is 077)
     preloaded = tuple(name for name in preloaded if name in sys.modules)
@@ -155,8 +154,7 @@ def main(fd: int, worker_id: int, backend: str, core: int | None, preloaded: tup
     except BaseException:  # noqa: BLE001 - reported, then this worker ends
         _send(conn, protocol.WorkerFailed(worker_id, protocol.clip(traceback.format_exc())))
         return 3
-    if not _send(conn, protocol.WorkerReady(worker_id, preloaded, device, time.perf_counter() - started,
-                                            confinement)):
+    if not _send(conn, protocol.WorkerReady(worker_id, preloaded, device, confinement)):
         return 0
     if one_job:
         if not defer_device:
@@ -241,7 +239,6 @@ def _one_job(conn: Connection, worker_id: int, backend: str, preloaded: tuple[st
         if device_pending:  # open_device: the NeuronCore's last holder has exited
             os.environ.update(msg.env)  # a profiled job's: the runtime reads them as it starts
             profiled = bool(msg.env)
-            started = time.perf_counter()
             try:
                 device = _start_device(backend, True)
             except BaseException:  # noqa: BLE001
@@ -249,8 +246,7 @@ def _one_job(conn: Connection, worker_id: int, backend: str, preloaded: tuple[st
                 return 3
             device_pending = False
             _hold_address_space()  # after the runtime's start: it sees no other process of ours
-            if not _send(conn, protocol.WorkerReady(worker_id, preloaded, device,
-                                                    time.perf_counter() - started, confinement)):
+            if not _send(conn, protocol.WorkerReady(worker_id, preloaded, device, confinement)):
                 return 0
     pipes = _receive_fds(conn, 2)
     done = ScriptRunner(None, None, isolated=False, job_paths=job_paths).run(msg, pipes, last=True)
@@ -331,7 +327,6 @@ class ScriptRunner:
         os.environ["HOME"] = msg.job_dir
         tempfile.tempdir = None  # cached by whoever asked before: recomputed from TMPDIR
         base_threads = self.baseline.threads if self.baseline else frozenset(threading.enumerate())
-        started = time.perf_counter()
         # A reused worker runs only the job's own atexit handlers; the last job of its
         # process, what the interpreter's exit would do for it (_LastAtexit).
         handlers = _LastAtexit() if last else JobAtexit()
@@ -344,7 +339,6 @@ class ScriptRunner:
             _finish_like_python(base_threads, handlers)
         except KeyboardInterrupt:  # arrived while we were finishing up: still a stop
             return_code, error_type, error_message = -signal.SIGINT, "exception", "KeyboardInterrupt"
-        run_seconds = time.perf_counter() - started
         if self.baseline is not None:
             self.baseline.restore_builtins()
         _flush_std_streams()
@@ -353,8 +347,7 @@ class ScriptRunner:
         if self.isolated:
             _kill_the_rest()
         return protocol.JobDone(msg.job_id, return_code, error_type,
-                                protocol.clip(error_message) if error_message else None,
-                                run_seconds, peak)
+                                protocol.clip(error_message) if error_message else None, peak)
 
     def restore(self, msg: protocol.RunJob) -> protocol.WorkerIdle:
         """Put the clean state back; say what could not be (the worker is then replaced)."""
