@@ -143,31 +143,30 @@ class ServiceConfig:
         settings.check_all(self)
         self.pool.validate()
         if not self.host:
-            raise ConfigError("host (--host / EXECUTOR_HOST) must not be empty")
+            raise ConfigError(f"{_label('host')} must not be empty")
         if self.max_streams is not None and self.max_streams > self.threads // 2:
-            raise ConfigError(f"max_streams (--max-streams / EXECUTOR_MAX_STREAMS) must be at most half "
+            raise ConfigError(f"{_label('max_streams')} must be at most half "
                               f"of threads ({self.threads}): each open stream holds a thread")
         uri = self.artifacts_s3_uri
         if uri is not None and (not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]):
-            raise ConfigError("artifacts_s3_uri (--artifacts-s3-uri / EXECUTOR_ARTIFACTS_S3_URI) must look "
+            raise ConfigError(f"{_label('artifacts_s3_uri')} must look "
                               f"like s3://bucket/prefix, not {uri[:64]!r}")
         if self.api_token is not None and not self.api_token.strip():
-            raise ConfigError("api_token (EXECUTOR_API_TOKEN) must not be blank")
+            raise ConfigError(f"{_label('api_token')} must not be blank")
         if self.callback_hosts and not self.callback_secret:
-            raise ConfigError("callback_hosts (--callback-hosts / EXECUTOR_CALLBACK_HOSTS) needs a "
+            raise ConfigError(f"{_label('callback_hosts')} needs a "
                               "callback secret to sign with: set EXECUTOR_CALLBACK_SECRET or "
                               "EXECUTOR_CALLBACK_SECRET_FILE")
         for entry in self.callback_hosts:
             try:
                 validation.split_host(entry)
             except ValueError as exc:
-                raise ConfigError("callback_hosts (--callback-hosts / EXECUTOR_CALLBACK_HOSTS): "
-                                  f"{exc}") from None
+                raise ConfigError(f"{_label('callback_hosts')}: {exc}") from None
         if self.ray_address is not None:
             try:
                 split_address(self.ray_address)
             except ValueError as exc:
-                raise ConfigError(f"ray_address (--ray-address / EXECUTOR_RAY_ADDRESS) {exc}") from None
+                raise ConfigError(f"{_label('ray_address')} {exc}") from None
         if not self.api_token and not self.is_loopback() and not self.allow_unauthenticated:
             raise ConfigError(f"refusing to listen on non-loopback host {self.host!r} without an API "
                               "token: set EXECUTOR_API_TOKEN or EXECUTOR_API_TOKEN_FILE, or pass "
@@ -176,7 +175,7 @@ class ServiceConfig:
 
     def prepare_work_dir(self) -> None:
         """Create the work dir and prove it is writable; ConfigError naming the setting."""
-        where = f"work_dir (--work-dir / EXECUTOR_WORK_DIR) {self.work_dir}"
+        where = f"{settings.label(PoolConfig, 'work_dir')} {self.work_dir}"
         try:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             probe = self.work_dir / f".write-test-{os.getpid()}"
@@ -184,6 +183,10 @@ class ServiceConfig:
             probe.unlink()
         except OSError as exc:
             raise ConfigError(f"{where} is not a writable directory: {exc.strerror or exc}") from None
+
+
+def _label(name: str) -> str:
+    return settings.label(ServiceConfig, name)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -218,7 +221,7 @@ def from_sources(args: argparse.Namespace | None = None,
 def read_token_file(path: Path, name: str = "api_token_file") -> str:
     """The secret in a file (its first line, stripped); ConfigError naming setting `name`
     if unreadable or empty."""
-    where = f"{name} (--{name.replace('_', '-')} / EXECUTOR_{name.upper()}) {path}"
+    where = f"{_label(name)} {path}"
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from warm_pool import job_env
 from warm_pool.neuron import LOG_LEVELS as NEURON_LOG_LEVELS
-from warm_pool.settings import ConfigError, check_all, setting
+from warm_pool.settings import ConfigError, check_all, label, setting
 from warm_pool.usage import MIB
 
 BACKENDS = ("auto", "cpu", "xla", "neuron")
@@ -235,11 +235,11 @@ class PoolConfig:
         check_all(self)
         bad = [name for name in self.preload if name != "default" and not _MODULE_NAME.match(name)]
         if bad:
-            raise ConfigError(f"preload (--preload / EXECUTOR_PRELOAD): {bad[0][:64]!r} is not a module name")
+            raise ConfigError(f"{label(PoolConfig, 'preload')}: {bad[0][:64]!r} is not a module name")
         self.job_environment()  # ConfigError naming job_env or job_env_file
         if self.default_timeout > self.max_timeout:
-            raise ConfigError("default_timeout (--default-timeout / EXECUTOR_DEFAULT_TIMEOUT) must not "
-                              "exceed max_timeout (--max-timeout / EXECUTOR_MAX_TIMEOUT)")
+            raise ConfigError(f"{label(PoolConfig, 'default_timeout')} must not exceed "
+                              f"{label(PoolConfig, 'max_timeout')}")
         return self
 
     @property

@@ -42,7 +42,7 @@ from typing import Any
 from warm_pool import job_env, sandbox
 from warm_pool.config import PoolConfig
 from warm_pool.neuron import profile
-from warm_pool.settings import ConfigError
+from warm_pool.settings import ConfigError, label
 from warm_pool.usage import MIB
 
 log = logging.getLogger("warm_pool")
@@ -85,7 +85,7 @@ class Placement:
         possible, missing = sandbox.can_switch_uids()
         isolation = config.isolation
         if isolation == "uid" and not possible:
-            raise ConfigError(f"isolation (--isolation / EXECUTOR_ISOLATION) uid needs root or the "
+            raise ConfigError(f"{label(PoolConfig, 'isolation')} uid needs root or the "
                               f"capabilities {', '.join(missing)}")
         if isolation == "auto":
             isolation = "uid" if possible else "none"
@@ -98,7 +98,7 @@ class Placement:
         placement.check_shared_dirs()
         longest = placement.tmp_dir(len(placement.cores) - 1)
         if len(longest) + _SOCKET_SUFFIX > _SOCKET_PATH_MAX:
-            raise ConfigError(f"work_dir (--work-dir / EXECUTOR_WORK_DIR) {config.work_dir} is too long: "
+            raise ConfigError(f"{label(PoolConfig, 'work_dir')} {config.work_dir} is too long: "
                               f"jobs' temporary sockets ({longest}/...) would not fit the "
                               f"{_SOCKET_PATH_MAX}-byte limit of AF_UNIX socket paths")
         return placement
@@ -177,13 +177,13 @@ class Placement:
         (inside a tree jobs write to, or writable by anyone but its owner, or owned by a
         job uid): a job could then change what later jobs import or read."""
         datasets = self.config.datasets_path
-        checks = [(p, "job_path (--job-path / EXECUTOR_JOB_PATH)") for p in self.config.job_paths()]
+        checks = [(p, label(PoolConfig, "job_path")) for p in self.config.job_paths()]
         if os.path.isdir(datasets) or self.config.datasets_dir is not None:
-            checks.append((str(datasets), "datasets_dir (--datasets-dir / EXECUTOR_DATASETS_DIR)"))
+            checks.append((str(datasets), label(PoolConfig, "datasets_dir")))
         if self.config.hf_home is not None:
-            checks.append((str(self.config.hf_home), "hf_home (--hf-home / EXECUTOR_HF_HOME)"))
-        for path, label in checks:
-            self._check_shared(path, label)
+            checks.append((str(self.config.hf_home), label(PoolConfig, "hf_home")))
+        for path, named in checks:
+            self._check_shared(path, named)
 
     def _check_shared(self, path: str, label: str) -> None:
         real = os.path.realpath(path)
@@ -244,7 +244,7 @@ class Placement:
             try:
                 self.uid_claims = sandbox.claim_uids(self.uid_range)
             except sandbox.ConfinementError as exc:
-                raise ConfigError(f"job_uid_base (--job-uid-base / EXECUTOR_JOB_UID_BASE) {first}: {exc}; "
+                raise ConfigError(f"{label(PoolConfig, 'job_uid_base')} {first}: {exc}; "
                                   "give each pool on this machine its own range") from None
             for uid in self.uid_range:
                 if not sandbox.kill_uid_now(uid):
@@ -461,7 +461,7 @@ def _job_groups(config: PoolConfig, on_neuron: bool) -> tuple[int, ...]:
         try:
             gids.append(int(name) if name.isdigit() else grp.getgrnam(name).gr_gid)
         except KeyError:
-            raise ConfigError(f"job_groups (--job-groups / EXECUTOR_JOB_GROUPS): no group {name!r}") from None
+            raise ConfigError(f"{label(PoolConfig, 'job_groups')}: no group {name!r}") from None
     if not gids and on_neuron:
         from warm_pool import neuron
 

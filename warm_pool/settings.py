@@ -164,6 +164,14 @@ def declared(cls: type) -> tuple[Setting, ...]:
     return tuple(out)
 
 
+def label(cls: type, name: str) -> str:
+    """How messages name setting `name` of `cls`: `pool_size (--pool-size / EXECUTOR_POOL_SIZE)`."""
+    found = next((s for s in declared(cls) if s.name == name), None)
+    if found is None:
+        raise KeyError(f"{cls.__name__} declares no setting {name!r}")
+    return found.label
+
+
 def _resolve(hint: Any) -> tuple[type, type | None, bool]:
     """(kind, tuple item type, optional) for a field's type hint."""
     optional = False
