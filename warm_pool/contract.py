@@ -3,8 +3,8 @@
 
 `condition()` is what admission reads on every request: three fields kept as plain
 attributes, read under the pool's lock, never a snapshot of the workers. `stats()` is
-the whole picture (workers, their memory, templates, nodes) for `/health?verbose=1`,
-`/status` and `/metrics`.
+the whole picture (workers, their memory, templates, nodes) for `/health` and
+`/metrics`.
 
 One vocabulary of states for both:
 
