@@ -47,7 +47,7 @@ DEFAULT_ARTIFACTS = ("*.png", "*.jpg", "*.jpeg", "*.svg", "*.pdf", "*.pt", "*.pt
 JOB_HELPERS_DIR = Path(__file__).resolve().parent / "job_helpers"
 
 # Environment variables the service may hold that job code must never see. Every
-# EXECUTOR_* and AWS_* variable is scrubbed as well (see template_env): the service's
+# EXECUTOR_* and AWS_* variable is scrubbed as well (placement.template_env): the service's
 # cloud credentials (artifact upload) are not the jobs'.
 DEFAULT_SCRUB_ENV = ("EXECUTOR_API_TOKEN", "EXECUTOR_API_TOKEN_FILE")
 SCRUB_PREFIXES = ("EXECUTOR_", "AWS_")
@@ -294,19 +294,3 @@ class PoolConfig:
             return Path(self.neuron_cache_dir)
         from_env = os.environ.get("NEURON_COMPILE_CACHE_URL")
         return Path(from_env) if from_env else Path(self.work_dir) / "neuron-compile-cache"
-
-    def template_env(self, neuron: bool = False) -> dict[str, str]:
-        """The environment the template (and every worker and job) starts with."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in self.scrub_env and not k.startswith(SCRUB_PREFIXES)}
-        env.update(dict(self.extra_env))
-        if neuron:
-            from warm_pool import neuron as neuron_env
-
-            for name in neuron_env.CONFLICTING_ENV:
-                env.pop(name, None)
-            env.setdefault("PJRT_DEVICE", "NEURON")
-            env.update(neuron_env.compile_cache_env(self.compile_cache_dir,
-                                                    self.neuron_retry_failed_compilation,
-                                                    env.get("NEURON_CC_FLAGS", "")))
-        return env

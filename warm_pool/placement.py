@@ -39,8 +39,8 @@ import sysconfig
 from dataclasses import dataclass, field
 from typing import Any
 
-from warm_pool import job_env, sandbox
-from warm_pool.config import PoolConfig
+from warm_pool import job_env, neuron, sandbox
+from warm_pool.config import SCRUB_PREFIXES, PoolConfig
 from warm_pool.neuron import profile
 from warm_pool.settings import ConfigError, label
 from warm_pool.usage import MIB
@@ -76,8 +76,6 @@ class Placement:
         """Decide cores, isolation and groups; ConfigError when isolation "uid" is impossible."""
         neuron_info = None
         if config.backend in ("neuron", "auto"):
-            from warm_pool import neuron
-
             neuron_info = neuron.detect()
         # auto becomes neuron only if the template then imports torch_neuronx too.
         on_neuron = config.backend == "neuron" or bool(
@@ -288,8 +286,6 @@ class Placement:
 
     def _prepare_compile_cache(self) -> None:
         """The one directory every job shares: group-writable by the job uids' group."""
-        from warm_pool import neuron
-
         cache = self.config.compile_cache_dir
         os.makedirs(cache, exist_ok=True)
         if self.isolation == "uid" and self.groups:
@@ -329,7 +325,19 @@ class Placement:
     # --- environment ----------------------------------------------------------------------
 
     def template_env(self) -> dict[str, str]:
-        env = self.config.template_env(neuron=self.neuron)
+        """The environment the template (and every worker and job) starts with: the
+        service's own without its secrets and credentials, the operator's extra variables,
+        on neuron the compile cache's, then the threads and the libraries' (job_env.py)."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in self.config.scrub_env and not k.startswith(SCRUB_PREFIXES)}
+        env.update(dict(self.config.extra_env))
+        if self.neuron:
+            for name in neuron.CONFLICTING_ENV:
+                env.pop(name, None)
+            env.setdefault("PJRT_DEVICE", "NEURON")
+            env.update(neuron.compile_cache_env(self.config.compile_cache_dir,
+                                                self.config.neuron_retry_failed_compilation,
+                                                env.get("NEURON_CC_FLAGS", "")))
         env["MPLBACKEND"] = "Agg"  # when the template imports matplotlib: no display here
         # OpenBLAS (numpy's, scipy's) sizes its thread pool once, when the template loads
         # it: to each worker's share, as a job's `python main.py` with the worker's
@@ -385,8 +393,6 @@ class Placement:
         env = self.job_env()
         env.update(self.thread_env())
         if backend == "neuron" and core is not None:
-            from warm_pool import neuron
-
             # NEURON_RT_LOG_LEVEL: neuron_log_level, else the operator's job_env, else inherited.
             env.update(neuron.worker_env(core, tag=f"trainium-executor-w{worker_id}",
                                          log_level=self.config.neuron_log_level,
@@ -404,8 +410,6 @@ class Placement:
         """A started tracker of a job's device-memory peak (neuron only), else None."""
         if backend != "neuron" or core is None:
             return None
-        from warm_pool import neuron
-
         tracker = neuron.PeakTracker(core, self.config.neuron_sysfs_root, self.cores_per_device)
         tracker.start()
         return tracker
@@ -414,8 +418,6 @@ class Placement:
         """True when a worker's idle NeuronCore memory grew after several jobs in a row."""
         if not self.neuron or worker.core is None or not self.config.neuron_idle_growth_jobs:
             return False
-        from warm_pool import neuron
-
         mem = neuron.core_memory(worker.core, self.config.neuron_sysfs_root, self.cores_per_device)
         if mem is None:
             return False
@@ -463,8 +465,6 @@ def _job_groups(config: PoolConfig, on_neuron: bool) -> tuple[int, ...]:
         except KeyError:
             raise ConfigError(f"{label(PoolConfig, 'job_groups')}: no group {name!r}") from None
     if not gids and on_neuron:
-        from warm_pool import neuron
-
         nodes = neuron.device_paths()
         if nodes and os.stat(nodes[0]).st_gid != 0:
             gids.append(os.stat(nodes[0]).st_gid)
