@@ -61,6 +61,7 @@ from warm_pool import (
     STATUS_COMPLETED,
     STATUS_INTERRUPTED,
     STREAMS,
+    Condition,
     ConfigError,
     JobOutput,
     JobResult,
@@ -71,7 +72,6 @@ from warm_pool import (
     QueueFull,
 )
 from warm_pool import artifacts as pool_artifacts
-from warm_pool.contract import Condition
 
 log = logging.getLogger("executor_service.cluster")
 
