@@ -298,7 +298,7 @@ def _kill_child(pid: int, parents: tuple[int | None, ...]) -> bool:
     try:
         ppid = usage.parent_pid(pid)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            ours = b"warm_pool.template" in f.read()  # workers are forks of a template
+            ours = b"warm_pool.child.template" in f.read()  # workers are forks of a template
         if ppid is None or ppid not in parents or not ours:
             return False
         signal.pidfd_send_signal(fd, signal.SIGKILL)

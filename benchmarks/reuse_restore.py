@@ -22,7 +22,7 @@ import time
 
 def measure(runs: int) -> dict[str, dict[str, float]]:
     """In this (forked) process: take a Baseline, then time `runs` restores."""
-    from warm_pool.isolation import Baseline
+    from warm_pool.child.isolation import Baseline
 
     baseline = Baseline.take()
     job_dir = tempfile.mkdtemp(prefix="bench-restore-")

@@ -24,9 +24,9 @@ import numpy
 import pytest
 import torch
 
-from warm_pool.isolation import Baseline
-from warm_pool.library_state import flushes_denormals
-from warm_pool.native_state import _c_environ
+from warm_pool.child.isolation import Baseline
+from warm_pool.child.library_state import flushes_denormals
+from warm_pool.child.native_state import _c_environ
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_DUMPABLE, PR_GET_DUMPABLE = 4, 3

@@ -19,13 +19,13 @@ def _imports(path: Path) -> list[str]:
 
 
 def test_the_service_uses_only_the_pools_public_package():
-    offenders = {f"{p.name}: {m}" for p in (REPO / "executor_service").glob("*.py")
+    offenders = {f"{p.name}: {m}" for p in (REPO / "executor_service").rglob("*.py")
                  for m in _imports(p) if m.startswith("warm_pool.")}
     assert not offenders, "import these from warm_pool itself: " + ", ".join(sorted(offenders))
 
 
 def test_the_service_process_never_imports_torch():
-    offenders = {f"{p.name}: {m}" for p in (REPO / "executor_service").glob("*.py")
+    offenders = {f"{p.name}: {m}" for p in (REPO / "executor_service").rglob("*.py")
                  for m in _imports(p) if m.split(".")[0] in ("torch", "torch_xla", "torch_neuronx")}
     assert not offenders, offenders
 
@@ -43,12 +43,24 @@ def _module_level_imports(path: Path) -> list[str]:
 def test_ray_is_imported_only_when_a_cluster_is_asked_for():
     """One instance (make run) never loads Ray: only the cluster's modules use it, inside
     the functions that run once --ray-address is given."""
-    top = {f"{p.name}: {m}" for p in (REPO / "executor_service").glob("*.py")
+    top = {f"{p.name}: {m}" for p in (REPO / "executor_service").rglob("*.py")
            for m in _module_level_imports(p) if m.split(".")[0] == "ray"}
     assert not top, top
-    users = {p.name for p in (REPO / "executor_service").glob("*.py")
+    users = {p.name for p in (REPO / "executor_service").rglob("*.py")
              if any(m.split(".")[0] == "ray" for m in _imports(p))}
     assert users <= {"cluster.py", "node_pool.py"}, users
-    loaders = {p.name for p in (REPO / "executor_service").glob("*.py")
+    loaders = {p.name for p in (REPO / "executor_service").rglob("*.py")
                if "executor_service.cluster" in _module_level_imports(p)}
     assert not loaders, loaders
+
+
+def test_the_services_process_never_imports_what_runs_in_the_pools_children():
+    """warm_pool/child/ runs only in the template and the jobs' processes; the service
+    and the supervisor's side of the pool reach it by module name and socket alone."""
+    parent = [p for p in (REPO / "warm_pool").rglob("*.py") if "child" not in p.relative_to(REPO).parts
+              and "job_helpers" not in p.relative_to(REPO).parts]
+    parent += list((REPO / "executor_service").rglob("*.py"))
+    offenders = {f"{p.relative_to(REPO)}: {m}" for p in parent for m in _imports(p)
+                 if m == "warm_pool.child" or m.startswith("warm_pool.child.")}
+    assert not offenders, offenders
+    assert (REPO / "warm_pool" / "child" / "template.py").is_file()

@@ -20,7 +20,11 @@ Public API (everything the HTTP service uses comes from here)::
     pool.shutdown(grace=30.0)          # drain running jobs up to grace, then kill
 
 ``submit`` raises ``QueueFull``, ``PoolClosed`` or ``PoolBroken``; nothing else about a
-job ever raises.
+job ever raises. ``contract.Pool`` declares these methods (the cluster's pool has them too).
+
+Layout: this package's top level is the service's side (supervisor, seats, cgroups,
+capture, limits, results; docs/pool.md has a line per module); ``child/`` is what runs
+only in the template's and the jobs' processes, never imported by the service's.
 """
 
 from warm_pool import artifacts, settings

@@ -48,7 +48,7 @@ class TemplateLink:
             uid_base=confinement.uid_base, groups=confinement.groups, writable=confinement.writable,
             max_file_bytes=confinement.max_file_bytes)
         self.proc = subprocess.Popen(
-            [config.python_executable(), "-P", "-m", "warm_pool.template",
+            [config.python_executable(), "-P", "-m", "warm_pool.child.template",
              str(theirs.fileno()), settings.encode().decode("utf-8")],
             pass_fds=[theirs.fileno()], env=placement.template_env(),
             stdin=subprocess.DEVNULL, start_new_session=True)

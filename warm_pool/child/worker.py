@@ -36,9 +36,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from warm_pool import protocol
-from warm_pool.integrity import Fingerprint
-from warm_pool.isolation import Baseline
-from warm_pool.library_state import reseed_numpy
+from warm_pool.child.integrity import Fingerprint
+from warm_pool.child.isolation import Baseline
+from warm_pool.child.library_state import reseed_numpy
 
 _BUFFER_SIZE = io.DEFAULT_BUFFER_SIZE
 # Exit status of a worker whose job cut its channel to the supervisor (os.closerange):

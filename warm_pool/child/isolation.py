@@ -32,8 +32,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from warm_pool.library_state import LibraryState
-from warm_pool.native_state import NativeState
+from warm_pool.child.library_state import LibraryState
+from warm_pool.child.native_state import NativeState
 
 _SIGNALS = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
 

@@ -1,7 +1,7 @@
 """The template: a separately started process that imports the heavy modules once and
 forks workers on request.
 
-It is started with `python -P -m warm_pool.template FD SETTINGS_JSON` (never forked from
+It is started with `python -P -m warm_pool.child.template FD SETTINGS_JSON` (never forked from
 the multi-threaded service: fork copies one thread and every lock the others held).
 It imports the backend's modules and does nothing else with them: no device, no torch
 operation, because neither the XLA/Neuron runtime nor OpenMP thread pools survive a
@@ -43,9 +43,9 @@ import traceback
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 
-from warm_pool import preload as optional_preload
 from warm_pool import protocol, sandbox
-from warm_pool.integrity import Fingerprint
+from warm_pool.child import preload as optional_preload
+from warm_pool.child.integrity import Fingerprint
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -55,7 +55,8 @@ _PR_SET_CHILD_SUBREAPER = 36
 # loaded here they are warm and watched by the fingerprint, so a job importing them does
 # not cost its worker.
 _SUPPORT_MODULES = (
-    "warm_pool.worker", "warm_pool.isolation", "csv", "argparse", "pickle", "json", "logging.handlers",
+    "warm_pool.child.worker", "warm_pool.child.isolation",
+    "csv", "argparse", "pickle", "json", "logging.handlers",
     "multiprocessing.popen_fork", "multiprocessing.queues", "multiprocessing.synchronize",
     "multiprocessing.pool", "concurrent.futures",
 )
@@ -236,7 +237,7 @@ class Template:
         if os.getppid() == 1:  # the template died before we set it
             return 1
         os.environ.update(msg.env)
-        from warm_pool import worker
+        from warm_pool.child import worker
 
         return worker.main(fd, msg.worker_id, self.backend, msg.core, _PRELOADED,
                            None if msg.one_job else _FINGERPRINT, applied, self.needed, self.job_paths,
@@ -318,7 +319,7 @@ _FINGERPRINT: Fingerprint | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: python -P -m warm_pool.template FD SETTINGS (a protocol.TemplateSettings)."""
+    """Entry point: python -P -m warm_pool.child.template FD SETTINGS (a protocol.TemplateSettings)."""
     global _PRELOADED, _FINGERPRINT
     argv = sys.argv[1:] if argv is None else argv
     control = socket.socket(fileno=int(argv[0]))
@@ -384,7 +385,7 @@ def _load_optional(settings: protocol.TemplateSettings, backend_modules: list[st
         skip = {**settings.skip, exc.module: protocol.clip(str(exc), 500)}
         again = dataclasses.replace(settings, skip=skip, seconds_before=time.perf_counter() - started)
         sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-P", "-m", "warm_pool.template", control_fd,
+        os.execv(sys.executable, [sys.executable, "-P", "-m", "warm_pool.child.template", control_fd,
                                   again.encode().decode("utf-8")])
         raise  # not reached
     finally:
