@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from executor_service import artifacts, auth, dashboard, jobs, streaming, validation
+from executor_service import artifacts, auth, dashboard, jobs, spot, streaming, validation
 from executor_service.config import ServiceConfig
 from executor_service.jobs import RETRY_AFTER_S, Accepted, JobRunner, batch_response
 from executor_service.metrics import CONTENT_TYPE, Metrics
@@ -96,16 +96,24 @@ def create_app(config: ServiceConfig, pool=None) -> Flask:
     metrics = Metrics(pool.stats, store.counts)
     runner = JobRunner(pool, store, config, metrics)
     runner.start()
+    intake = None
+    if config.sqs_queue_url:
+        from executor_service.sqs_intake import SqsIntake  # boto3 only when a queue is configured
+
+        intake = SqsIntake(runner, store, config, metrics).start()
+    watcher = spot.SpotWatcher(config, runner, metrics, intake).start() if spot.wanted(config) else None
 
     app = Flask("executor_service", static_folder=None)  # no /static route: nothing to serve
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
     app.extensions["executor"] = runner
     app.extensions["executor_metrics"] = metrics
+    app.extensions["executor_intake"] = intake
+    app.extensions["executor_spot"] = watcher
 
     _register_hooks(app, config, metrics)
     _register_errors(app, config)
-    _register_routes(app, config, runner, metrics)
+    _register_routes(app, config, runner, metrics, intake, watcher)
     streaming.register(app, config, runner)
     dashboard.register(app)
     return app
@@ -178,9 +186,9 @@ def _register_errors(app: Flask, config: ServiceConfig) -> None:
         return _error(500, f"internal error: {type(exc).__name__}")
 
 
-def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metrics: Metrics) -> None:
-    rules = validation.Rules(config.pool.default_timeout, config.pool.max_timeout, config.max_batch_size,
-                             config.callback_hosts, config.profile_jobs)
+def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metrics: Metrics,
+                     intake=None, watcher: spot.SpotWatcher | None = None) -> None:
+    rules = config.request_rules()
     default_t = config.pool.default_timeout
 
     def body() -> dict[str, Any]:
@@ -258,7 +266,17 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
         }
         if cluster is not None:
             payload["cluster"] = cluster if verbose else public_cluster(cluster)
-        if not ok:
+        if intake is not None:
+            payload["queue"] = intake.stats().to_public()
+            if verbose:
+                payload["queue"].update(url=intake.url, rejected_recent=runner.store.rejects())
+        notice = watcher.notice if watcher is not None else None
+        if notice is not None:
+            ok = False
+            payload["status"] = "unhealthy"
+            payload["interruption"] = {**notice.to_public(), "jobs_interrupted": len(watcher.interrupted)}
+            payload["reason"] = runner.refusal or "the instance is being reclaimed"
+        if not ok and "reason" not in payload:
             if stats.get("state") == "broken":
                 payload["reason"] = ("pool is broken: " + str(stats.get("broken_reason")) if verbose
                                      else "pool is broken (GET /health?verbose=1 with the token says why)")

@@ -108,6 +108,32 @@ class ServiceConfig:
         None, "upload each finished job's result.json and artifacts to "
         "s3://bucket/prefix/<paper_id>/<job_id>/ (boto3, default credentials: the instance role)",
         none="no upload")
+    sqs_queue_url: str | None = setting(
+        None, "also take jobs from this SQS queue: each message body is a POST /execute request; "
+        "region and credentials from the standard AWS configuration (the instance role), the endpoint "
+        "from AWS_ENDPOINT_URL_SQS when set (docs/operations.md, The queue)", none="HTTP intake only")
+    sqs_wait_time: int = setting(
+        10, "how long one SQS receive waits for a message (long polling); the service polls only "
+        "while a slot is free", unit="s", minimum=1, maximum=20)
+    sqs_visibility_timeout: int = setting(
+        120, "how long a message the service took stays invisible to other consumers; renewed every "
+        "third of it while its job runs, so it is also how soon a message comes back after the service "
+        "dies", unit="s", minimum=2, maximum=43200)
+    spot_watch: str = setting(
+        "auto", "watch the instance metadata service for a Spot interruption notice and a rebalance "
+        "recommendation, and drain on one (docs/operations.md, Running on Spot); auto: when the "
+        "machine says it is an EC2 instance", choices=("auto", "on", "off"))
+    imds_endpoint: str = setting(
+        "http://169.254.169.254", "the instance metadata service's base URL (IMDSv2)")
+    spot_poll_interval: float = setting(
+        5.0, "how often the metadata service is asked for a notice", unit="s", minimum=0.05, maximum=60)
+    spot_margin: float = setting(
+        15.0, "time kept before a Spot notice's deadline to return unfinished work: jobs still running "
+        "then are stopped and recorded interrupted, their SQS messages made visible again", unit="s",
+        minimum=0)
+    spot_rebalance_window: float = setting(
+        120.0, "on a rebalance recommendation (which has no deadline), the window running jobs are "
+        "given, counted from its noticeTime", unit="s", minimum=0)
     pool: PoolConfig = field(default_factory=PoolConfig)
 
     def __repr__(self) -> str:  # secrets never reach a log line or a traceback
@@ -128,6 +154,11 @@ class ServiceConfig:
     def stream_limit(self) -> int:
         """How many event streams may be open at once (max_streams, or its default)."""
         return self.max_streams if self.max_streams is not None else max(1, self.threads // 4)
+
+    def request_rules(self) -> validation.Rules:
+        """The limits a request is validated against, over HTTP and from the queue alike."""
+        return validation.Rules(self.pool.default_timeout, self.pool.max_timeout, self.max_batch_size,
+                                self.callback_hosts, self.profile_jobs)
 
     def is_loopback(self) -> bool:
         """True when the listen address is reachable only from this machine."""
@@ -151,6 +182,16 @@ class ServiceConfig:
         if uri is not None and (not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]):
             raise ConfigError(f"{_label('artifacts_s3_uri')} must look "
                               f"like s3://bucket/prefix, not {uri[:64]!r}")
+        if self.sqs_queue_url is not None and not self.sqs_queue_url.startswith(("https://", "http://")):
+            raise ConfigError("sqs_queue_url (--sqs-queue-url / EXECUTOR_SQS_QUEUE_URL) must be the queue's "
+                              f"URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME), not "
+                              f"{validation.echo(self.sqs_queue_url)}")
+        if self.sqs_queue_url is not None and self.pool.max_timeout + self.sqs_visibility_timeout > 43200:
+            raise ConfigError("max_timeout (--max-timeout / EXECUTOR_MAX_TIMEOUT) plus "
+                              "sqs_visibility_timeout must stay under SQS's 12 hours of visibility a message")
+        if not self.imds_endpoint.startswith("http://"):
+            raise ConfigError("imds_endpoint (--imds-endpoint / EXECUTOR_IMDS_ENDPOINT) must be an http:// "
+                              f"URL, not {validation.echo(self.imds_endpoint)}")
         if self.api_token is not None and not self.api_token.strip():
             raise ConfigError(f"{_label('api_token')} must not be blank")
         if self.callback_hosts and not self.callback_secret:

@@ -173,6 +173,8 @@ class JobRunner:
         self._last_activity = time.time()
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
+        self._refusal: str | None = None  # why no new work is taken (a Spot notice), when set
+        self._end_listeners: list[Callable[[], None]] = []
         self.webhooks = Deliverer(store, config.callback_secret, self._callback_document,
                                   config.callback_attempts, config.callback_backoff, config.callback_timeout)
         self.exporter = (artifacts.S3Exporter(config.artifacts_s3_uri, store, config.pool.artifacts_dir)
@@ -251,18 +253,65 @@ class JobRunner:
         """True once shutdown has begun: nothing new is accepted or started."""
         return self._closing.is_set()
 
+    @property
+    def refusal(self) -> str | None:
+        """Why the runner takes no new work while it still runs its jobs, or None."""
+        return self._refusal
+
+    def refuse_work(self, reason: str) -> None:
+        """Take no new work from now on (accept raises Closing with `reason`) and start no
+        queued job; running jobs go on."""
+        self._refusal = reason
+        self._wake.set()
+
+    def add_end_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` (it must only wake its owner) whenever jobs reach an end."""
+        self._end_listeners.append(listener)
+
+    def _ended(self) -> None:
+        self._wake.set()
+        self.webhooks.wake()
+        for listener in self._end_listeners:
+            listener()
+
+    def interrupt(self, statuses: tuple[str, ...], message: str) -> list[str]:
+        """Record the jobs in `statuses` (queued, running) as `interrupted` with `message`,
+        and stop those the pool holds; return their ids. Their callbacks then report it."""
+        ended = []
+        with self._dispatch_lock:
+            for row in self.store.in_status(statuses):
+                data = synthetic_result(row, STATUS_INTERRUPTED, "interrupted", message)
+                if not self.store.finish(row.job_id, STATUS_INTERRUPTED, data):
+                    continue  # it ended meanwhile
+                self.metrics.job_finished(data)
+                ended.append(row.job_id)
+                with self._lock:
+                    submitted = row.job_id in self._submitted
+                    event = None if submitted else self._done_events.pop(row.job_id, None)
+                if submitted:
+                    self.pool.cancel(row.job_id)  # its own result arrives later and is not kept
+                elif event:
+                    event.set()
+        if ended:
+            log.warning("jobs interrupted", extra={"job_ids": ended, "reason": message})
+            self._ended()
+        return ended
+
     # accepting and dispatching -------------------------------------------------------
 
-    def accept(self, request: Request, kind: str, idem_key: str | None = None) -> Accepted:
+    def accept(self, request: Request, kind: str, idem_key: str | None = None,
+               message_id: str | None = None) -> Accepted:
         """Persist a request's jobs (queued) and callbacks, and start dispatching the jobs.
 
         Raises Closing, Unavailable (the pool is broken) or QueueFull (no room for the
         whole request). A request repeating an earlier `idem_key` gets that request's
         batch back; an item whose paper has the identical code queued or running joins
-        that job (when `deduplicate` is on).
+        that job (when `deduplicate` is on). `message_id`: the SQS message it came in.
         """
         if self._closing.is_set():
             raise Closing("service is shutting down")
+        if self._refusal is not None:
+            raise Closing(self._refusal)
         condition = self.pool.condition()
         if condition.state == "broken":
             raise Unavailable(f"pool is broken: {short_reason(condition.broken_reason)}")
@@ -300,7 +349,7 @@ class JobRunner:
                 for j in new:
                     self._done_events[j["job_id"]] = threading.Event()
             try:
-                self.store.add_batch(batch_id, kind, jobs, idem_key, callbacks)
+                self.store.add_batch(batch_id, kind, jobs, idem_key, callbacks, message_id)
             except BaseException:
                 with self._lock:
                     for j in new:
@@ -319,7 +368,7 @@ class JobRunner:
 
     def dispatch(self) -> int:
         """Hand queued jobs that the pool does not hold yet to the pool; return how many."""
-        if self._closing.is_set():
+        if self._closing.is_set() or self._refusal is not None:
             return 0
         n = 0
         with self._dispatch_lock:
@@ -380,8 +429,7 @@ class JobRunner:
             if event:
                 event.set()
             # Dispatch from our loop thread, never from the pool's callback thread.
-            self._wake.set()
-            self.webhooks.wake()
+            self._ended()
 
     # waiting, cancelling, reading ---------------------------------------------------
 
@@ -500,4 +548,4 @@ class JobRunner:
             idle_since = utc_iso(self._last_activity)
         return {"running_executions": running, "queued": queued, "capacity": capacity,
                 "idle": running == 0 and queued == 0, "idle_since": idle_since,
-                "accepting": not self._closing.is_set()}
+                "accepting": not self._closing.is_set() and self._refusal is None}

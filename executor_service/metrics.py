@@ -103,6 +103,16 @@ class _StateCollector:
             yield lost
 
 
+class _Gauge:
+    """One gauge whose value a callable gives at scrape time."""
+
+    def __init__(self, name: str, doc: str, value: Callable[[], float]):
+        self._name, self._doc, self._value = name, doc, value
+
+    def collect(self):
+        yield GaugeMetricFamily(self._name, self._doc, value=self._value())
+
+
 class Metrics:
     """The service's metrics and the registry they live in."""
 
@@ -117,6 +127,16 @@ class Metrics:
         self.requests = Counter("executor_http_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
         self.registry.register(_StateCollector(pool_stats, job_counts))
+        self.queue_messages = Counter(
+            "executor_sqs_messages", "SQS messages by what became of them: taken (a job), duplicate "
+            "(delivered again, not run again), rejected (not a valid request), returned (visible again)",
+            ["outcome"], registry=self.registry)
+        self.queue_errors = Counter("executor_sqs_errors", "SQS calls that failed, by call", ["call"],
+                                    registry=self.registry)
+
+    def gauge(self, name: str, doc: str, value: Callable[[], float]) -> None:
+        """A gauge read from `value()` at scrape time (the SQS intake's, the Spot watcher's)."""
+        self.registry.register(_Gauge(name, doc, value))
 
     def job_finished(self, result: dict[str, Any]) -> None:
         """Count a finished job's outcome and observe its times."""

@@ -7,10 +7,13 @@ timeouts, which would kill and re-create the pool (and its template) behind our 
 and its own signal handling would race ours for the drain.
 
 Shutdown, in order (signal handlers only record the signal; the main thread acts):
-  1. stop accepting connections (the listening socket is closed);
+  1. stop accepting connections (the listening socket is closed), stop polling SQS and
+     watching for Spot notices;
   2. the pool takes no more jobs; running jobs get `shutdown_grace` seconds, then are
      killed and recorded `interrupted`; jobs not started stay `queued` in the store;
-  3. in-flight responses are written, the store is closed, exit status 0.
+  3. SQS messages of jobs that ended are deleted, the others made visible again (the
+     next start records their jobs interrupted: whoever receives the message runs it);
+  4. in-flight responses are written, the store is closed, exit status 0.
 """
 
 from __future__ import annotations
@@ -58,11 +61,19 @@ def serve(config: ServiceConfig) -> int:
     sig = signal.Signals(received[0]).name if received else "server loop ended"
     log.info("shutting down", extra={"signal": sig, "grace_s": config.shutdown_grace})
 
+    intake, watcher = app.extensions["executor_intake"], app.extensions["executor_spot"]
     # 1. Stop accepting: close the listening socket from inside waitress's loop thread.
     server.trigger.pull_trigger(server.close)
+    if intake is not None:
+        intake.stop_polling()
+    if watcher is not None:
+        watcher.close()
     # 2. Drain the pool; requests waiting on their jobs get their results.
     runner.shutdown(grace=config.shutdown_grace)
-    # 3. Let waitress finish writing the responses in flight.
+    # 3. Settle the queue's messages.
+    if intake is not None:
+        intake.close()
+    # 4. Let waitress finish writing the responses in flight.
     server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
     deadline = time.monotonic() + 2
     while time.monotonic() < deadline and any(not c.will_close and c.total_outbufs_len

@@ -114,6 +114,22 @@ _MIGRATIONS = (
     """
     ALTER TABLE jobs ADD COLUMN profile INTEGER NOT NULL DEFAULT 0;  -- capture a Neuron profile
     """,
+    """
+    CREATE TABLE queue_messages (   -- which job an SQS message brought (a redelivery: the same id)
+        message_id  TEXT NOT NULL,
+        job_id      TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+        received_at REAL NOT NULL,
+        PRIMARY KEY (message_id, job_id)
+    );
+    CREATE INDEX queue_messages_by_job ON queue_messages(job_id);
+    CREATE TABLE queue_rejects (    -- messages that were not a valid request (deleted from the queue)
+        message_id  TEXT PRIMARY KEY,
+        received_at REAL NOT NULL,
+        body_bytes  INTEGER NOT NULL,
+        body_sha256 TEXT NOT NULL,
+        error       TEXT NOT NULL
+    );
+    """,
 )
 
 ACTIVE_STATUSES = (STATUS_QUEUED, STATUS_RUNNING)
@@ -264,12 +280,14 @@ class JobStore:
     # writing ---------------------------------------------------------------------------
 
     def add_batch(self, batch_id: str, kind: str, jobs: list[dict[str, Any]],
-                  idem_key: str | None = None, callbacks: Iterable[tuple[str | None, str]] = ()) -> None:
+                  idem_key: str | None = None, callbacks: Iterable[tuple[str | None, str]] = (),
+                  message_id: str | None = None) -> None:
         """Persist a batch, its new jobs (all `queued`) and its callbacks in one transaction.
 
         `jobs` is in request order; an entry with `"deduplicated": True` names a job that
         already exists (the batch joins it). `callbacks` are (job_id or None for the
-        whole batch, url).
+        whole batch, url). `message_id`: the SQS message that brought the batch, linked
+        to its jobs in the same transaction.
         """
         now = time.time()
 
@@ -292,6 +310,9 @@ class JobStore:
             db.executemany("INSERT INTO callbacks(batch_id, job_id, url, state, created_at)"
                            " VALUES (?,?,?,?,?)",
                            [(batch_id, job_id, url, CALLBACK_WAITING, now) for job_id, url in callbacks])
+            if message_id is not None:
+                db.executemany("INSERT OR IGNORE INTO queue_messages(message_id, job_id, received_at)"
+                               " VALUES (?,?,?)", [(message_id, j["job_id"], now) for j in jobs])
 
         self._tx(insert, durable=True)
 
@@ -439,18 +460,49 @@ class JobStore:
         rows = self._all("SELECT * FROM jobs WHERE status=? ORDER BY seq LIMIT ?", (STATUS_QUEUED, limit))
         return [_row(r) for r in rows]
 
+    def in_status(self, statuses: Iterable[str]) -> list[JobRow]:
+        """Every job in these statuses, oldest first."""
+        statuses = tuple(statuses)
+        rows = self._all(f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(statuses))}) ORDER BY seq",
+                         statuses)
+        return [_row(r) for r in rows]
+
     def counts(self) -> dict[str, int]:
         """Number of jobs by status."""
         return {r[0]: r[1] for r in self._all("SELECT status, COUNT(*) FROM jobs GROUP BY status")}
 
+    # queue messages ----------------------------------------------------------------------
+
+    def message_job(self, message_id: str) -> JobRow | None:
+        """The newest job that this SQS message brought, if any."""
+        rows = self._all("SELECT jobs.* FROM queue_messages JOIN jobs USING (job_id) WHERE message_id=?"
+                         " ORDER BY queue_messages.received_at DESC, jobs.seq DESC LIMIT 1", (message_id,))
+        return _row(rows[0]) if rows else None
+
+    def record_reject(self, message_id: str, body: bytes, error: str) -> None:
+        """A message that was not a valid request: what was wrong, its size and digest."""
+        self._tx(lambda db: db.execute(
+            "INSERT OR REPLACE INTO queue_rejects(message_id, received_at, body_bytes, body_sha256, error)"
+            " VALUES (?,?,?,?,?)", (message_id, time.time(), len(body), hashlib.sha256(body).hexdigest(),
+                                    error)))
+
+    def rejects(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The newest rejected messages."""
+        rows = self._all("SELECT * FROM queue_rejects ORDER BY received_at DESC LIMIT ?", (limit,))
+        return [{**dict(r), "received_at": utc_iso(r["received_at"])} for r in rows]
+
     # recovery, cancelling, pruning -------------------------------------------------------
 
     def recover(self, interrupted_result) -> tuple[int, int]:
-        """After a restart: running -> interrupted (result from `interrupted_result(row)`).
+        """After a restart: running -> interrupted (result from `interrupted_result(row)`),
+        and so are queued jobs that an SQS message brought: the service held that message
+        only while it lived, so the job runs again when the message is delivered again,
+        never from the store (whoever receives it first runs it).
 
         Returns (jobs marked interrupted, jobs still queued).
         """
-        rows = self._all("SELECT * FROM jobs WHERE status=?", (STATUS_RUNNING,))
+        rows = self._all("SELECT * FROM jobs WHERE status=? OR (status=? AND job_id IN"
+                         " (SELECT job_id FROM queue_messages))", (STATUS_RUNNING, STATUS_QUEUED))
         for r in rows:
             row = _row(r)
             self.finish(row.job_id, STATUS_INTERRUPTED, interrupted_result(row))
@@ -480,6 +532,7 @@ class JobStore:
                 " AND NOT EXISTS (SELECT 1 FROM jobs mine JOIN batch_jobs link ON link.job_id = mine.job_id"
                 " JOIN batch_jobs sib ON sib.batch_id = link.batch_id JOIN jobs j ON j.job_id = sib.job_id"
                 f" WHERE mine.batch_id = batches.batch_id AND {recent})", {"cutoff": cutoff})
+            db.execute("DELETE FROM queue_rejects WHERE received_at < ?", (cutoff,))
             return cur.rowcount
 
         return self._tx(delete)

@@ -67,6 +67,9 @@ class Server:
 
     def start(self, wait: bool = True) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EXECUTOR_")}
+        # Never the real instance metadata service, even on a test machine that is an EC2
+        # instance: a test that wants the Spot watcher passes its own fake's endpoint.
+        env["EXECUTOR_SPOT_WATCH"] = "off"
         env.update(self.extra_env)
         env["PYTHONPATH"] = str(REPO)
         cmd = [*self.command_prefix, sys.executable, "-m", "executor_service", "serve", "--host", "127.0.0.1",
