@@ -6,7 +6,7 @@
             ├─ its id was seen      → its job: active here → keep the newest receipt handle;
             │                          ended → delete; interrupted → run it again (below)
             └─ new                  → runner.accept(..., message_id): job and link, one transaction
-    held: job_id → (message id, receipt handle)          keeper thread, woken when jobs end
+    held: message id → (job_id, receipt handle)          keeper thread, woken when jobs end
             every third of the visibility timeout  → ChangeMessageVisibility (still ours)
             job completed or cancelled             → DeleteMessage (its result is stored)
             job interrupted (shutdown, Spot)       → ChangeMessageVisibility 0 (runs elsewhere)
@@ -53,7 +53,7 @@ def sqs_client(config: ServiceConfig):
     from botocore.config import Config
 
     session = boto3.session.Session()
-    region = session.region_name or _region_of(config.sqs_queue_url or "")
+    region = session.region_name or region_of(config.sqs_queue_url or "")
     if not region:
         raise ConfigError("sqs_queue_url (--sqs-queue-url / EXECUTOR_SQS_QUEUE_URL): no AWS region; set "
                           "AWS_REGION or AWS_DEFAULT_REGION")
@@ -63,7 +63,7 @@ def sqs_client(config: ServiceConfig):
         retries={"max_attempts": 3, "mode": "standard"}))
 
 
-def _region_of(url: str) -> str | None:
+def region_of(url: str) -> str | None:
     """us-east-1 from https://sqs.us-east-1.amazonaws.com/..., else None."""
     parts = (urlsplit(url).hostname or "").split(".")
     return parts[1] if len(parts) > 3 and parts[0] == "sqs" and parts[-2] == "amazonaws" else None
@@ -73,7 +73,7 @@ def _region_of(url: str) -> str | None:
 class _Held:
     """A message this service holds (invisible to others) while its job is active."""
 
-    message_id: str
+    job_id: str
     receipt: str
     renewed_at: float  # monotonic
 
@@ -107,7 +107,7 @@ class SqsIntake:
         self.url = config.sqs_queue_url
         self.client = client if client is not None else sqs_client(config)
         self.rules = config.request_rules()
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, _Held] = {}  # by message id (two messages may share a job)
         self._lock = threading.Lock()
         self._counts = {"taken": 0, "duplicates": 0, "failed": 0, "returned": 0, "errors": 0}
         self._last_error: str | None = None
@@ -230,9 +230,7 @@ class SqsIntake:
             return 0
         [job_id] = done.job_ids
         with self._lock:
-            for stale in [j for j, h in self._held.items() if h.message_id == message_id]:
-                del self._held[stale]  # an earlier, interrupted run of this message
-            self._held[job_id] = _Held(message_id, receipt, time.monotonic())
+            self._held[message_id] = _Held(job_id, receipt, time.monotonic())
             self._counts["taken"] += 1
         self.metrics.queue_messages.labels(outcome="taken").inc()
         log.info("message taken", extra={"message_id": message_id, "job_id": job_id,
@@ -247,7 +245,7 @@ class SqsIntake:
         with self._lock:
             self._counts["duplicates"] += 1
             if active:
-                self._held[job_id] = _Held(message_id, receipt, time.monotonic())
+                self._held[message_id] = _Held(job_id, receipt, time.monotonic())
         self.metrics.queue_messages.labels(outcome="duplicate").inc()
         log.info("message delivered again; not run again",
                  extra={"message_id": message_id, "job_id": job_id, "job_active": active})
@@ -281,30 +279,30 @@ class SqsIntake:
         with self._lock:
             held = dict(self._held)
         to_delete, to_return, to_renew = [], [], []
-        for job_id, h in held.items():
-            row = self.store.get_job(job_id)
+        for message_id, h in held.items():
+            row = self.store.get_job(h.job_id)
             active = row is not None and row.status in ACTIVE_STATUSES
             if row is None or row.status == STATUS_INTERRUPTED or (release_active and active):
-                to_return.append((job_id, h))
+                to_return.append((message_id, h))
             elif not active:
-                to_delete.append((job_id, h))
+                to_delete.append((message_id, h))
             elif now - h.renewed_at >= renew_every:
-                to_renew.append((job_id, h))
+                to_renew.append((message_id, h))
         self._forget(to_delete + to_return)
-        for job_id, h in to_delete:
+        for message_id, h in to_delete:
             self._delete(h.receipt)
-            log.info("message deleted: its job ended", extra={"message_id": h.message_id, "job_id": job_id})
-        for job_id, h in to_return:
+            log.info("message deleted: its job ended", extra={"message_id": message_id, "job_id": h.job_id})
+        for message_id, h in to_return:
             self._return(h.receipt, 0)
             log.info("message returned to the queue: its job did not end here",
-                     extra={"message_id": h.message_id, "job_id": job_id})
+                     extra={"message_id": message_id, "job_id": h.job_id})
         self._renew(to_renew, now)
 
     def _forget(self, pairs: list[tuple[str, _Held]]) -> None:
         with self._lock:
-            for job_id, h in pairs:
-                if self._held.get(job_id) is h:  # not replaced by a newer delivery meanwhile
-                    del self._held[job_id]
+            for message_id, h in pairs:
+                if self._held.get(message_id) is h:  # not replaced by a newer delivery meanwhile
+                    del self._held[message_id]
 
     def _renew(self, pairs: list[tuple[str, _Held]], now: float) -> None:
         for start in range(0, len(pairs), _BATCH):

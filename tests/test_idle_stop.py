@@ -22,13 +22,16 @@ from executor_service.store import JobStore
 pytestmark = pytest.mark.timeout(120)
 
 
-def idle_stop(work_dir, after_min: float, marker, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+def idle_stop(work_dir, after_min: float, marker, *extra: str,
+              env_extra: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXECUTOR_")}
     env["PYTHONPATH"] = str(REPO)
+    env.update(env_extra or {})
     proc = subprocess.run([sys.executable, "-m", "executor_service", "idle-stop", "--after", str(after_min),
                            "--work-dir", str(work_dir), "--command", f"touch {marker}", *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     lines = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    lines = [line for line in lines if line["logger"] == "executor_service.idle"]  # not botocore's
     assert lines, proc.stderr
     return proc, lines[0]
 
@@ -111,3 +114,31 @@ def test_beside_a_real_service_it_waits_for_the_job_then_acts(tmp_path):
         assert srv.get("/health").status == 200  # it only read the store
     finally:
         srv.close()
+
+
+def test_visible_queue_messages_are_work_and_an_unreadable_queue_stops_nothing(tmp_path):
+    pytest.importorskip("moto")
+    from aws_fixtures import MotoServer
+
+    moto = MotoServer(tmp_path / "moto.log")
+    try:
+        sqs = moto.client("sqs")
+        url = sqs.create_queue(QueueName="idle")["QueueUrl"]
+        sqs.send_message(QueueUrl=url, MessageBody='{"paper_id": "waiting", "code": "print(1)"}')
+        work = store_with(tmp_path, "completed", age_s=3600)
+        marker = tmp_path / "stopped"
+        env = {**moto.env(), "EXECUTOR_SQS_QUEUE_URL": url}  # as the service's environment file sets it
+        proc, line = idle_stop(work, 30, marker, env_extra=env)
+        assert proc.returncode == 0 and not marker.exists()
+        assert line["action"] == "none" and line["waiting_in_queue"] == 1 and "1 waiting" in line["reason"]
+
+        [message] = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1)["Messages"]
+        sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        proc, line = idle_stop(work, 30, marker, env_extra=env)
+        assert proc.returncode == 0 and marker.exists() and line["waiting_in_queue"] == 0
+        marker.unlink()
+
+        proc, line = idle_stop(work, 30, marker, "--sqs-queue-url", url + "-gone", env_extra=env)
+        assert proc.returncode == 1 and not marker.exists() and "cannot read the queue" in line["msg"]
+    finally:
+        moto.close()
