@@ -143,3 +143,39 @@ def test_it_gives_up_for_this_run_when_the_service_is_not_ready_in_time(tmp_path
                          remaining_ms=23_000)  # 3 s left after the reserve
     assert result == {"status": "starting", "instance": "started", "instance_id": instance_id}
     assert state(moto, instance_id) == "running"
+
+
+def test_the_queue_path_enqueues_the_papers_starts_the_instance_and_the_service_runs_them(
+        tmp_path, moto, receiver):
+    """TRAINIUM_QUEUE_URL: the handler neither waits for the instance nor talks to the
+    service; a service taking jobs from that queue runs the papers and reports back."""
+    from conftest import reachable_by_jobs
+    from service_fixtures import Server
+
+    instance_id = stopped_instance(moto)
+    url = aws(moto, "sqs").create_queue(QueueName="papers")["QueueUrl"]
+    hook = receiver.route("/lambda-queue")
+    env = {"AWS_ENDPOINT_URL": moto, "TRAINIUM_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nobody there
+           "TRAINIUM_INSTANCE_ID": instance_id, "TRAINIUM_QUEUE_URL": url, "EXECUTOR_CALLBACK_URL": hook,
+           "POLL_INTERVAL_S": "0.2"}
+    event = {"papers": [{"paper_id": "qp1", "code": "print('queued 1')", "paper_title": "First"},
+                        {"paper_id": "qp2", "code": "print('queued 2')", "slack_thread_ts": "7.7"}]}
+    result = run_handler(tmp_path, event, env)
+    assert result["status"] == "enqueued" and result["instance"] == "started"
+    assert set(result["message_ids"]) == {"qp1", "qp2"}
+    assert state(moto, instance_id) == "running"
+
+    srv = Server(reachable_by_jobs(tmp_path / "work"),
+                 args=["--sqs-queue-url", url, "--sqs-wait-time", "1", "--callback-hosts", "127.0.0.1"],
+                 env={**AWS, "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_SQS": moto,
+                      "EXECUTOR_CALLBACK_SECRET": SECRET}).start()
+    try:
+        wait_until(lambda: len(receiver.received("/lambda-queue")) == 2, timeout=60)
+        by_paper = {r.json["paper_id"]: r for r in receiver.received("/lambda-queue")}
+        assert all(r.signed_with(SECRET) for r in by_paper.values())
+        first, second = by_paper["qp1"].json, by_paper["qp2"].json
+        assert first["stdout"] == "queued 1\n" and first["paper_title"] == "First"
+        assert second["stdout"] == "queued 2\n" and second["slack_thread_ts"] == "7.7"
+        assert srv.get("/papers/qp2").json["latest_finished"]["success"] is True
+    finally:
+        srv.close()
