@@ -201,6 +201,32 @@ def test_after_a_sigkill_mid_job_and_a_restart_the_job_runs_once_and_only_once(t
         again.close()
 
 
+def test_on_sigterm_an_unfinished_jobs_message_is_returned_at_once_and_runs_again_after_a_restart(
+        tmp_path, moto):
+    sqs = moto.client("sqs")
+    url = new_queue(moto, "drained")
+    work = reachable_by_jobs(tmp_path / "work")
+    srv = queue_service(tmp_path, moto, url, "--sqs-visibility-timeout", "600", "--shutdown-grace", "0.5",
+                        work=work)
+    try:
+        send(sqs, url, paper_id="d1", code="import time\ntime.sleep(60)")
+        wait_until(lambda: (paper(srv, "d1").get("latest") or {}).get("status") == "running", timeout=30)
+        assert srv.stop(signal.SIGTERM) == 0
+    finally:
+        srv.close()
+    # Visible again at once, not after the 600 s visibility timeout.
+    assert queue_counts(sqs, url) == (1, 0)
+    assert "message returned to the queue" in srv.read_log(None)
+
+    again = queue_service(tmp_path, moto, url, "--sqs-visibility-timeout", "600", work=work)
+    try:
+        wait_until(lambda: (paper(again, "d1").get("latest") or {}).get("status") == "running", timeout=30)
+        jobs = again.get("/jobs?paper_id=d1").json["jobs"]
+        assert [j["status"] for j in jobs] == ["running", "interrupted"]
+    finally:
+        again.close()
+
+
 def test_a_bad_queue_url_is_refused_at_start_with_the_setting_named():
     proc = subprocess.run([sys.executable, "-m", "executor_service", "serve", "--sqs-queue-url", "my-queue"],
                           cwd=REPO, capture_output=True, text=True, timeout=60,
