@@ -47,3 +47,15 @@ def test_quick_benchmark_writes_every_section(tmp_path):
         assert cluster["batch"]["scaling"] > 1.3  # the jobs wait: 2 nodes take half as long
         assert {"local_library", "cluster_library", "local_http", "cluster_http"} <= set(cluster["dispatch"])
         assert "several instances: Ray" in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_the_queue_latency_benchmark_runs_end_to_end(tmp_path):
+    pytest.importorskip("moto")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.queue_latency", "--runs", "3",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=290)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "queue_latency.json").read_text())
+    for path in ("http", "queue", "queue_to_store"):
+        assert results[path]["n"] == 3 and results[path]["min_ms"] > 0
+    assert "a queued job costs" in proc.stdout
