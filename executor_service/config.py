@@ -133,7 +133,8 @@ class ServiceConfig:
         minimum=0)
     spot_rebalance_window: float = setting(
         120.0, "on a rebalance recommendation (which has no deadline), the window running jobs are "
-        "given, counted from its noticeTime", unit="s", minimum=0)
+        "given, counted from its noticeTime; the service stays drained until it is restarted", unit="s",
+        minimum=0, zero="rebalance recommendations are ignored (only interruption notices drain)")
     pool: PoolConfig = field(default_factory=PoolConfig)
 
     def __repr__(self) -> str:  # secrets never reach a log line or a traceback

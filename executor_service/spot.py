@@ -15,8 +15,9 @@
 Why a margin: EC2 gives two minutes from the notice to the stop, and returning messages
 and recording results must be done before then, not at the last second. A rebalance
 recommendation carries no deadline: it is treated as a notice with the usual two
-minutes, since it often comes shortly before one. A later notice with an earlier
-deadline moves the deadline; nothing ever moves it later.
+minutes (spot_rebalance_window), since it often comes shortly before one; 0 ignores it.
+A later notice with an earlier deadline moves the deadline; nothing ever moves it later.
+Draining is for good: the service takes work again only when it is started again.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def read_notice(imds: Imds, config: ServiceConfig, now: float) -> Notice | None:
     if action is not None:
         at = _epoch(action.get("time")) or now + 120
         return Notice("instance-action", str(action.get("action"))[:32], at, at - config.spot_margin)
-    rebalance = imds.get(_REBALANCE)
+    rebalance = imds.get(_REBALANCE) if config.spot_rebalance_window > 0 else None
     if rebalance is not None:
         at = _epoch(rebalance.get("noticeTime")) or now
         return Notice("rebalance", None, at, at + config.spot_rebalance_window - config.spot_margin)

@@ -23,6 +23,7 @@ keeps a second delivery of one message from being a second run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -92,7 +93,7 @@ class IntakeStats:
     last_error: str | None
 
     def to_public(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)
 
 
 class SqsIntake:

@@ -112,6 +112,8 @@ def test_a_rebalance_recommendation_gives_its_window_from_its_notice_time(imds):
     imds.rebalance = {"noticeTime": "2026-12-03T12:00:00Z"}
     notice = read_notice(reader, config, time.time())
     assert notice.kind == "rebalance" and notice.to_public()["deadline"].startswith("2026-12-03T12:01:45")
+    ignoring = ServiceConfig(imds_endpoint=imds.url, spot_rebalance_window=0)
+    assert read_notice(reader, ignoring, time.time()) is None
     imds.terminate_in(30)
     assert read_notice(reader, config, time.time()).kind == "instance-action"  # the stop's notice wins
     assert [r for r in imds.requests if r[0] == "PUT"] == [("PUT", "/latest/api/token", True)]  # one token
