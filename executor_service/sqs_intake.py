@@ -114,9 +114,10 @@ class SqsIntake:
         self._last_error: str | None = None
         self._no_polling = threading.Event()
         self._closing = threading.Event()
-        self._wake = threading.Event()  # a job ended, or a slot may be free
+        self._wake = threading.Event()       # the keeper's: a job ended, a message came again
+        self._slot_free = threading.Event()  # the poller's: a job ended
         self._threads: list[threading.Thread] = []
-        runner.add_end_listener(self._wake.set)
+        runner.add_end_listener(self._job_ended)
         metrics.gauge("executor_sqs_in_flight", "SQS messages held: their jobs are queued or running here",
                       lambda: len(self._held))
 
@@ -132,11 +133,15 @@ class SqsIntake:
                                                 "visibility_s": self.config.sqs_visibility_timeout})
         return self
 
+    def _job_ended(self) -> None:
+        self._wake.set()
+        self._slot_free.set()
+
     def stop_polling(self) -> None:
         """Receive no more messages (a receive under way ends within sqs_wait_time; what it
         brings is returned at once)."""
         self._no_polling.set()
-        self._wake.set()
+        self._slot_free.set()
 
     def close(self) -> None:
         """After the runner's shutdown: delete the messages of jobs that ended, return the
@@ -187,8 +192,8 @@ class SqsIntake:
         """One long poll when a slot is free (else wait for a job to end); how many taken."""
         free = self.free_slots()
         if free <= 0 or self.runner.refusal is not None or self.runner.closing:
-            self._wake.wait(1.0)
-            self._wake.clear()
+            self._slot_free.wait(1.0)
+            self._slot_free.clear()
             return 0
         resp = self.client.receive_message(
             QueueUrl=self.url, MaxNumberOfMessages=min(_BATCH, free),
