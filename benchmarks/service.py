@@ -46,6 +46,7 @@ class Service:
         """Start the service; return once /health is 200 with every worker idle."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("EXECUTOR_")}
+        env["EXECUTOR_SPOT_WATCH"] = "off"  # a benchmark never drains on a notice, even on EC2
         if self.backend == "xla":
             env.setdefault("PJRT_DEVICE", "CPU")
         cmd = [sys.executable, "-m", "executor_service", "serve", "--host", "127.0.0.1",
