@@ -184,14 +184,14 @@ class ServiceConfig:
             raise ConfigError(f"{_label('artifacts_s3_uri')} must look "
                               f"like s3://bucket/prefix, not {uri[:64]!r}")
         if self.sqs_queue_url is not None and not self.sqs_queue_url.startswith(("https://", "http://")):
-            raise ConfigError("sqs_queue_url (--sqs-queue-url / EXECUTOR_SQS_QUEUE_URL) must be the queue's "
+            raise ConfigError(f"{_label('sqs_queue_url')} must be the queue's "
                               f"URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME), not "
                               f"{validation.echo(self.sqs_queue_url)}")
         if self.sqs_queue_url is not None and self.pool.max_timeout + self.sqs_visibility_timeout > 43200:
-            raise ConfigError("max_timeout (--max-timeout / EXECUTOR_MAX_TIMEOUT) plus "
+            raise ConfigError(f"{settings.label(PoolConfig, 'max_timeout')} plus "
                               "sqs_visibility_timeout must stay under SQS's 12 hours of visibility a message")
         if not self.imds_endpoint.startswith("http://"):
-            raise ConfigError("imds_endpoint (--imds-endpoint / EXECUTOR_IMDS_ENDPOINT) must be an http:// "
+            raise ConfigError(f"{_label('imds_endpoint')} must be an http:// "
                               f"URL, not {validation.echo(self.imds_endpoint)}")
         if self.api_token is not None and not self.api_token.strip():
             raise ConfigError(f"{_label('api_token')} must not be blank")

@@ -37,7 +37,7 @@ from executor_service.jobs import RETRY_AFTER_S, JobRunner, JobsError
 from executor_service.metrics import Metrics
 from executor_service.store import ACTIVE_STATUSES, JobStore
 from executor_service.webhooks import run_woken
-from warm_pool import STATUS_INTERRUPTED, ConfigError, utc_iso
+from warm_pool import STATUS_INTERRUPTED, ConfigError, settings, utc_iso
 
 log = logging.getLogger("executor_service.sqs")
 
@@ -56,7 +56,7 @@ def sqs_client(config: ServiceConfig):
     session = boto3.session.Session()
     region = session.region_name or region_of(config.sqs_queue_url or "")
     if not region:
-        raise ConfigError("sqs_queue_url (--sqs-queue-url / EXECUTOR_SQS_QUEUE_URL): no AWS region; set "
+        raise ConfigError(f"{settings.label(ServiceConfig, 'sqs_queue_url')}: no AWS region; set "
                           "AWS_REGION or AWS_DEFAULT_REGION")
     # A receive waits up to sqs_wait_time: the read timeout must outlast it.
     return session.client("sqs", region_name=region, config=Config(
@@ -179,14 +179,14 @@ class SqsIntake:
 
     def free_slots(self) -> int:
         """Slots with nothing running or waiting for them: how many messages may be taken."""
-        stats = self.runner.pool.stats()
-        if stats.get("state") in ("broken", "closing", "closed"):
+        condition = self.runner.pool.condition()
+        if condition.state in ("broken", "closing", "closed"):
             return 0
         counts = self.store.counts()
         active = sum(counts.get(s, 0) for s in ACTIVE_STATUSES)
         with self._lock:
             held = len(self._held)
-        return (stats.get("size") or 0) - max(active, held)
+        return condition.size - max(active, held)
 
     def poll_once(self) -> int:
         """One long poll when a slot is free (else wait for a job to end); how many taken."""
