@@ -90,17 +90,18 @@ def start_pool(config: ServiceConfig):
 
 def create_app(config: ServiceConfig, pool=None) -> Flask:
     """The service's WSGI app; `app.extensions["executor"]` holds the runner."""
+    sqs = None
+    if config.sqs_queue_url:  # its ConfigError (no region, no boto3) comes before any process starts
+        from executor_service.sqs_intake import SqsIntake, sqs_client
+
+        sqs = sqs_client(config)
     if pool is None:
         pool = start_pool(config)
     store = JobStore(config.store_path)
     metrics = Metrics(pool.stats, store.counts)
     runner = JobRunner(pool, store, config, metrics)
     runner.start()
-    intake = None
-    if config.sqs_queue_url:
-        from executor_service.sqs_intake import SqsIntake  # boto3 only when a queue is configured
-
-        intake = SqsIntake(runner, store, config, metrics).start()
+    intake = SqsIntake(runner, store, config, metrics, sqs).start() if sqs is not None else None
     watcher = spot.SpotWatcher(config, runner, metrics, intake).start() if spot.wanted(config) else None
 
     app = Flask("executor_service", static_folder=None)  # no /static route: nothing to serve

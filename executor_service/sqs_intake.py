@@ -50,9 +50,12 @@ _ERROR_CHARS = 500
 def sqs_client(config: ServiceConfig):
     """A boto3 SQS client from the standard AWS configuration; the region from the
     queue's URL when the configuration names none. boto3 is imported only here."""
-    import boto3
-    from botocore.config import Config
-
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise ConfigError(f"{settings.label(ServiceConfig, 'sqs_queue_url')} needs boto3: "
+                          "pip install -r requirements.txt") from None
     session = boto3.session.Session()
     region = session.region_name or region_of(config.sqs_queue_url or "")
     if not region:
@@ -101,6 +104,7 @@ class SqsIntake:
 
     def __init__(self, runner: JobRunner, store: JobStore, config: ServiceConfig, metrics: Metrics,
                  client=None):
+        """`client`: a boto3 SQS client (sqs_client(config) when not given)."""
         self.runner = runner
         self.store = store
         self.config = config

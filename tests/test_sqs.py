@@ -6,6 +6,7 @@ deployment reaches SQS. The test itself uses boto3 as the callers' producer woul
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -227,9 +228,16 @@ def test_on_sigterm_an_unfinished_jobs_message_is_returned_at_once_and_runs_agai
         again.close()
 
 
-def test_a_bad_queue_url_is_refused_at_start_with_the_setting_named():
-    proc = subprocess.run([sys.executable, "-m", "executor_service", "serve", "--sqs-queue-url", "my-queue"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-    assert proc.returncode != 0
+@pytest.mark.parametrize("url, env, message", [
+    ("my-queue", {}, "must be the queue's URL"),
+    ("http://127.0.0.1:9/123456789012/q", {}, "no AWS region; set AWS_REGION or AWS_DEFAULT_REGION"),
+])
+def test_a_queue_that_cannot_be_used_is_refused_at_start_with_the_setting_named(tmp_path, url, env, message):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("EXECUTOR_", "AWS_"))}
+    proc = subprocess.run([sys.executable, "-m", "executor_service", "serve", "--work-dir", str(tmp_path),
+                           "--sqs-queue-url", url, "--backend", "cpu"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60,
+                          env={**base, "PYTHONPATH": str(REPO), "AWS_CONFIG_FILE": "/nonexistent", **env})
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert "sqs_queue_url (--sqs-queue-url / EXECUTOR_SQS_QUEUE_URL)" in proc.stderr
+    assert message in proc.stderr
