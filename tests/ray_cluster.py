@@ -277,6 +277,19 @@ class Agent:
     def op_kill_node(self, name: str) -> dict[str, Any]:
         return {"pgid": self.ray.kill_node(name)}
 
+    def op_cut_node(self, name: str, seconds: float) -> dict[str, Any]:
+        """A passing network fault: for `seconds`, every TCP packet to the node's Ray
+        workers (its node-pool actor among them) is answered with a reset, so the head's
+        calls to that actor fail while the node and its actor live on."""
+        ports = self.ray.nodes[name].ports
+        table = f"cut_{name}"
+        rule = (f"table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n"
+                f"  tcp dport {ports['MIN_WORKER']}-{ports['MAX_WORKER']} reject with tcp reset\n }}\n}}\n")
+        subprocess.run(["nft", "-f", "-"], input=rule.encode(), check=True, capture_output=True)
+        threading.Timer(seconds, subprocess.run, (["nft", "delete", "table", "inet", table],),
+                        {"capture_output": True}).start()
+        return {"ports": [ports["MIN_WORKER"], ports["MAX_WORKER"]]}
+
     def op_http(self, method: str, path: str, body: Any = None, headers: dict | None = None,
                 timeout: float = 120) -> dict[str, Any]:
         start = time.monotonic()
