@@ -97,6 +97,7 @@ class ClusterPool:
         self.queue: deque[ClusterJob] = deque()
         self.jobs: dict[str, ClusterJob] = {}
         self.lost_total: Counter[str] = Counter()   # jobs whose node was lost, by what happened
+        self.answered_again = 0                     # lost nodes that answered again (passing faults)
         self._replace_after: dict[str, float] = {}  # node_id -> when its next actor may be placed
         self._arrived: list[tuple[str, Any, Any]] = []
         self._arrived_lock = threading.Lock()
@@ -264,11 +265,13 @@ class ClusterPool:
             pools = [(n.node_id, n.stats) for n in self.nodes.values()
                      if n.stats is not None and n.state in ("placing", "ready")]
             queued, state, lost = len(self.queue), self.state, dict(self.lost_total)
+            again = self.answered_again
             failed = [{"node_id": k, "error": v} for k, v in self._failed.items() if k not in self.nodes]
         out = pool_sums(pools, state, self.config)
         out["queued"] += queued
         out["cluster"] = {"engine": "ray", "address": self.address, "max_attempts": self.max_attempts,
-                          "jobs_on_lost_nodes": lost, "nodes": nodes, "failed_placements": failed}
+                          "jobs_on_lost_nodes": lost, "nodes_answered_again": again, "nodes": nodes,
+                          "failed_placements": failed}
         return out
 
     def _ready_workers(self) -> int:
@@ -390,6 +393,7 @@ class ClusterPool:
             return
         log.warning("node answers again: ready", extra={"node_id": node.node_id, "was": node.lost_reason})
         node.state, node.lost_reason = "ready", None
+        self.answered_again += 1
         for job in node.running.values():
             if job.ref is None:
                 job.ref = node.actor.follow.remote(job.spec.job_id, job.attempts)

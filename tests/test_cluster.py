@@ -385,18 +385,20 @@ def test_a_node_restarted_after_a_loss_takes_queued_jobs_at_once(cluster):
 def test_a_passing_fault_between_head_and_node_neither_kills_its_pool_nor_runs_its_jobs_again(cluster):
     ensure_nodes(cluster, 2)
     watch = Watch(cluster)
-    accepted = cluster.post("/jobs", batch(4, 6, "cut")).json
+    accepted = cluster.post("/jobs", batch(4, 8, "cut")).json
     ids = accepted["job_ids"]
     on = wait_until(lambda: (lambda jobs: jobs if len(jobs) == 4 else None)(
         {j["job_id"]: j["worker"]["node"] for j in (cluster.get(f"/jobs/{i}").json for i in ids.values())
          if j["status"] == "running"}), timeout=30, interval=0.1)
     node = sorted(set(on.values()))[0]
-    template = pool_of(watch.look(), node)["template_pid"]
-    before = dict(watch.look()["jobs_on_lost_nodes"])
-    cluster.call("cut_node", name=node_names(cluster)[node], seconds=2)
+    health = watch.look()
+    template, before = pool_of(health, node)["template_pid"], dict(health["jobs_on_lost_nodes"])
+    answered = health["nodes_answered_again"]
+    cluster.call("cut_node", name=node_names(cluster)[node], seconds=4)
 
     results = watch.until_batch_done(accepted["batch_id"])["results"]
-    assert node in watch.lost  # the head did notice: its calls failed
+    # The head did notice (its calls failed: the node was lost), and the node came back.
+    assert watch.look()["nodes_answered_again"] > answered
     assert all(r["success"] and r["attempts"] == 1 for r in results.values()), results
     assert {r["worker"]["node"] for r in results.values()} == set(on.values())  # each where it started
     health = wait_until(lambda: (lambda h: h if any(n["node_id"] == node and n["state"] == "ready"
