@@ -6,7 +6,9 @@ cold per-script runs and the cold batch (no pool running); then a library pool
 then the HTTP service (latency, dispatch, the warm batch, throughput). Then the soak
 (hostile jobs) and the chaos run (SIGKILLs under load) against the service. Then several
 instances on Ray (benchmarks/cluster.py; needs Ray and root): the same batch on 1 node
-and on 2, and an empty job's dispatch through Ray against the local pool. Prints a table,
+and on 2, and an empty job's dispatch through Ray against the local pool; then the
+cluster's chaos run (benchmarks/cluster_chaos.py: jobs completed per minute while nodes
+are SIGKILLed and restarted). Prints a table,
 writes benchmarks/results/latest.json and, when matplotlib imports, latency.png.
 """
 
@@ -21,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import chaos, cluster, cold, library, report, service, soak, workloads
+from benchmarks import chaos, cluster, cluster_chaos, cold, library, report, service, soak, workloads
 from benchmarks.report import ratio, summarize
 from benchmarks.table import goals, render
 
@@ -53,13 +55,15 @@ class Plan:
     cluster_batch: int = 8
     cluster_job_s: float = 1.0
     cluster_dispatch_runs: int = 200
+    # Issue 21: mixed jobs on a cluster while its nodes are SIGKILLed and restarted, this long.
+    cluster_chaos_seconds: float = 60.0
 
 
 QUICK = Plan(cold_runs=2, cold_runs_xla=2, warm_runs=5, batch_size=2, dispatch_runs=20, kills=2,
              soak_seconds=5.0, chaos_seconds=5.0, kills_xla=2, timeouts_soft=1, timeouts_hard=0,
              memory_jobs=10, throughput_jobs=100,
              throughput_seconds=0.5, throughput_clients=(2,), cluster_batch=4, cluster_job_s=0.5,
-             cluster_dispatch_runs=20)
+             cluster_dispatch_runs=20, cluster_chaos_seconds=12.0)
 
 
 def log(msg: str) -> None:
@@ -170,15 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         why_not = "--no-cluster" if args.no_cluster else cluster.available()
         if why_not:
             log(f"cluster: skipped ({why_not})")
-            results["cluster"] = {"skipped": why_not}
+            results["cluster"] = results["cluster_chaos"] = {"skipped": why_not}
         else:
-            log("cluster: several instances on Ray, in a private namespace")
-            try:
-                results["cluster"] = cluster.bench_cluster(plan.cluster_batch, plan.cluster_job_s,
-                                                           plan.cluster_dispatch_runs, work)
-            except Exception as exc:  # noqa: BLE001 - reported with the rest
-                log(f"cluster: FAILED: {exc}")
-                results["errors"]["cluster"] = f"{type(exc).__name__}: {exc}"
+            _section(results, "cluster", "several instances on Ray, in a private namespace",
+                     lambda: cluster.bench_cluster(plan.cluster_batch, plan.cluster_job_s,
+                                                   plan.cluster_dispatch_runs, work))
+            _section(results, "cluster_chaos", f"mixed jobs on a cluster for {plan.cluster_chaos_seconds:g} "
+                     "s while its nodes are SIGKILLed and restarted",
+                     lambda: cluster_chaos.chaos(plan.cluster_chaos_seconds, work / "cluster-chaos"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["machine"]["load_avg_end"] = report.load_avg()

@@ -67,6 +67,13 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             rows[-1]["met"] = False
         rows.append({"backend": "cpu", "goal": "chaos: jobs without exactly one result",
                      "value": chaos.get("lost_count"), "target": 0, "met": chaos.get("lost_count") == 0})
+    cc = results.get("cluster_chaos") or {}
+    if cc and "skipped" not in cc:  # issue 21 item 4: the figure, and whether every check held
+        rows.append({"backend": "cpu", "goal": "cluster chaos: jobs completed per minute under node churn",
+                     "value": cc.get("jobs_per_minute"), "target": None, "met": None})
+        rows.append({"backend": "cpu", "goal": "cluster chaos: failed checks (one result each, none stuck, "
+                     "API < 1 s, no leftovers)", "value": len(cc.get("problems") or []), "target": 0,
+                     "met": not cc.get("problems")})
     return rows
 
 
@@ -138,6 +145,15 @@ def render(results: dict[str, Any]) -> str:
     if c:
         out += ["", "== several instances: Ray, on this machine (benchmarks/cluster.py) =="]
         out += _cluster_lines(c) if "batch" in c else [f"skipped: {c.get('skipped')}"]
+    cc = results.get("cluster_chaos")
+    if cc:
+        out += ["", "== cluster chaos: mixed jobs while nodes are SIGKILLed and restarted "
+                    "(benchmarks/cluster_chaos.py) =="]
+        out += [f"skipped: {cc['skipped']}"] if "skipped" in cc else [
+            f"{_f(cc.get('jobs_per_minute'))} jobs completed per minute over {cc['seconds']:g} s with "
+            f"{cc.get('kills')} node kills; {cc.get('jobs_submitted')} jobs, {cc.get('results')} results, "
+            f"{cc.get('run_again')} run again, {cc.get('node_lost')} node_lost; slowest API answer "
+            f"{_f(cc.get('slowest_answer_s'), 3)} s; problems: {cc.get('problems') or 'none'}"]
     soak = results.get("soak")
     if soak:
         out += ["", f"== soak: hostile jobs for {soak['seconds']:g} s (benchmarks/soak.py) ==",

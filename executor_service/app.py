@@ -82,7 +82,8 @@ def start_pool(config: ServiceConfig):
     if config.ray_address:
         from executor_service.cluster import ClusterPool
 
-        return ClusterPool(config.pool, config.ray_address, config.max_attempts).start()
+        return ClusterPool(config.pool, config.ray_address, config.max_attempts,
+                           config.node_start_timeout).start()
     from warm_pool import WarmPool
 
     return WarmPool(config.pool).start()

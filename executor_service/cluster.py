@@ -20,10 +20,14 @@ unreachable actor as "may or may not have been executed", and a node cut off fro
 head may still be running the job. So a failed call marks its node lost (nothing more is
 sent there), and its jobs wait until Ray says the actor died (its process is gone) or the
 node is dead (its health checks failed); only then are they queued again, or end
-`node_lost` past `max_attempts`. An actor that answers again (a passing network fault)
-is killed first. (It is not killed at once: Ray would then report it dead before a node
-that is only cut off has stopped.) A job never runs in two places at once, and its
-result is recorded once.
+`node_lost` past `max_attempts`. An actor that answers again (a passing fault: Ray's
+ActorUnavailableError) is never killed: its pool and its other jobs are fine. The node
+is ready again, and each job whose call failed is followed there anew
+(`NodePool.follow`): its result when it ends, or, if its call never came, it is run
+again (and that attempt never starts there). A job never runs in two places at once,
+and its result is recorded once. (Killing an actor that answers again is what made one
+node's loss take healthy nodes with it, issue 21: a passing failure of one call turned
+into the death of a healthy pool and every job on it.)
 
 `on_start` runs before the call that starts a job is sent, so the store says `running`
 before the job can start anywhere: a job that was running when the head died is
@@ -79,7 +83,8 @@ NAMESPACE = "trainium-executor"
 WATCH_EVERY_S = 1.0      # how often the cluster's node list is read
 STATS_EVERY_S = 0.5      # how often each node's pool is asked for its counts
 PROBE_EVERY_S = 0.5      # how often a lost node's actor is asked whether it is dead yet
-OUTPUT_TIMEOUT_S = 2.0   # a live-output read from a node's pool
+OUTPUT_TIMEOUT_S = 0.5   # a live-output read from a node's pool (an HTTP request waits on it)
+GET_TIMEOUT_S = 5.0      # taking a delivered value (a large one is fetched from its node's store)
 REPLACE_AFTER_S = 10.0   # an actor that died before it was ever ready: wait before the next
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # as WarmPool's: it names the job's dir
 
@@ -87,10 +92,12 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # as WarmPool's: it names th
 class ClusterPool:
     """The pool interface of WarmPool, running every job on a node of a Ray cluster."""
 
-    def __init__(self, config: PoolConfig, address: str, max_attempts: int = 2):
+    def __init__(self, config: PoolConfig, address: str, max_attempts: int = 2,
+                 node_start_timeout: float = 300.0):
         self.config = config.validate()
         self.address = address
         self.max_attempts = max_attempts
+        self.node_start_timeout = node_start_timeout
         self.lock = threading.RLock()
         self._changed = threading.Condition(self.lock)
         self.state = "starting"           # starting | running | closing | closed
@@ -98,6 +105,7 @@ class ClusterPool:
         self.queue: deque[ClusterJob] = deque()
         self.jobs: dict[str, ClusterJob] = {}
         self.lost_total: Counter[str] = Counter()   # jobs whose node was lost, by what happened
+        self.answered_again = 0                     # lost nodes that answered again (passing faults)
         self._replace_after: dict[str, float] = {}  # node_id -> when its next actor may be placed
         self._arrived: list[tuple[str, Any, Any]] = []
         self._arrived_lock = threading.Lock()
@@ -276,11 +284,13 @@ class ClusterPool:
             pools = [(n.node_id, n.stats) for n in self.nodes.values()
                      if n.stats is not None and n.state in ("placing", "ready")]
             queued, state, lost = len(self.queue), self.state, dict(self.lost_total)
+            again = self.answered_again
             failed = [{"node_id": k, "error": v} for k, v in self._failed.items() if k not in self.nodes]
         out = pool_sums(pools, state, self.config)
         out["queued"] += queued
         out["cluster"] = {"engine": "ray", "address": self.address, "max_attempts": self.max_attempts,
-                          "jobs_on_lost_nodes": lost, "nodes": nodes, "failed_placements": failed}
+                          "jobs_on_lost_nodes": lost, "nodes_answered_again": again, "nodes": nodes,
+                          "failed_placements": failed}
         return out
 
     def _ready_workers(self) -> int:
@@ -326,14 +336,15 @@ class ClusterPool:
             for node in self.nodes.values():
                 if node.node_id not in alive and node.state != "dead":
                     self._mark_lost(node, "Ray reports the node dead", dead=True)
-            for node_id, info in alive.items():
-                if node_id in self.nodes or now < self._replace_after.get(node_id, 0.0):
-                    continue
-                cores = int(info["Resources"]["neuron_cores"])
-                self.nodes[node_id] = Node(node_id, info.get("NodeManagerAddress", ""), cores,
-                                           self._place(node_id, cores), now)
-                log.info("node joined: placing its pool", extra={"node_id": node_id, "neuron_cores": cores,
-                                                                 "address": info.get("NodeManagerAddress")})
+            joined = [info for node_id, info in alive.items() if node_id not in self.nodes
+                      and now >= self._replace_after.get(node_id, 0.0)]
+        for info in joined:  # placing calls Ray's GCS: never under the lock the HTTP threads take
+            node_id, cores = info["NodeID"], int(info["Resources"]["neuron_cores"])
+            node = Node(node_id, info.get("NodeManagerAddress", ""), cores, self._place(node_id, cores), now)
+            with self.lock:
+                self.nodes[node_id] = node
+            log.info("node joined: placing its pool", extra={"node_id": node_id, "neuron_cores": cores,
+                                                             "address": node.address})
 
     def _place(self, node_id: str, cores: int) -> Any:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -360,7 +371,7 @@ class ClusterPool:
         finished = []
         for kind, subject, ref in arrived:
             try:
-                value, error = self._ray.get(ref), None
+                value, error = self._ray.get(ref, timeout=GET_TIMEOUT_S), None
             except Exception as exc:  # noqa: BLE001 - sorted below
                 value, error = None, exc
             with self._changed:
@@ -388,27 +399,37 @@ class ClusterPool:
 
     def _took_probe(self, node: Node, error: BaseException | None, now: float) -> None:
         """A lost node's actor: dead (its jobs can run again), unreachable (ask again), or
-        answering again (a passing network fault): then it is killed first, since its jobs
-        may still be running there and their results are lost to us anyway."""
+        answering again (a passing fault). Then it is never killed (its pool and its other
+        jobs are fine): it is ready again, and each job whose call failed is followed
+        there anew (NodePool.follow: its outcome when it ends, or None if it never came)."""
+        node.asking = False
         if node.state != "lost":
             return
         if isinstance(error, self._ray.exceptions.ActorDiedError):
             node.state = "dead"
-        elif error is None and not node.killed:
-            node.killed = True
-            self._ray.kill(node.actor, no_restart=True)
+            return
+        if error is not None:
+            return
+        log.warning("node answers again: ready", extra={"node_id": node.node_id, "was": node.lost_reason})
+        node.state, node.lost_reason = "ready", None
+        self.answered_again += 1
+        for job in node.running.values():
+            if job.ref is None:
+                job.ref = node.actor.follow.remote(job.spec.job_id, job.attempts)
+                self._watch(("job", job), job.ref)
+                if job.cancelled:  # cancel() could not reach it meanwhile
+                    node.actor.cancel.remote(job.spec.job_id)
 
     def _took_result(self, job: ClusterJob, value: Any, error: BaseException | None,
                      now: float) -> JobResult | None:
         node = job.node
         node.running.pop(job.spec.job_id, None)
         job.ref = None
+        if error is None and value is None:  # followed after a fault: it never came there
+            return self._settle_lost(job, node, now)
         if error is None:
             self.jobs.pop(job.spec.job_id, None)
-            result, files = value
-            kept = pool_artifacts.unpack(str(self.config.artifacts_dir), job.spec.job_id,
-                                         result.artifacts, files)
-            return self._wrap(job, dataclasses.replace(result, artifacts=kept))
+            return self._unpacked(job, value)
         cause = getattr(error, "cause", None)
         if isinstance(error, self._ray.exceptions.RayTaskError) and isinstance(
                 cause, (QueueFull, PoolClosed, PoolBroken)):
@@ -428,6 +449,12 @@ class ClusterPool:
         return self._synthetic(job, STATUS_COMPLETED, "internal", f"internal error on node {node.node_id}: "
                                f"{_reason(error)}")
 
+    def _unpacked(self, job: ClusterJob, outcome: tuple) -> ClusterResult:
+        """A node's (result, artifact files) as the job's result, its artifacts kept here."""
+        result, files = outcome
+        kept = pool_artifacts.unpack(str(self.config.artifacts_dir), job.spec.job_id, result.artifacts, files)
+        return self._wrap(job, dataclasses.replace(result, artifacts=kept))
+
     def _died(self, error: BaseException) -> bool:
         """Ray says the actor is dead (its process is gone), not merely unreachable."""
         return isinstance(error, self._ray.exceptions.ActorDiedError)
@@ -443,12 +470,16 @@ class ClusterPool:
     def confirm_lost(self, now: float) -> list[tuple[ClusterJob, JobResult]]:
         """Settle the jobs of nodes whose actor is known dead: again elsewhere, or
         `node_lost` past max_attempts; the node is dropped (a live one gets a new actor)."""
-        finished, probes = [], []
+        finished, probes, overdue = [], [], []
         with self.lock:
             for node in list(self.nodes.values()):
-                if node.state == "lost" and now - node.probe_mono >= PROBE_EVERY_S:
-                    node.probe_mono = now
+                if node.state == "lost" and not node.asking and now - node.probe_mono >= PROBE_EVERY_S:
+                    node.probe_mono, node.asking = now, True
                     probes.append(node)
+                elif node.state == "placing" and now - node.placed_mono > self.node_start_timeout:
+                    self._mark_lost(node, f"its pool did not start within {self.node_start_timeout:g} s "
+                                    "(node_start_timeout)", dead=True)
+                    overdue.append(node.actor)
                 if node.state != "dead":
                     continue
                 del self.nodes[node.node_id]
@@ -463,6 +494,8 @@ class ClusterPool:
                 node.running.clear()
         for node in probes:
             self._watch(("probe", node), node.actor.stats.remote())
+        for actor in overdue:  # it never became ready: no job of ours is there
+            self._ray.kill(actor, no_restart=True)
         return finished
 
     def _settle_lost(self, job: ClusterJob, node: Node, now: float) -> JobResult | None:
@@ -527,7 +560,7 @@ class ClusterPool:
                 job.attempts -= 1
                 ref = None
             else:  # sent under the lock: a cancel() from now on finds job.ref and follows it
-                ref = job.ref = node.actor.run.remote(job.spec)
+                ref = job.ref = node.actor.run.remote(job.spec, job.attempts)
         if ref is None:
             self._finish(job, self._synthetic(job, STATUS_CANCELLED, "cancelled",
                                               "cancelled before it started"))

@@ -58,7 +58,6 @@ class Node:
     lost_reason: str | None = None
     probe_mono: float = 0.0
     hold_until: float = 0.0           # it refused a job: nothing more until then
-    killed: bool = False              # lost, then answering again: we killed its actor
     last_sent_mono: float = 0.0
 
     def free_slots(self) -> int:

@@ -104,6 +104,10 @@ class ServiceConfig:
     max_attempts: int = setting(
         2, "on a cluster, how many times a job may be started when the node running it is lost "
         "(Spot reclaim, crash); past it the job ends with error_type node_lost", minimum=1, maximum=10)
+    node_start_timeout: float = setting(
+        300.0, "on a cluster, how long a node's pool actor may take to start (placed, constructed, "
+        "answering); past it the actor is killed and placed again 10 s later, the node listed "
+        "under failed_placements", unit="s", minimum=1)
     artifacts_s3_uri: str | None = setting(
         None, "upload each finished job's result.json and artifacts to "
         "s3://bucket/prefix/<paper_id>/<job_id>/ (boto3, default credentials: the instance role)",

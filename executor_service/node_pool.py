@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,12 @@ UID_SPAN = 64
 # What Ray sets in the environment of a worker that holds neuron_cores (besides RAY_*).
 RAY_SET = ("NEURON_RT_VISIBLE_CORES", "OMP_NUM_THREADS")
 _IN_USE = "in use by another running pool"
+# The last few finished jobs' outcomes stay here a while, in case the call that carried
+# one failed on its way to the head (a passing network fault): the head asks for it
+# (`follow`) within a second or two of the node answering again, instead of running the
+# job again. Few: each holds a result (its output) and its artifacts' bytes.
+KEEP_S = 60.0
+KEEP_COUNT = 8
 
 
 class NodePool:
@@ -61,33 +68,65 @@ class NodePool:
         remove_departed(self.config.work_dir.parent, live_node_ids())
         self.pool = start_on_free_uids(self.config)
         self.cancelled: set[str] = set()  # cancelled before their run() call got here
+        self.released: set[tuple[str, int]] = set()  # (job_id, attempt) given up before its run() came
+        self.runs: dict[str, asyncio.Task] = {}  # job_id -> its run, until it has ended
+        self.kept: OrderedDict[str, tuple[float, tuple]] = OrderedDict()  # job_id -> (when, outcome)
         log.info("node pool started", extra={"node_id": node_id, "work_dir": str(self.config.work_dir),
                                              "job_uid_base": self.pool.config.job_uid_base})
 
-    async def run(self, spec: JobSpec) -> tuple[JobResult, list[tuple[str, bytes]]]:
+    async def run(self, spec: JobSpec, attempt: int = 1) -> tuple[JobResult, list[tuple[str, bytes]]]:
         """Run one job on this node's pool: its result (never raises for the job itself)
         and its kept artifacts' bytes, which leave this node with it (the head keeps them).
 
         Raises what `WarmPool.submit` raises (QueueFull, PoolClosed, PoolBroken): the job
         did not start here, and the head may send it elsewhere."""
-        if spec.job_id in self.cancelled:
+        if spec.job_id in self.cancelled or (spec.job_id, attempt) in self.released:
             self.cancelled.discard(spec.job_id)
-            return JobResult(job_id=spec.job_id, paper_id=spec.paper_id, status=STATUS_CANCELLED,
-                             error_type="cancelled", error_message="cancelled before it started",
-                             finished_at=time.time()), []
+            self.released.discard((spec.job_id, attempt))
+            return _cancelled(spec), []
         future = self.pool.submit(spec)
+        task = self.runs[spec.job_id] = asyncio.ensure_future(self._outcome(spec, future))
+        task.add_done_callback(lambda _: self.runs.pop(spec.job_id, None))
+        return await asyncio.shield(task)
+
+    async def _outcome(self, spec: JobSpec, future: Any) -> tuple[JobResult, list[tuple[str, bytes]]]:
+        """The job's result and artifacts, kept a while (KEEP_S) for `follow`."""
         try:
             result = await asyncio.wrap_future(future)
             files = await asyncio.to_thread(artifacts.pack, str(self.config.artifacts_dir), spec.job_id,
                                             result.artifacts)
-            return result, files
+            outcome = (result, files)
         except asyncio.CancelledError:
             if not future.cancelled():
                 raise
             # The pool shut down before a worker took it: it never started here.
-            return JobResult(job_id=spec.job_id, paper_id=spec.paper_id, status=STATUS_INTERRUPTED,
-                             error_type="interrupted", error_message="the node's pool shut down before "
-                             "the job started", finished_at=time.time()), []
+            outcome = (JobResult(job_id=spec.job_id, paper_id=spec.paper_id, status=STATUS_INTERRUPTED,
+                                 error_type="interrupted", error_message="the node's pool shut down before "
+                                 "the job started", finished_at=time.time()), [])
+        self._keep(spec.job_id, outcome)
+        return outcome
+
+    def _keep(self, job_id: str, outcome: tuple) -> None:
+        now = time.monotonic()
+        self.kept[job_id] = (now, outcome)
+        while self.kept and (len(self.kept) > KEEP_COUNT or next(iter(self.kept.values()))[0] < now - KEEP_S):
+            self.kept.popitem(last=False)
+
+    async def follow(self, job_id: str, attempt: int) -> tuple[JobResult, list[tuple[str, bytes]]] | None:
+        """The outcome of a job whose run() call the head lost (a passing fault between it
+        and this node; the call may or may not have come): as run() would have returned it,
+        once the job ends here. None when it never came: then it never starts here (a late
+        run() of that attempt ends cancelled) and the head runs it again. So a job never
+        runs in two places at once, nor to its end twice."""
+        task = self.runs.get(job_id)
+        if task is not None:
+            return await asyncio.shield(task)
+        kept = self.kept.pop(job_id, None)
+        if kept is not None:
+            return kept[1]
+        if len(self.released) < 10_000:
+            self.released.add((job_id, attempt))
+        return None
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job queued or running here; False if it is already ending. One whose
@@ -113,6 +152,12 @@ class NodePool:
         await asyncio.to_thread(self.pool.shutdown, grace)
         if not self.config.keep_job_dirs:
             shutil.rmtree(self.config.work_dir, ignore_errors=True)
+
+
+def _cancelled(spec: JobSpec) -> JobResult:
+    return JobResult(job_id=spec.job_id, paper_id=spec.paper_id, status=STATUS_CANCELLED,
+                     error_type="cancelled", error_message="cancelled before it started",
+                     finished_at=time.time())
 
 
 def assigned_cores() -> list[int]:

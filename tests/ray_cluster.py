@@ -140,12 +140,22 @@ class LocalRay:
         with open(self.root / "head.log", "wb") as log:
             subprocess.run(cmd, env=self.env, stdout=log, stderr=log, check=True, timeout=120)
 
-    def add_node(self, name: str | None = None, timeout: float = 60) -> RayNode:
+    def add_node(self, name: str | None = None, timeout: float = 60, wait: bool = True) -> RayNode:
         """`ray start --address HEAD --block` in a process group of its own, as the node's
-        unit runs it; returns once it has joined."""
+        unit runs it; returns once it has joined (at once unless `wait`)."""
         index = self.next_index
         self.next_index += 1
-        name = name or f"node{index}"
+        return self._start_node(name or f"node{index}", index, timeout, wait)
+
+    def restart_node(self, name: str, timeout: float = 60, wait: bool = True) -> RayNode:
+        """Start a killed node again on its own address and ports, as an instance that
+        rebooted: Ray sees a new node (a new node id) there."""
+        node = self.nodes[name]
+        if node.proc.poll() is None:
+            raise RuntimeError(f"ray node {name} still runs")
+        return self._start_node(name, node.index, timeout, wait)
+
+    def _start_node(self, name: str, index: int, timeout: float, wait: bool) -> RayNode:
         ports = node_ports(index)
         log = self.root / f"{name}.log"
         cmd = [*self._ray_start(index), "--address", self.address, "--block",
@@ -154,7 +164,7 @@ class LocalRay:
             proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=out, start_new_session=True)
         node = self.nodes[name] = RayNode(name, index, proc, log, ports)
         deadline = time.monotonic() + timeout
-        while b"block forever" not in log.read_bytes():
+        while wait and b"block forever" not in log.read_bytes():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray node {name} did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.1)
@@ -258,11 +268,27 @@ class Agent:
         return {n.name: {"pgid": n.proc.pid, "alive": n.proc.poll() is None, "ports": n.ports,
                          "node_id": self.ray.node_id(n.name)} for n in self.ray.nodes.values()}
 
-    def op_add_node(self) -> dict[str, Any]:
-        return {"name": self.ray.add_node().name}
+    def op_add_node(self, wait: bool = True) -> dict[str, Any]:
+        return {"name": self.ray.add_node(wait=wait).name}
+
+    def op_restart_node(self, name: str, wait: bool = True) -> dict[str, Any]:
+        return {"name": self.ray.restart_node(name, wait=wait).name}
 
     def op_kill_node(self, name: str) -> dict[str, Any]:
         return {"pgid": self.ray.kill_node(name)}
+
+    def op_cut_node(self, name: str, seconds: float) -> dict[str, Any]:
+        """A passing network fault: for `seconds`, every TCP packet to the node's Ray
+        workers (its node-pool actor among them) is answered with a reset, so the head's
+        calls to that actor fail while the node and its actor live on."""
+        ports = self.ray.nodes[name].ports
+        table = f"cut_{name}"
+        rule = (f"table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n"
+                f"  tcp dport {ports['MIN_WORKER']}-{ports['MAX_WORKER']} reject with tcp reset\n }}\n}}\n")
+        subprocess.run(["nft", "-f", "-"], input=rule.encode(), check=True, capture_output=True)
+        threading.Timer(seconds, subprocess.run, (["nft", "delete", "table", "inet", table],),
+                        {"capture_output": True}).start()
+        return {"ports": [ports["MIN_WORKER"], ports["MAX_WORKER"]]}
 
     def op_http(self, method: str, path: str, body: Any = None, headers: dict | None = None,
                 timeout: float = 120) -> dict[str, Any]:

@@ -47,6 +47,9 @@ def test_quick_benchmark_writes_every_section(tmp_path):
         assert cluster["batch"]["scaling"] > 1.3  # the jobs wait: 2 nodes take half as long
         assert {"local_library", "cluster_library", "local_http", "cluster_http"} <= set(cluster["dispatch"])
         assert "several instances: Ray" in proc.stdout
+        chaos = results["cluster_chaos"]  # issue 21 item 4: a short churn run in --quick
+        assert chaos["jobs_per_minute"] > 0 and chaos["results"] == chaos["jobs_submitted"], chaos
+        assert "jobs completed per minute" in proc.stdout
 
 
 @pytest.mark.timeout(300)

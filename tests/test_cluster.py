@@ -277,23 +277,56 @@ def test_a_node_added_while_the_service_runs_gets_used(cluster):
     assert new <= used, (new, used)
 
 
-def test_a_node_killed_mid_batch_has_its_jobs_run_again_elsewhere(cluster):
+class Watch:
+    """GET /health?verbose=1 over and over (while waiting on something else): every node
+    ever seen lost or dead, and the slowest answer (measured next to the service)."""
+
+    def __init__(self, cluster: ClusterNamespace):
+        self.cluster, self.slowest, self.lost = cluster, 0.0, set()
+
+    def look(self) -> dict:
+        answer = self.cluster.get("/health?verbose=1")
+        self.slowest = max(self.slowest, answer.seconds)
+        health = answer.json["cluster"]
+        self.lost |= {n["node_id"] for n in health["nodes"] if n["state"] in ("lost", "dead")}
+        return health
+
+    def until_batch_done(self, batch_id: str, timeout: float = 90) -> dict:
+        def done():
+            self.look()
+            answer = self.cluster.get(f"/batches/{batch_id}")
+            self.slowest = max(self.slowest, answer.seconds)
+            return answer.json if answer.json["status"] == "completed" else None
+
+        return wait_until(done, timeout=timeout, interval=0.1)
+
+
+def pool_of(health: dict, node_id: str) -> dict:
+    return next(n["pool"] for n in health["nodes"] if n["node_id"] == node_id)
+
+
+def test_a_node_killed_mid_batch_has_its_jobs_run_again_elsewhere_and_no_other_node_sees_it(cluster):
     ensure_nodes(cluster, 2)
-    accepted = cluster.post("/jobs", batch(8, 2, "killed")).json
+    watch = Watch(cluster)
+    accepted = cluster.post("/jobs", batch(8, 3, "killed")).json
     ids = accepted["job_ids"]
 
-    def running_nodes() -> Counter:
-        jobs = [cluster.get(f"/jobs/{job_id}").json for job_id in ids.values()]
-        return Counter(j["worker"]["node"] for j in jobs if j["status"] == "running" and j.get("worker"))
+    def running_on() -> dict:
+        jobs = {job_id: cluster.get(f"/jobs/{job_id}").json for job_id in ids.values()}
+        return {job_id: j["worker"]["node"] for job_id, j in jobs.items()
+                if j["status"] == "running" and j.get("worker")}
 
-    on = wait_until(lambda: (lambda c: c if len(c) >= 2 else None)(running_nodes()), timeout=30, interval=0.1)
-    victim = next(iter(on))
-    pool = next(n["pool"] for n in cluster.health()["cluster"]["nodes"] if n["node_id"] == victim)
-    first, last = map(int, pool["job_uids"].split("-"))
+    on = wait_until(lambda: (lambda r: r if len(set(r.values())) >= 2 else None)(running_on()),
+                    timeout=30, interval=0.1)
+    victim = sorted(set(on.values()))[0]
+    survivor = next(n for n in set(on.values()) if n != victim)
+    health = watch.look()
+    first, last = map(int, pool_of(health, victim)["job_uids"].split("-"))
+    survivor_template = pool_of(health, survivor)["template_pid"]
     names = node_names(cluster)
     cluster.call("kill_node", name=names[victim])
 
-    done = cluster.wait_batch(accepted["batch_id"], timeout=90)
+    done = watch.until_batch_done(accepted["batch_id"])
     results = done["results"]
     assert sorted(results) == sorted(ids)  # none lost
     assert [r["job_id"] for r in results.values()] == [ids[p] for p in results]  # none duplicated
@@ -302,10 +335,15 @@ def test_a_node_killed_mid_batch_has_its_jobs_run_again_elsewhere(cluster):
     assert len(again) >= 1 and all(r["attempts"] in (1, 2) for r in results.values())
     assert all(r["worker"]["node"] != victim for r in again)
     for paper, r in results.items():  # each ran to the end exactly once where it finished
-        assert r["stdout"] == f"{ids[paper][:8]} slept 2\n"
-    health = cluster.health()["cluster"]
+        assert r["stdout"] == f"{ids[paper][:8]} slept 3\n"
+    # The survivor never saw it: never lost, its pool the same, its jobs started once.
+    assert watch.lost <= {victim}, watch.lost
+    assert all(results[p]["attempts"] == 1 for p, job_id in ids.items() if on.get(job_id) == survivor)
+    health = watch.look()
+    assert pool_of(health, survivor)["template_pid"] == survivor_template
     assert health["jobs_on_lost_nodes"]["run_again"] >= len(again)
     assert victim not in {n["node_id"] for n in health["nodes"]}  # dropped
+    assert watch.slowest < 1.0, watch.slowest  # the API never waited on the dead node
     # Nothing of the killed node's pool or its jobs lives on. Its template outlives the
     # node's process group for a moment: it sees its supervisor's channel close, then
     # kills its workers and every process of its job uids, and exits.
@@ -319,6 +357,55 @@ def test_a_node_killed_mid_batch_has_its_jobs_run_again_elsewhere(cluster):
     metrics = cluster.get("/metrics").json
     counted = re.search(r'executor_cluster_lost_jobs_total\{outcome="run_again"\} (\d+)', metrics)
     assert counted and int(counted.group(1)) >= len(again), metrics
+
+
+def test_a_node_restarted_after_a_loss_takes_queued_jobs_at_once(cluster):
+    ensure_nodes(cluster, 2)
+    names = node_names(cluster)
+    victim = sorted(names)[0]
+    cluster.call("kill_node", name=names[victim])
+    wait_until(lambda: victim not in {n["node_id"] for n in cluster.health()["cluster"]["nodes"]},
+               timeout=30, interval=0.2)
+    cluster.call("restart_node", name=names[victim])  # the same address, a new Ray node
+    nodes = cluster.wait_nodes(2)
+    rejoined = {n["node_id"] for n in nodes} - set(names)
+    assert len(rejoined) == 1
+    slots = sum(n["pool"]["size"] for n in nodes)
+    watch = Watch(cluster)
+    done = watch.until_batch_done(cluster.post("/jobs", batch(2 * slots, 1, "rejoined")).json["batch_id"])
+    results = done["results"].values()
+    assert all(r["success"] and r["attempts"] == 1 for r in results), results
+    assert rejoined <= {r["worker"]["node"] for r in results}
+    # Half start at once, half as soon as the first half ends: none waits 2 s on a free slot.
+    waits = sorted(r["queue_time"] for r in results)
+    assert waits[slots - 1] < 2.0 and waits[-1] < 1.0 + 2.0, waits
+    assert watch.slowest < 1.0, watch.slowest
+
+
+def test_a_passing_fault_between_head_and_node_neither_kills_its_pool_nor_runs_its_jobs_again(cluster):
+    ensure_nodes(cluster, 2)
+    watch = Watch(cluster)
+    accepted = cluster.post("/jobs", batch(4, 8, "cut")).json
+    ids = accepted["job_ids"]
+    on = wait_until(lambda: (lambda jobs: jobs if len(jobs) == 4 else None)(
+        {j["job_id"]: j["worker"]["node"] for j in (cluster.get(f"/jobs/{i}").json for i in ids.values())
+         if j["status"] == "running"}), timeout=30, interval=0.1)
+    node = sorted(set(on.values()))[0]
+    health = watch.look()
+    template, before = pool_of(health, node)["template_pid"], dict(health["jobs_on_lost_nodes"])
+    answered = health["nodes_answered_again"]
+    cluster.call("cut_node", name=node_names(cluster)[node], seconds=4)
+
+    results = watch.until_batch_done(accepted["batch_id"])["results"]
+    # The head did notice (its calls failed: the node was lost), and the node came back.
+    assert watch.look()["nodes_answered_again"] > answered
+    assert all(r["success"] and r["attempts"] == 1 for r in results.values()), results
+    assert {r["worker"]["node"] for r in results.values()} == set(on.values())  # each where it started
+    health = wait_until(lambda: (lambda h: h if any(n["node_id"] == node and n["state"] == "ready"
+                                                    for n in h["nodes"]) else None)(watch.look()), timeout=15)
+    assert pool_of(health, node)["template_pid"] == template  # the same pool: never killed
+    assert health["jobs_on_lost_nodes"] == before
+    assert watch.slowest < 1.0, watch.slowest
 
 
 def test_a_job_whose_nodes_are_lost_max_attempts_times_ends_node_lost(cluster):
