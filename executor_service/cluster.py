@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import signal
 import socket
 import threading
@@ -74,6 +73,7 @@ from warm_pool import (
     PoolClosed,
     PoolConfig,
     QueueFull,
+    complete_future,
 )
 from warm_pool import artifacts as pool_artifacts
 
@@ -86,7 +86,6 @@ PROBE_EVERY_S = 0.5      # how often a lost node's actor is asked whether it is 
 OUTPUT_TIMEOUT_S = 0.5   # a live-output read from a node's pool (an HTTP request waits on it)
 GET_TIMEOUT_S = 5.0      # taking a delivered value (a large one is fetched from its node's store)
 REPLACE_AFTER_S = 10.0   # an actor that died before it was ever ready: wait before the next
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # as WarmPool's: it names the job's dir
 
 
 class ClusterPool:
@@ -209,11 +208,7 @@ class ClusterPool:
         `on_start(job_id, NodeRef)` runs in the loop thread before each attempt is sent to
         a node. Raises QueueFull or PoolClosed, and ValueError for a bad job id or timeout.
         """
-        if not JOB_ID_RE.match(spec.job_id):
-            raise ValueError(f"job_id must match {JOB_ID_RE.pattern}: {spec.job_id!r}")
-        timeout = self.config.default_timeout if spec.timeout is None else float(spec.timeout)
-        if not (0 < timeout <= self.config.max_timeout):
-            raise ValueError(f"timeout must be in (0, {self.config.max_timeout}] seconds")
+        timeout = spec.checked_timeout(self.config.default_timeout, self.config.max_timeout)
         job = ClusterJob(dataclasses.replace(spec, timeout=timeout), Future(), on_start)
         with self.lock:
             if self.state in ("closing", "closed"):
@@ -585,16 +580,13 @@ class ClusterPool:
 
     def _synthetic(self, job: ClusterJob, status: str, error_type: str, message: str) -> ClusterResult:
         node = job.node
-        return ClusterResult(job_id=job.spec.job_id, paper_id=job.spec.paper_id, status=status,
-                             error_type=error_type, error_message=message, submitted_at=job.submitted_at,
-                             finished_at=time.time(), queue_time=job.waited_s, attempts=job.attempts,
-                             node=node.node_id if node else None, node_address=node.address if node else None)
+        return ClusterResult.not_run(job.spec.job_id, job.spec.paper_id, status, error_type, message,
+                                     submitted_at=job.submitted_at, queue_time=job.waited_s,
+                                     attempts=job.attempts, node=node.node_id if node else None,
+                                     node_address=node.address if node else None)
 
     def _finish(self, job: ClusterJob, result: JobResult) -> None:
-        if not job.future.done():
-            if not job.future.running():
-                job.future.set_running_or_notify_cancel()
-            job.future.set_result(result)
+        complete_future(job.future, result)
 
 
 def _reason(error: BaseException) -> str:

@@ -146,10 +146,8 @@ def short_reason(reason: str | None) -> str:
 
 def synthetic_result(row: JobRow, status: str, error_type: str, message: str) -> dict[str, Any]:
     """A full result for a job that never ran to an outcome (cancelled, interrupted)."""
-    now = time.time()
-    res = JobResult(job_id=row.job_id, paper_id=row.paper_id, status=status,
-                    error_type=error_type, error_message=message, submitted_at=row.created_at,
-                    started_at=row.started_at, finished_at=now)
+    res = JobResult.not_run(row.job_id, row.paper_id, status, error_type, message,
+                            submitted_at=row.created_at, started_at=row.started_at)
     return result_document(res.to_dict(), row.code)
 
 

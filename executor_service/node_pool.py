@@ -100,9 +100,8 @@ class NodePool:
             if not future.cancelled():
                 raise
             # The pool shut down before a worker took it: it never started here.
-            outcome = (JobResult(job_id=spec.job_id, paper_id=spec.paper_id, status=STATUS_INTERRUPTED,
-                                 error_type="interrupted", error_message="the node's pool shut down before "
-                                 "the job started", finished_at=time.time()), [])
+            outcome = (JobResult.not_run(spec.job_id, spec.paper_id, STATUS_INTERRUPTED, "interrupted",
+                                         "the node's pool shut down before the job started"), [])
         self._keep(spec.job_id, outcome)
         return outcome
 
@@ -155,9 +154,8 @@ class NodePool:
 
 
 def _cancelled(spec: JobSpec) -> JobResult:
-    return JobResult(job_id=spec.job_id, paper_id=spec.paper_id, status=STATUS_CANCELLED,
-                     error_type="cancelled", error_message="cancelled before it started",
-                     finished_at=time.time())
+    return JobResult.not_run(spec.job_id, spec.paper_id, STATUS_CANCELLED, "cancelled",
+                             "cancelled before it started")
 
 
 def assigned_cores() -> list[int]:

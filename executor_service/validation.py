@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from warm_pool import STATUS_QUEUED, STATUS_RUNNING, TERMINAL_STATUSES
+from warm_pool import JOB_ID_RE, STATUS_QUEUED, STATUS_RUNNING, TERMINAL_STATUSES
 
-PAPER_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+PAPER_ID_RE = JOB_ID_RE  # a paper id names files as a job id names its dir
 # Fields the callers send with a script that the service keeps and returns with its result.
 CALLER_FIELDS = ("paper_title", "slack_thread_ts", "s3_code_key")
 JOB_STATUSES = (STATUS_QUEUED, STATUS_RUNNING, *TERMINAL_STATUSES)

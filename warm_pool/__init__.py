@@ -36,6 +36,7 @@ from warm_pool.errors import PoolBroken, PoolClosed, PoolError, QueueFull
 from warm_pool.pool import WarmPool
 from warm_pool.result import (
     ERROR_TYPES,
+    JOB_ID_RE,
     PROFILE_STATES,
     STATUS_CANCELLED,
     STATUS_COMPLETED,
@@ -46,14 +47,16 @@ from warm_pool.result import (
     JobResult,
     JobSpec,
     WorkerRef,
+    complete_future,
     utc_iso,
 )
 from warm_pool.settings import ConfigError
 
 __all__ = [
-    "BACKENDS", "DEFAULT_ARTIFACTS", "DEFAULT_PRELOAD", "ERROR_TYPES", "JOB_HELPERS_DIR",
+    "BACKENDS", "DEFAULT_ARTIFACTS", "DEFAULT_PRELOAD", "ERROR_TYPES", "JOB_ID_RE", "JOB_HELPERS_DIR",
     "PROFILE_STATES", "POOL_STATES", "STATUS_CANCELLED", "STATUS_COMPLETED", "STATUS_INTERRUPTED",
     "STATUS_QUEUED", "STATUS_RUNNING", "STREAMS", "TERMINAL_STATUSES", "TRUNCATION_MARK", "Artifact",
     "Condition", "ConfigError", "JobOutput", "JobResult", "JobSpec", "Pool", "PoolBroken", "PoolClosed",
-    "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef", "artifacts", "settings", "utc_iso",
+    "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef", "artifacts", "complete_future",
+    "settings", "utc_iso",
 ]

@@ -23,7 +23,7 @@ import shutil
 import threading
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from warm_pool import artifacts, limits, outcome
@@ -31,6 +31,7 @@ from warm_pool.capture import read_capped
 from warm_pool.config import PoolConfig
 from warm_pool.neuron import profile
 from warm_pool.records import Job
+from warm_pool.result import complete_future
 from warm_pool.usage import MIB
 
 # Results built at once; more wait their turn (each is a few file reads).
@@ -96,7 +97,7 @@ class Finisher:
         self._deliver(job, result, remove_tmp)
 
     def _deliver(self, job: Job, result: Any, remove_tmp: bool) -> None:
-        complete(job.future, result)
+        complete_future(job.future, result)
         if not self.config.keep_job_dirs:  # after the caller has its result
             remove_job_dir(job, tmp=remove_tmp)
         with self._lock:
@@ -124,14 +125,6 @@ class Finisher:
             except Exception as exc:  # noqa: BLE001 - the result matters more than its files
                 result.artifacts_skipped = [{"name": "*", "reason": f"collection failed: {exc!r}"[:300]}]
         return result
-
-
-def complete(future: Future, result: Any) -> None:
-    """Set a future's result unless it is done (a cancelled queued job's is)."""
-    if not future.done():
-        if not future.running():
-            future.set_running_or_notify_cancel()
-        future.set_result(result)
 
 
 def remove_job_dir(job: Job, tmp: bool = True) -> None:

@@ -108,10 +108,9 @@ def exit_outcome(return_code: int | None, claim: JobDone | None) -> tuple[str | 
 
 def internal_result(job: Job, detail: str) -> JobResult:
     """The result of a job whose result could not be built (a bug of ours, said so)."""
-    now = time.time()
-    return JobResult(job_id=job.spec.job_id, paper_id=job.spec.paper_id, error_type="internal",
-                     error_message=f"the service could not build this job's result: {detail[-500:]}",
-                     submitted_at=job.submitted_at, started_at=job.started_at, finished_at=now)
+    return JobResult.not_run(job.spec.job_id, job.spec.paper_id, STATUS_COMPLETED, "internal",
+                             f"the service could not build this job's result: {detail[-500:]}",
+                             submitted_at=job.submitted_at, started_at=job.started_at)
 
 
 def stop_message(job: Job, config: PoolConfig) -> str:

@@ -8,7 +8,6 @@ workers and the queue (`submit`, `cancel`, `snapshot`, `shutdown`).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -22,8 +21,6 @@ from warm_pool.placement import Placement
 from warm_pool.result import JobSpec
 from warm_pool.supervisor import Job, Supervisor
 from warm_pool.usage import MIB, process_rss
-
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 class WarmPool:
@@ -70,11 +67,7 @@ class WarmPool:
         starts (keep it short). Raises QueueFull, PoolClosed or PoolBroken, and ValueError
         for a bad job id or timeout.
         """
-        if not JOB_ID_RE.match(spec.job_id):
-            raise ValueError(f"job_id must match {JOB_ID_RE.pattern}: {spec.job_id!r}")
-        timeout = self.config.default_timeout if spec.timeout is None else float(spec.timeout)
-        if not (0 < timeout <= self.config.max_timeout):
-            raise ValueError(f"timeout must be in (0, {self.config.max_timeout}] seconds")
+        timeout = spec.checked_timeout(self.config.default_timeout, self.config.max_timeout)
         job_dir = os.path.join(self.config.jobs_dir, spec.job_id)
         main_path = os.path.join(job_dir, "main.py")
         future: Future = Future()

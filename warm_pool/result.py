@@ -10,6 +10,9 @@ the METRICS: values) is the service's business (executor_service/analysis.py).
 from __future__ import annotations
 
 import datetime as _dt
+import re
+import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,6 +50,21 @@ class JobSpec:
     paper_id: str | None = None
     timeout: float | None = None
     profile: bool = False
+
+    def checked_timeout(self, default: float, most: float) -> float:
+        """This job's timeout (`default` when it names none); ValueError for a job id
+        that is not a safe file name or a timeout outside (0, most]."""
+        if not JOB_ID_RE.fullmatch(self.job_id) or self.job_id in (".", ".."):
+            raise ValueError(f"job_id must match {JOB_ID_RE.pattern}: {self.job_id!r}")
+        timeout = default if self.timeout is None else float(self.timeout)
+        if not (0 < timeout <= most):
+            raise ValueError(f"timeout must be in (0, {most}] seconds")
+        return timeout
+
+
+# A job id names the job's directory (and a paper id its files): a safe file name
+# (not "." or "..", which the pattern lets through and `checked_timeout` refuses).
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -100,6 +118,15 @@ class JobResult:
     profile: str | None = None
     profile_detail: str | None = None
 
+    @classmethod
+    def not_run(cls, job_id: str, paper_id: str | None, status: str, error_type: str, message: str,
+                **fields: Any) -> Any:
+        """The result of a job that never ran to an outcome of its own (cancelled before it
+        started, interrupted, lost, or its result could not be built): finished now."""
+        fields.setdefault("finished_at", time.time())
+        return cls(job_id=job_id, paper_id=paper_id, status=status, error_type=error_type,
+                   error_message=message, **fields)
+
     @property
     def success(self) -> bool:
         """True when the script ran to exit status 0 within its limits."""
@@ -133,3 +160,11 @@ class JobResult:
             "profile": self.profile,
             "profile_detail": self.profile_detail,
         }
+
+
+def complete_future(future: Future, result: Any) -> None:
+    """Give a job's future its result, unless it is done (a cancelled queued job's is)."""
+    if not future.done():
+        if not future.running():
+            future.set_running_or_notify_cancel()
+        future.set_result(result)
