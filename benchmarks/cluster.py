@@ -66,7 +66,7 @@ def inside(out: Path, root: Path, work: Path, batch_size: int, job_s: float, run
     """PID 1 of the namespace: the figures, into `out`."""
     from ray_cluster import LocalRay
 
-    from executor_service.cluster import ClusterPool
+    from executor_service.cluster.pool import ClusterPool
     from warm_pool import PoolConfig
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"

@@ -49,7 +49,7 @@ import re
 import tokenize
 from typing import Any
 
-from executor_service.cluster_records import ClusterResult
+from executor_service.cluster.records import ClusterResult
 from executor_service.store import CALLBACKS_FIELD, JobRow
 from executor_service.validation import CALLER_FIELDS
 from warm_pool import ERROR_TYPES

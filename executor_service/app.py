@@ -80,7 +80,7 @@ def start_pool(config: ServiceConfig):
     """This instance's warm pool; or, with `ray_address`, the cluster's dispatcher (which
     alone imports Ray)."""
     if config.ray_address:
-        from executor_service.cluster import ClusterPool
+        from executor_service.cluster.pool import ClusterPool
 
         return ClusterPool(config.pool, config.ray_address, config.max_attempts,
                            config.node_start_timeout).start()

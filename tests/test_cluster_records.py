@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from executor_service.cluster_records import cluster_state
+from executor_service.cluster.records import cluster_state
 from warm_pool import POOL_STATES
 
 READY = {"state": "ready", "idle": 1, "busy": 1}

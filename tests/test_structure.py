@@ -41,16 +41,19 @@ def _module_level_imports(path: Path) -> list[str]:
 
 
 def test_ray_is_imported_only_when_a_cluster_is_asked_for():
-    """One instance (make run) never loads Ray: only the cluster's modules use it, inside
-    the functions that run once --ray-address is given."""
-    top = {f"{p.name}: {m}" for p in (REPO / "executor_service").rglob("*.py")
+    """One instance (make run) never loads Ray: only executor_service/cluster/ uses it,
+    inside the functions that run once --ray-address is given, and nothing outside that
+    package imports its dispatcher at module level."""
+    service = REPO / "executor_service"
+    top = {f"{p.relative_to(REPO)}: {m}" for p in service.rglob("*.py")
            for m in _module_level_imports(p) if m.split(".")[0] == "ray"}
     assert not top, top
-    users = {p.name for p in (REPO / "executor_service").rglob("*.py")
+    users = {str(p.relative_to(service)) for p in service.rglob("*.py")
              if any(m.split(".")[0] == "ray" for m in _imports(p))}
-    assert users <= {"cluster.py", "node_pool.py"}, users
-    loaders = {p.name for p in (REPO / "executor_service").rglob("*.py")
-               if "executor_service.cluster" in _module_level_imports(p)}
+    assert users <= {"cluster/pool.py", "cluster/node_pool.py"}, users
+    loaders = {str(p.relative_to(REPO)) for p in service.rglob("*.py") if p.parent.name != "cluster"
+               for m in _module_level_imports(p)
+               if m in ("executor_service.cluster.pool", "executor_service.cluster.node_pool")}
     assert not loaders, loaders
 
 

@@ -49,7 +49,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from executor_service.cluster_records import (
+from executor_service.cluster.node_pool import NodePool
+from executor_service.cluster.records import (
     ClusterJob,
     ClusterResult,
     Node,
@@ -58,7 +59,6 @@ from executor_service.cluster_records import (
     pool_sums,
 )
 from executor_service.config import split_address
-from executor_service.node_pool import NodePool
 from warm_pool import (
     STATUS_CANCELLED,
     STATUS_COMPLETED,
@@ -77,7 +77,7 @@ from warm_pool import (
 )
 from warm_pool import artifacts as pool_artifacts
 
-log = logging.getLogger("executor_service.cluster")
+log = logging.getLogger("executor_service.cluster.pool")
 
 NAMESPACE = "trainium-executor"
 WATCH_EVERY_S = 1.0      # how often the cluster's node list is read

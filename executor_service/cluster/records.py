@@ -1,4 +1,4 @@
-"""What the cluster's dispatcher (cluster.py) keeps: its record of each node and each job,
+"""What the cluster's dispatcher (pool.py) keeps: its record of each node and each job,
 the results it hands back, and the sums over the nodes' pools that /health shows.
 
 The dispatcher's loop thread alone changes the records, under its lock.

@@ -42,7 +42,7 @@ from warm_pool import (
     artifacts,
 )
 
-log = logging.getLogger("executor_service.node_pool")
+log = logging.getLogger("executor_service.cluster.node_pool")
 
 # The job network rules (deployment/nftables) cover this many uids from job_uid_base; a
 # node pool takes the first free range of its size within them (two nodes on one machine,
