@@ -1,8 +1,9 @@
 """The Flask application: thin handlers that validate, call the runner, and answer JSON.
 
-`create_app(config, pool=None)` builds the app around a warm pool (created and started
-from the config when none is given) and a job store under the work dir. Errors become
-responses through one table (`ERRORS`), never an isinstance chain in the handlers.
+`app_for(service)` builds the app around a started `service.Service` (the pool, the job
+store, the runner, ...), handing each group of routes what it uses; `create_app(config,
+pool=None)` starts the service first. Errors become responses through one table
+(`ERRORS`), never an isinstance chain in the handlers.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from executor_service import artifacts, auth, dashboard, jobs, spot, streaming, validation
+from executor_service import artifacts, auth, dashboard, jobs, streaming, validation
 from executor_service.config import ServiceConfig
 from executor_service.jobs import RETRY_AFTER_S, Accepted, JobRunner, batch_response
 from executor_service.metrics import CONTENT_TYPE, Metrics
+from executor_service.service import Service
 from executor_service.store import JobStore
 from executor_service.validation import ApiError
-from warm_pool import PoolBroken, PoolClosed, utc_iso
+from warm_pool import Pool, PoolBroken, PoolClosed, utc_iso
 from warm_pool import QueueFull as PoolQueueFull
 
 log = logging.getLogger("executor_service.app")
@@ -76,46 +78,22 @@ def server_error_message(status: int, detail: str, max_body: int, max_header: in
     return f"{message}: {validation.cut(detail)}"
 
 
-def start_pool(config: ServiceConfig):
-    """This instance's warm pool; or, with `ray_address`, the cluster's dispatcher (which
-    alone imports Ray)."""
-    if config.ray_address:
-        from executor_service.cluster.pool import ClusterPool
-
-        return ClusterPool(config.pool, config.ray_address, config.max_attempts,
-                           config.node_start_timeout).start()
-    from warm_pool import WarmPool
-
-    return WarmPool(config.pool).start()
+def create_app(config: ServiceConfig, pool: Pool | None = None) -> Flask:
+    """Start the service's parts (`Service.start`) and the app around them."""
+    return app_for(Service.start(config, pool))
 
 
-def create_app(config: ServiceConfig, pool=None) -> Flask:
-    """The service's WSGI app; `app.extensions["executor"]` holds the runner."""
-    sqs = None
-    if config.sqs_queue_url:  # its ConfigError (no region, no boto3) comes before any process starts
-        from executor_service.sqs_intake import SqsIntake, sqs_client
-
-        sqs = sqs_client(config)
-    if pool is None:
-        pool = start_pool(config)
-    store = JobStore(config.store_path)
-    metrics = Metrics(pool.stats, store.counts)
-    runner = JobRunner(pool, store, config, metrics)
-    runner.start()
-    intake = SqsIntake(runner, store, config, metrics, sqs).start() if sqs is not None else None
-    watcher = spot.SpotWatcher(config, runner, metrics, intake).start() if spot.wanted(config) else None
-
+def app_for(service: Service) -> Flask:
+    """The service's WSGI app, its routes given the parts they use."""
+    config, runner = service.config, service.runner
     app = Flask("executor_service", static_folder=None)  # no /static route: nothing to serve
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
-    app.extensions["executor"] = runner
-    app.extensions["executor_metrics"] = metrics
-    app.extensions["executor_intake"] = intake
-    app.extensions["executor_spot"] = watcher
-
-    _register_hooks(app, config, metrics)
+    _register_hooks(app, config, service.metrics)
     _register_errors(app, config)
-    _register_routes(app, config, runner, metrics, intake, watcher)
+    _register_submissions(app, config, runner, service.store)
+    _register_health(app, service)
+    _register_jobs(app, config, runner, service.store)
     streaming.register(app, config, runner)
     dashboard.register(app)
     return app
@@ -188,10 +166,10 @@ def _register_errors(app: Flask, config: ServiceConfig) -> None:
         return _error(500, f"internal error: {type(exc).__name__}")
 
 
-def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metrics: Metrics,
-                     intake=None, watcher: spot.SpotWatcher | None = None) -> None:
+def _register_submissions(app: Flask, config: ServiceConfig, runner: JobRunner, store: JobStore) -> None:
+    """POST /execute, /execute_batch (the seed's, waiting for results unless asked not
+    to) and /jobs (fire-and-forget)."""
     rules = config.request_rules()
-    default_t = config.pool.default_timeout
 
     def body() -> dict[str, Any]:
         return validation.parse_json_object(request.get_data(cache=False))
@@ -204,7 +182,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
 
     def accepted(done: Accepted, single: bool, preferred: bool = False) -> Response:
         """202 with the batch (and, for one script, the job) to poll: POST /jobs's answer."""
-        rows = runner.store.get_batch(done.batch_id) or []
+        rows = store.get_batch(done.batch_id) or []
         payload: dict[str, Any] = {"batch_id": done.batch_id, "job_ids": dict(done.ids),
                                    "status": jobs.batch_status(rows) if rows else "queued",
                                    "batch_url": f"/batches/{done.batch_id}",
@@ -241,17 +219,38 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
                 return accepted(done, not req.is_batch)  # nobody reads it
             raise ApiError(503, "service stopped before the jobs finished; fetch them later",
                            _RETRY, batch_id=done.batch_id, job_ids=dict(done.ids))
-        rows = runner.store.get_batch(done.batch_id) or []
+        rows = store.get_batch(done.batch_id) or []
         if not req.is_batch:
             return jsonify(rows[0].to_public())
         return jsonify(batch_response({r.paper_id: r.to_public() for r in rows}))
+
+    @app.post("/execute")
+    def execute():
+        return run(validation.parse_single(body(), "test", rules, prefer()))
+
+    @app.post("/execute_batch")
+    def execute_batch():
+        return run(validation.parse_batch(body(), rules, prefer()))
+
+    @app.post("/jobs")
+    def submit_jobs():
+        req = validation.parse_jobs(body(), "job", rules)
+        return accepted(runner.accept(req, "async", idempotency_key()), not req.is_batch)
+
+
+
+def _register_health(app: Flask, service: Service) -> None:
+    """GET /health (public: a probe's fields; the rest with the token), /status, /metrics."""
+    config, runner, store, intake, watcher = (service.config, service.runner, service.store, service.intake,
+                                              service.watcher)
+    default_t = config.pool.default_timeout
 
     @app.get("/health")
     def health():
         # Anyone may ask; ?verbose=1 (token required, see auth.is_public) shows everything.
         verbose = validation.parse_flag(request.args.get("verbose"), "verbose")
         try:
-            stats = runner.pool.stats()
+            stats = service.pool.stats()
         except Exception as exc:  # noqa: BLE001 - health must answer whatever happens
             stats = {"state": "unknown", "broken_reason": repr(exc)}
         cluster = stats.pop("cluster", None)
@@ -271,7 +270,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
         if intake is not None:
             payload["queue"] = intake.stats().to_public()
             if verbose:
-                payload["queue"].update(url=intake.url, rejected_recent=runner.store.rejects())
+                payload["queue"].update(url=intake.url, rejected_recent=store.rejects())
         notice = watcher.notice if watcher is not None else None
         if notice is not None:
             ok = False
@@ -290,19 +289,18 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
                 payload["reason"] = "no worker is ready yet (starting)"
         return jsonify(payload), (200 if ok else 503)
 
-    @app.post("/execute")
-    def execute():
-        return run(validation.parse_single(body(), "test", rules, prefer()))
+    @app.get("/status")
+    def status():
+        return jsonify(runner.status())
 
-    @app.post("/execute_batch")
-    def execute_batch():
-        return run(validation.parse_batch(body(), rules, prefer()))
+    @app.get("/metrics")
+    def prometheus():
+        return Response(service.metrics.render(), content_type=CONTENT_TYPE)
 
-    @app.post("/jobs")
-    def submit_jobs():
-        req = validation.parse_jobs(body(), "job", rules)
-        return accepted(runner.accept(req, "async", idempotency_key()), not req.is_batch)
 
+
+def _register_jobs(app: Flask, config: ServiceConfig, runner: JobRunner, store: JobStore) -> None:
+    """Reading jobs, papers, batches and artifacts; cancelling a job."""
     @app.get("/jobs")
     def list_jobs():
         return jsonify(runner.list_jobs(validation.parse_job_query(request.args)))
@@ -316,7 +314,7 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
         return jsonify(runner.job_document(job_id))
 
     def job_row(job_id: str):
-        row = runner.store.get_job(job_id)
+        row = store.get_job(job_id)
         if row is None:
             raise jobs.UnknownJob(f"no job {validation.echo(job_id)}")
         return row
@@ -324,18 +322,18 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
     @app.get("/jobs/<job_id>/artifacts")
     def list_artifacts(job_id: str):
         row = job_row(job_id)
-        kept = runner.store.artifacts(job_id)
+        kept = store.artifacts(job_id)
         for item in kept:
             item["url"] = f"/jobs/{job_id}/artifacts/{item['name']}"
         skipped = (row.result or {}).get("artifacts_skipped", [])
         return jsonify(job_id=job_id, status=row.status, artifacts=kept,
                        total_bytes=sum(a["size"] for a in kept), skipped=skipped,
-                       export=runner.store.export(job_id))
+                       export=store.export(job_id))
 
     @app.get("/jobs/<job_id>/artifacts/<path:name>")
     def get_artifact(job_id: str, name: str):
         job_row(job_id)
-        found = runner.store.artifact(job_id, name)
+        found = store.artifact(job_id, name)
         if found is None:  # only names the store holds are served: no path ever comes from the URL
             raise ApiError(404, f"job {validation.echo(job_id)} has no artifact {validation.echo(name)}")
         path = config.pool.artifacts_dir / job_id / found["name"]
@@ -353,12 +351,4 @@ def _register_routes(app: Flask, config: ServiceConfig, runner: JobRunner, metri
     @app.get("/batches/<batch_id>")
     def get_batch(batch_id: str):
         return jsonify(runner.batch_document(batch_id))
-
-    @app.get("/status")
-    def status():
-        return jsonify(runner.status())
-
-    @app.get("/metrics")
-    def prometheus():
-        return Response(metrics.render(), content_type=CONTENT_TYPE)
 

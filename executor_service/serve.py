@@ -25,8 +25,9 @@ import threading
 import time
 
 from executor_service import http_server, logs
-from executor_service.app import create_app
+from executor_service.app import app_for
 from executor_service.config import ServiceConfig
+from executor_service.service import Service
 
 log = logging.getLogger("executor_service.serve")
 
@@ -45,14 +46,14 @@ def serve(config: ServiceConfig) -> int:
     signal.signal(signal.SIGTERM, record)
     signal.signal(signal.SIGINT, record)
 
-    app = create_app(config)
-    runner = app.extensions["executor"]
-    server = http_server.create(app, config)
+    service = Service.start(config)
+    runner, intake, watcher = service.runner, service.intake, service.watcher
+    server = http_server.create(app_for(service), config)
     log.info("listening", extra={"host": config.host, "port": int(server.effective_port),
                                  "connection_limit": server.adj.connection_limit,
                                  "backend": config.pool.backend, "pool_size": config.pool.pool_size,
                                  "work_dir": str(config.work_dir), "auth": bool(config.api_token),
-                                 "isolation": runner.pool.condition().isolation,
+                                 "isolation": service.pool.condition().isolation,
                                  "ray_address": config.ray_address})
     loop = threading.Thread(target=server.run, name="waitress", daemon=True)
     loop.start()
@@ -61,7 +62,6 @@ def serve(config: ServiceConfig) -> int:
     sig = signal.Signals(received[0]).name if received else "server loop ended"
     log.info("shutting down", extra={"signal": sig, "grace_s": config.shutdown_grace})
 
-    intake, watcher = app.extensions["executor_intake"], app.extensions["executor_spot"]
     # 1. Stop accepting: close the listening socket from inside waitress's loop thread.
     server.trigger.pull_trigger(server.close)
     if intake is not None:
@@ -80,7 +80,7 @@ def serve(config: ServiceConfig) -> int:
                                               for c in list(server._map.values())
                                               if hasattr(c, "total_outbufs_len")):
         time.sleep(0.05)
-    left_queued = runner.store.counts().get("queued", 0)
-    runner.store.close()
+    left_queued = service.store.counts().get("queued", 0)
+    service.store.close()
     log.info("stopped", extra={"left_queued": left_queued})
     return 0

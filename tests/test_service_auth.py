@@ -38,17 +38,19 @@ PROTECTED = sorted((m, p) for m, p in _documented() if (m, p) not in PUBLIC) + [
 
 
 def test_openapi_documents_every_route_the_app_serves(tmp_path):
-    from executor_service.app import create_app
+    from executor_service.app import app_for
     from executor_service.config import ServiceConfig
+    from executor_service.service import Service
     from warm_pool import PoolConfig, WarmPool
 
     config = ServiceConfig(pool=PoolConfig(work_dir=tmp_path, backend="cpu"))
-    app = create_app(config, WarmPool(config.pool))  # never started: routes only
+    service = Service.start(config, WarmPool(config.pool))  # the pool never started: routes only
     try:
         served = {(method, re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule))
-                  for rule in app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}}
+                  for rule in app_for(service).url_map.iter_rules()
+                  for method in rule.methods - {"HEAD", "OPTIONS"}}
     finally:
-        app.extensions["executor"].shutdown(grace=1)
+        service.runner.shutdown(grace=1)
     assert served == _documented()
 
 
