@@ -238,7 +238,6 @@ def _register_submissions(app: Flask, config: ServiceConfig, runner: JobRunner, 
         return accepted(runner.accept(req, "async", idempotency_key()), not req.is_batch)
 
 
-
 def _register_health(app: Flask, service: Service) -> None:
     """GET /health (public: a probe's fields; the rest with the token), /status, /metrics."""
     config, runner, store, intake, watcher = (service.config, service.runner, service.store, service.intake,
@@ -298,9 +297,9 @@ def _register_health(app: Flask, service: Service) -> None:
         return Response(service.metrics.render(), content_type=CONTENT_TYPE)
 
 
-
 def _register_jobs(app: Flask, config: ServiceConfig, runner: JobRunner, store: JobStore) -> None:
     """Reading jobs, papers, batches and artifacts; cancelling a job."""
+
     @app.get("/jobs")
     def list_jobs():
         return jsonify(runner.list_jobs(validation.parse_job_query(request.args)))
