@@ -117,8 +117,8 @@ class WarmPool:
         out["requested_backend"] = self.config.backend
         out["max_queue"] = self.config.max_queue
         out.update(self.placement.describe())
-        # One small /proc read per worker (no walk over every process: /health and every
-        # request's admission read this).
+        # One small /proc read per worker, no walk over every process (/health reads this;
+        # admission reads `condition` instead).
         for worker in out["workers"]:
             worker["rss_mb"] = round(process_rss(worker["pid"]) / MIB, 1) if worker["pid"] else None
         out["neuron"] = self._neuron_stats()

@@ -35,6 +35,11 @@ ERROR_TYPES = frozenset({
 })
 
 
+# A job id names the job's directory (and a paper id its files): a safe file name
+# (not "." or "..", which the pattern lets through and `checked_timeout` refuses).
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """One script to run as `python main.py`.
@@ -60,11 +65,6 @@ class JobSpec:
         if not (0 < timeout <= most):
             raise ValueError(f"timeout must be in (0, {most}] seconds")
         return timeout
-
-
-# A job id names the job's directory (and a paper id its files): a safe file name
-# (not "." or "..", which the pattern lets through and `checked_timeout` refuses).
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 @dataclass(frozen=True)
