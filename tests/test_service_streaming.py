@@ -320,6 +320,16 @@ def _cli(srv, *args: str, **kw) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def _rest(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
+    """The rest of a CLI's stdout, and its stderr, once it exits: read through the same
+    buffered readers as the readline() calls before. communicate() reads the raw pipes
+    and would lose what a reader already holds (a line that came in the same chunk as the
+    one readline() returned)."""
+    out, err = proc.stdout.read(), proc.stderr.read()  # small: neither pipe fills up
+    proc.wait(timeout=timeout)
+    return out, err
+
+
 def test_submit_follow_prints_each_jobs_output_as_it_comes_then_the_results(server, tmp_path):  # noqa: F811
     a, b = tmp_path / "alpha.py", tmp_path / "beta.py"
     a.write_text(GATE + "print('alpha 1', flush=True)\nwait_gate()\nprint('alpha 2')\n")
@@ -331,7 +341,7 @@ def test_submit_follow_prints_each_jobs_output_as_it_comes_then_the_results(serv
         assert lines[-1], proc.communicate()
     job_id = server.get("/jobs?paper_id=alpha&limit=1").json["jobs"][0]["job_id"]
     open_gate(server, job_id)
-    out, err = proc.communicate(timeout=60)
+    out, err = _rest(proc)
     out = "".join(lines) + out
     assert proc.returncode == 0, err
     results = json.loads(out[out.index("{"):])
@@ -353,7 +363,7 @@ def test_logs_prints_the_output_so_far_and_follows_with_f(server):  # noqa: F811
     follow = _cli(server, "logs", "-f", job_id)
     assert follow.stdout.readline() == "so far\n"
     open_gate(server, job_id)
-    out, err = follow.communicate(timeout=60)
+    out, err = _rest(follow)
     assert follow.returncode == 0 and out == "later\n" and err == "e\n"
 
 
