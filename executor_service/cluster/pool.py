@@ -86,6 +86,7 @@ PROBE_EVERY_S = 0.5      # how often a lost node's actor is asked whether it is 
 OUTPUT_TIMEOUT_S = 0.5   # a live-output read from a node's pool (an HTTP request waits on it)
 GET_TIMEOUT_S = 5.0      # taking a delivered value (a large one is fetched from its node's store)
 REPLACE_AFTER_S = 10.0   # an actor that died before it was ever ready: wait before the next
+PLACE_AGAIN_S = 1.0      # Ray could not place an actor on a node it lists alive: try again then
 
 
 class ClusterPool:
@@ -400,8 +401,8 @@ class ClusterPool:
         node.asking = False
         if node.state != "lost":
             return
-        if isinstance(error, self._ray.exceptions.ActorDiedError):
-            node.state = "dead"
+        if self._died(error):
+            node.state, node.lost_reason = "dead", _reason(error)
             return
         if error is not None:
             return
@@ -451,8 +452,15 @@ class ClusterPool:
         return self._wrap(job, dataclasses.replace(result, artifacts=kept))
 
     def _died(self, error: BaseException) -> bool:
-        """Ray says the actor is dead (its process is gone), not merely unreachable."""
-        return isinstance(error, self._ray.exceptions.ActorDiedError)
+        """Ray says the actor is dead (its process is gone) or never came to be, not
+        merely unreachable. Never came to be: Ray lists a node alive (ray.nodes(), from
+        the GCS) before the scheduler that places actors has the node in its view, and a
+        node that just died the other way round; an actor pinned there (soft=False) then
+        fails at once with ActorUnschedulableError, and every later call to it too. Such
+        a node is dropped and placed again PLACE_AGAIN_S later; held as lost, it would
+        never be placed again (issue 21: a node that joined never got its pool)."""
+        return isinstance(error, (self._ray.exceptions.ActorDiedError,
+                                  self._ray.exceptions.ActorUnschedulableError))
 
     def _mark_lost(self, node: Node, reason: str, dead: bool = False) -> None:
         """Send nothing more there. Its jobs wait in confirm_lost until the actor is known
@@ -479,7 +487,8 @@ class ClusterPool:
                     continue
                 del self.nodes[node.node_id]
                 if node.stats is None:  # its actor died before it was ever ready: not at once again
-                    self._replace_after[node.node_id] = now + REPLACE_AFTER_S
+                    unplaced = (node.lost_reason or "").startswith("ActorUnschedulableError")
+                    self._replace_after[node.node_id] = now + (PLACE_AGAIN_S if unplaced else REPLACE_AFTER_S)
                     self._failed[node.node_id] = node.lost_reason or "unknown"
                 for job in node.running.values():
                     job.ref = None
