@@ -13,6 +13,7 @@ Import with ``from cluster_fixtures import ClusterNamespace, needs_cluster``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -203,4 +204,10 @@ class ClusterNamespace:
         finally:
             if hasattr(self, "stderr"):
                 self.stderr.close()
+            # Ray's own logs (GCS, raylets, workers: a few hundred KB) stay with the test's
+            # files, where pytest keeps the last runs' (for reading a failure after it).
+            with contextlib.suppress(OSError):  # shutil.Error too: none if Ray never started
+                shutil.copytree(self.ray_root / "r" / "ray", self.root / "ray-logs", dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("*.sock", "sockets", "runtime_resources"),
+                                symlinks=True)
             shutil.rmtree(self.ray_root, ignore_errors=True)
