@@ -38,7 +38,7 @@ def start_pool(backend: str, work_dir: Path, size: int = 2, timeout: float = 180
     start = time.perf_counter()
     pool.start()
     if not pool.wait_ready(timeout) or not wait_idle(pool, size, timeout):
-        stats = pool.stats()
+        stats = pool.stats().to_json()
         pool.shutdown(grace=1)
         raise RuntimeError(f"{backend} pool not ready: {stats.get('broken_reason') or stats}")
     return pool, time.perf_counter() - start
@@ -49,7 +49,7 @@ def wait_idle(pool: WarmPool, count: int, timeout: float, exclude: set[int] = fr
     """Poll stats() until `count` workers are idle (none of them a pid in `exclude`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        idle = [w for w in pool.stats()["workers"] if w["state"] == "idle" and w["pid"] not in exclude]
+        idle = [w for w in pool.stats().workers if w["state"] == "idle" and w["pid"] not in exclude]
         if len(idle) >= count:
             return True
         time.sleep(poll)
@@ -60,7 +60,7 @@ def wait_spares(pool: WarmPool, timeout: float = 60.0, poll: float = 0.0005) -> 
     """Poll stats() until every slot has all its spares ready (a job then finds one)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        stats = pool.stats()
+        stats = pool.stats().to_json()
         spares = stats.get("spares", {})
         if not spares.get("starting") and stats["idle"] == stats["size"]:
             return True
@@ -82,7 +82,7 @@ def latencies(pool: WarmPool, code: str, runs: int, warmup: int = 4) -> dict[str
     for _ in range(warmup):  # first use of an op in a worker (lazy init, XLA compile)
         _check(run_job(pool, code)[1])
     wait_idle(pool, size, 120)
-    respawns_before = dict(pool.stats()["respawns"]["by_reason"])
+    respawns_before = dict(pool.stats().respawns_by_reason)
     walls, execs, queues = [], [], []
     for _ in range(runs):
         # A job that finds a spare ready: what a caller meets unless jobs come faster than
@@ -96,7 +96,7 @@ def latencies(pool: WarmPool, code: str, runs: int, warmup: int = 4) -> dict[str
     out = summarize(walls)
     out["execution"] = summarize(execs)
     out["queue"] = summarize(queues)
-    after = pool.stats()["respawns"]["by_reason"]
+    after = pool.stats().respawns_by_reason
     # Workers replaced while this workload ran (e.g. "dirty": the job left state behind).
     out["respawns_during"] = {k: v - respawns_before.get(k, 0) for k, v in after.items()
                               if v - respawns_before.get(k, 0)}
@@ -114,7 +114,7 @@ def replacement(pool: WarmPool, kills: int, size: int) -> dict[str, Any]:
     for _ in range(kills):
         for _attempt in range(5):  # a spare listed idle may have ended since the snapshot
             wait_idle(pool, size, 60)
-            workers = pool.stats()["workers"]
+            workers = pool.stats().workers
             known = {w["pid"] for w in workers}
             victim = next(w["pid"] for w in workers if w["state"] == "idle")
             start = time.perf_counter()
@@ -127,11 +127,11 @@ def replacement(pool: WarmPool, kills: int, size: int) -> dict[str, Any]:
         if not wait_idle(pool, 1, 60, exclude=known):
             raise RuntimeError("no replacement worker became idle within 60 s")
         times.append(time.perf_counter() - start)
-        ready.extend(w["ready_seconds"] for w in pool.stats()["workers"]
+        ready.extend(w["ready_seconds"] for w in pool.stats().workers
                      if w["pid"] not in known and w["ready_seconds"])
     out = summarize(times)
     out["worker_fork_to_ready"] = summarize(ready)
-    out["respawns"] = pool.stats()["respawns"]
+    out["respawns"] = pool.stats().to_json()["respawns"]
     return out
 
 
@@ -166,14 +166,14 @@ def memory(pool: WarmPool, jobs: int, code: str) -> dict[str, Any]:
             _check(fut.result())
     wait_idle(pool, size, 30)
     after = memory_snapshot(pool_pids(pool))
-    jobs_run = {str(w["pid"]): w["jobs_run"] for w in pool.stats()["workers"]}
+    jobs_run = {str(w["pid"]): w["jobs_run"] for w in pool.stats().workers}
     return {"jobs": jobs, "before": before, "after": after, "growth": growth(before, after),
             "jobs_run_by_worker": jobs_run, "max_jobs_per_worker": pool.config.max_jobs_per_worker}
 
 
 def pool_pids(pool: WarmPool) -> tuple[int | None, list[int]]:
     """(template pid, idle worker pids) of a library pool."""
-    stats = pool.stats()
+    stats = pool.stats().to_json()
     return stats["template_pid"], [w["pid"] for w in stats["workers"] if w["state"] == "idle"]
 
 
@@ -232,11 +232,11 @@ def isolation_overhead(backend: str, work_dir: Path, runs: int) -> dict[str, Any
         pool, _ = start_pool(backend, work_dir / f"{backend}-iso-{isolation}",
                              isolation="auto" if reuse else isolation, reuse_workers=reuse)
         try:
-            if pool.stats()["isolation"] != ("uid" if reuse else isolation):
+            if pool.stats().isolation != ("uid" if reuse else isolation):
                 out[isolation] = {"skipped": f"isolation {isolation} not possible here"}
                 continue
             out[isolation] = latencies(pool, workloads.EMPTY, runs, warmup=5)
-            checks = [w["check_ms_mean"] for w in pool.stats()["workers"] if w["check_ms_mean"]]
+            checks = [w["check_ms_mean"] for w in pool.stats().workers if w["check_ms_mean"]]
             out[isolation]["check_ms_mean"] = round(sum(checks) / len(checks), 3) if checks else None
         finally:
             pool.shutdown(grace=5)

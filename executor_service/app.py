@@ -22,7 +22,7 @@ from executor_service.metrics import CONTENT_TYPE, Metrics
 from executor_service.service import Service
 from executor_service.store import JobStore
 from executor_service.validation import ApiError
-from warm_pool import Pool, PoolBroken, PoolClosed, utc_iso
+from warm_pool import Pool, PoolBroken, PoolClosed, PoolStats, utc_iso
 from warm_pool import QueueFull as PoolQueueFull
 
 log = logging.getLogger("executor_service.app")
@@ -251,21 +251,20 @@ def _register_health(app: Flask, service: Service) -> None:
         try:
             stats = service.pool.stats()
         except Exception as exc:  # noqa: BLE001 - health must answer whatever happens
-            stats = {"state": "unknown", "broken_reason": repr(exc)}
-        cluster = stats.pop("cluster", None)
-        ready = (stats.get("idle") or 0) + (stats.get("busy") or 0)
-        ok = ready >= 1 and stats.get("state") != "broken"
+            stats = PoolStats.unknown(repr(exc))
+        ok = stats.healthy
+        pool = stats.to_json()
         payload = {
             "status": "healthy" if ok else "unhealthy",
             "timestamp": utc_iso(time.time()),
-            "neuron_available": stats.get("backend") == "neuron" and ok,
+            "neuron_available": stats.backend == "neuron" and ok,
             "working_dir": str(config.work_dir),
             "max_execution_time": default_t,
-            "pool": stats if verbose else {k: stats.get(k) for k in PUBLIC_POOL_FIELDS},
-            **({"isolation": stats.get("isolation")} if verbose else {}),
+            "pool": pool if verbose else {k: pool[k] for k in PUBLIC_POOL_FIELDS},
+            **({"isolation": stats.isolation} if verbose else {}),
         }
-        if cluster is not None:
-            payload["cluster"] = cluster if verbose else public_cluster(cluster)
+        if stats.cluster is not None:
+            payload["cluster"] = stats.cluster if verbose else public_cluster(stats.cluster)
         if intake is not None:
             payload["queue"] = intake.stats().to_public()
             if verbose:
@@ -277,12 +276,12 @@ def _register_health(app: Flask, service: Service) -> None:
             payload["interruption"] = {**notice.to_public(), "jobs_interrupted": len(watcher.interrupted)}
             payload["reason"] = runner.refusal or "the instance is being reclaimed"
         if not ok and "reason" not in payload:
-            if stats.get("state") == "broken":
-                payload["reason"] = ("pool is broken: " + str(stats.get("broken_reason")) if verbose
+            if stats.state == "broken":
+                payload["reason"] = ("pool is broken: " + str(stats.broken_reason) if verbose
                                      else "pool is broken (GET /health?verbose=1 with the token says why)")
-            elif stats.get("state") in ("closing", "closed"):
+            elif stats.state in ("closing", "closed"):
                 payload["reason"] = "pool is shutting down"
-            elif cluster is not None and not cluster["nodes"]:
+            elif stats.cluster is not None and not stats.cluster["nodes"]:
                 payload["reason"] = "no node with neuron_cores has joined the cluster yet"
             else:
                 payload["reason"] = "no worker is ready yet (starting)"

@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from warm_pool import ERROR_TYPES
+from warm_pool import ERROR_TYPES, PoolStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -25,7 +25,6 @@ _DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 OTHER = "other"
 # The values each label may take; anything else is OTHER.
 OUTCOMES = frozenset({"success", "failed", *ERROR_TYPES})
-POOL_STATES = frozenset({"starting", "ready", "broken", "closing", "closed", "unknown"})
 # Why the pool replaced a worker (the supervisor's retire reasons).
 RESPAWN_REASONS = frozenset({
     "crashed", "start_failed", "start_killed", "start_timeout", "check_timeout", "template_died", "killed",
@@ -53,7 +52,7 @@ def _by_label(counts: dict[Any, Any], allowed: frozenset[str]) -> dict[str, floa
 class _StateCollector:
     """Pool and queue gauges, from callables evaluated on every scrape."""
 
-    def __init__(self, pool_stats: Callable[[], dict[str, Any]], job_counts: Callable[[], dict[str, int]]):
+    def __init__(self, pool_stats: Callable[[], PoolStats], job_counts: Callable[[], dict[str, int]]):
         self._pool_stats = pool_stats
         self._job_counts = job_counts
 
@@ -67,29 +66,27 @@ class _StateCollector:
                                 value=counts.get("queued", 0))
         try:
             stats = self._pool_stats()
-        except Exception:  # noqa: BLE001 - a scrape must not fail because the pool is down
-            stats = {}
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the pool is down
+            stats = PoolStats.unknown(repr(exc))
         workers = GaugeMetricFamily("executor_pool_workers", "Pool workers by state", labels=["state"])
-        for state in ("idle", "busy", "starting"):
-            workers.add_metric([state], stats.get(state, 0) or 0)
+        for state, n in (("idle", stats.idle), ("busy", stats.busy), ("starting", stats.starting)):
+            workers.add_metric([state], n)
         yield workers
-        yield GaugeMetricFamily("executor_pool_size", "Configured pool size", value=stats.get("size") or 0)
-        ready = (stats.get("idle", 0) or 0) + (stats.get("busy", 0) or 0)
+        yield GaugeMetricFamily("executor_pool_size", "Configured pool size", value=stats.size)
         yield GaugeMetricFamily("executor_pool_ready", "1 when at least one worker is ready",
-                                value=1 if ready and stats.get("state") != "broken" else 0)
+                                value=1 if stats.healthy else 0)
         yield GaugeMetricFamily("executor_pool_broken", "1 when the pool declared itself broken",
-                                value=1 if stats.get("state") == "broken" else 0)
+                                value=1 if stats.state == "broken" else 0)
         state = GaugeMetricFamily("executor_pool_state", "The pool's state (1 for the current one)",
                                   labels=["state"])
-        state.add_metric([label(stats.get("state", "unknown"), POOL_STATES)], 1)
+        state.add_metric([stats.state], 1)  # one of POOL_STATES (PoolStats checks it)
         yield state
         respawns = CounterMetricFamily("executor_worker_respawns", "Workers replaced, by reason",
                                        labels=["reason"])
-        by_reason = (stats.get("respawns") or {}).get("by_reason") or {}
-        for reason, n in _by_label(by_reason, RESPAWN_REASONS).items():
+        for reason, n in _by_label(stats.respawns_by_reason, RESPAWN_REASONS).items():
             respawns.add_metric([reason], n)
         yield respawns
-        cluster = stats.get("cluster")
+        cluster = stats.cluster
         if cluster is not None:  # on a cluster the counts above are sums over its nodes' pools
             nodes = GaugeMetricFamily("executor_cluster_nodes", "Nodes with NeuronCores, by state",
                                       labels=["state"])
@@ -116,7 +113,7 @@ class _Gauge:
 class Metrics:
     """The service's metrics and the registry they live in."""
 
-    def __init__(self, pool_stats: Callable[[], dict[str, Any]], job_counts: Callable[[], dict[str, int]]):
+    def __init__(self, pool_stats: Callable[[], PoolStats], job_counts: Callable[[], dict[str, int]]):
         self.registry = CollectorRegistry()
         self.jobs = Counter("executor_jobs_finished", "Jobs finished, by outcome (error_type or success)",
                             ["outcome"], registry=self.registry)

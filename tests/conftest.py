@@ -89,12 +89,12 @@ class PoolHandle:
         return fut.result(timeout=(timeout or 60) + 30)
 
     def idle_workers(self) -> list[dict]:
-        return [w for w in self.pool.stats()["workers"] if w["state"] == "idle"]
+        return [w for w in self.pool.stats().workers if w["state"] == "idle"]
 
     def wait_full(self, timeout: float = 60.0) -> None:
         """Wait until every slot has a ready worker and no spare is still starting."""
         def full() -> bool:
-            stats = self.pool.stats()
+            stats = self.pool.stats().to_json()
             return stats["idle"] == stats["size"] and not stats["spares"]["starting"]
         wait_until(full, timeout)
 
@@ -114,7 +114,7 @@ def start_pool(tmp: Path, **kw) -> PoolHandle:
     kw.setdefault("pool_size", 1)
     kw.setdefault("spares_per_slot", 2)  # fewer forks than the default's 5: the suite is big
     pool = WarmPool(PoolConfig(work_dir=reachable_by_jobs(tmp), **kw)).start()
-    assert pool.wait_ready(120), pool.stats()
+    assert pool.wait_ready(120), pool.stats().to_json()
     handle = PoolHandle(pool)
     handle.wait_full()
     return handle
@@ -123,7 +123,7 @@ def start_pool(tmp: Path, **kw) -> PoolHandle:
 def pool_processes(pool: WarmPool) -> list[psutil.Process]:
     """The pool's template and everything below it (the template is the subreaper of its
     workers' orphans, so a job's daemons are below it too)."""
-    pid = pool.stats()["template_pid"]
+    pid = pool.stats().detail["template_pid"]
     if pid is None:  # not started, or shut down already
         return []
     try:

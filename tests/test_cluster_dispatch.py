@@ -37,7 +37,7 @@ def test_a_node_ray_lists_but_cannot_place_on_is_placed_again_shortly_not_held_l
     dispatcher._took_stats(dispatcher.nodes[NODE], None, UNSCHEDULABLE, now=0.1)
     dispatcher.confirm_lost(now=0.1)
     assert NODE not in dispatcher.nodes  # dropped: its actor never came to be
-    failed = dispatcher.stats()["cluster"]["failed_placements"]
+    failed = dispatcher.stats().cluster["failed_placements"]
     assert failed == [{"node_id": NODE, "error": f"ActorUnschedulableError: {UNSCHEDULABLE}"}]
     dispatcher.watch_nodes([LISTED], now=0.1 + PLACE_AGAIN_S / 2)
     assert dispatcher.placed == [NODE]  # not at once

@@ -140,7 +140,7 @@ def _inside(path: str, root: str) -> bool:
 # --- preloaded -----------------------------------------------------------------------------
 
 def test_transformers_and_datasets_are_preloaded_without_threads(plain_pool):
-    stats = plain_pool.pool.stats()
+    stats = plain_pool.pool.stats().to_json()
     for name in ("transformers", "transformers.models.auto.tokenization_auto",
                  "transformers.models.auto.modeling_auto", "datasets"):
         assert name in stats["preloaded"], stats["preload_skipped"]

@@ -44,11 +44,11 @@ def env_pool(shared):
 
 
 def _respawns(pool) -> int:
-    return pool.pool.stats()["respawns"]["total"]
+    return pool.pool.stats().to_json()["respawns"]["total"]
 
 
 def test_common_imports_are_preloaded_and_missing_ones_reported(env_pool):
-    stats = env_pool.pool.stats()
+    stats = env_pool.pool.stats().to_json()
     for name in ("torch", "numpy", "tqdm", "matplotlib.pyplot", "torchvision", "pandas", "sklearn"):
         assert name in stats["preloaded"]
     assert stats["preloaded"][:2] == ["torch", "torch._dynamo"]  # the backend's own first
@@ -67,7 +67,7 @@ def test_a_realistic_script_runs_warm_keeps_its_files_and_its_worker(env_pool, n
     assert first.artifacts_skipped == []
     again = env_pool.run(SCRIPTS[name], timeout=120)
     assert again.stdout == first.stdout
-    assert _respawns(env_pool) == before, env_pool.pool.stats()["respawns"]["recent"]
+    assert _respawns(env_pool) == before, env_pool.pool.stats().respawns_recent
 
 
 _TQDM_BAR = re.compile(r"\d+%\|")
@@ -207,7 +207,7 @@ def test_an_optional_preload_that_fails_is_skipped_and_the_pool_works(make_pool,
     path = os.pathsep.join([str(mods), os.environ.get("PYTHONPATH", "")])
     pool = make_pool(preload=("numpy", "broken_mod", "threaded_mod", "no_such_mod_xyz"),
                      extra_env=(("PYTHONPATH", path),))
-    stats = pool.pool.stats()
+    stats = pool.pool.stats().to_json()
     skipped = stats["preload_skipped"]
     assert skipped["broken_mod"] == "import failed: RuntimeError: cannot load this"
     assert skipped["threaded_mod"].startswith("started threads at import")
@@ -272,7 +272,7 @@ def test_a_script_using_xla_model_runs_warm_on_the_xla_backend(tmp_path):
         pool.wait_full()
         again = pool.run("print('again')")
         assert small.stdout == "ok\n" and again.worker.pid == small.worker.pid
-        reasons = [d for r in pool.pool.stats()["respawns"]["recent"] for d in r["detail"]]
+        reasons = [d for r in pool.pool.stats().respawns_recent for d in r["detail"]]
         unexpected = ("registry", "imported modules", "patched")
         assert not [d for d in reasons if any(w in d for w in unexpected)], reasons
     finally:

@@ -23,7 +23,7 @@ def xla_pool(tmp_path_factory):
 
 
 def test_xla_template_preloads_torch_xla(xla_pool):
-    stats = xla_pool.pool.stats()
+    stats = xla_pool.pool.stats().to_json()
     assert stats["backend"] == "xla"
     assert stats["preloaded"][:2] == ["torch", "torch_xla"]  # the backend's own, then the optional ones
     for worker in stats["workers"]:
@@ -50,7 +50,7 @@ def test_xla_worker_is_replaced_after_a_crash(xla_pool):
 
 def test_auto_picks_xla_when_torch_xla_imports(make_pool):
     pool = make_pool(backend="auto")
-    assert pool.pool.stats()["backend"] == "xla"
+    assert pool.pool.stats().backend == "xla"
 
 
 def test_template_import_failure_breaks_the_pool_at_once_and_it_retries_slowly(tmp_path):
@@ -59,7 +59,7 @@ def test_template_import_failure_breaks_the_pool_at_once_and_it_retries_slowly(t
                                backend_preload=("torch", "no_such_module_anywhere"))).start()
     try:
         assert pool.wait_ready(60) is False
-        stats = pool.stats()
+        stats = pool.stats().to_json()
         assert stats["state"] == "broken"
         assert "no_such_module_anywhere" in stats["broken_reason"]
         with pytest.raises(errors.PoolBroken):
@@ -96,7 +96,7 @@ def test_workers_failing_to_start_break_the_pool_after_backoff(tmp_path):
                                extra_env=(("PJRT_DEVICE", "NO_SUCH_DEVICE"),))).start()
     try:
         assert pool.wait_ready(60) is False
-        stats = pool.stats()
+        stats = pool.stats().to_json()
         assert stats["state"] == "broken"
         assert "starts failed in a row" in stats["broken_reason"]
         assert "NO_SUCH_DEVICE" in stats["broken_reason"]  # what the worker reported

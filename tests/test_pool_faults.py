@@ -28,7 +28,7 @@ def test_crash_gives_a_result_and_a_fresh_worker(make_pool, name, reuse):
     pool.wait_full()
     assert pool.run("print('next')").stdout == "next\n"
     # One process per job: a crash is how that job ended, not a worker to replace.
-    assert pool.pool.stats()["respawns"]["total"] == (1 if reuse else 0)
+    assert pool.pool.stats().to_json()["respawns"]["total"] == (1 if reuse else 0)
 
 
 def test_timeout_interrupts_then_replaces_and_keeps_output(make_pool):
@@ -40,7 +40,7 @@ def test_timeout_interrupts_then_replaces_and_keeps_output(make_pool):
     assert "KeyboardInterrupt" in result.stderr
     assert 0.5 <= result.execution_time < 5
     pool.wait_full()
-    assert pool.pool.stats()["respawns"]["by_reason"] == {"timeout": 1}
+    assert pool.pool.stats().respawns_by_reason == {"timeout": 1}
 
 
 def test_timeout_kills_a_job_that_ignores_sigint(make_pool):
@@ -98,9 +98,9 @@ def test_worker_killed_from_outside_is_replaced(make_pool):
     pool = make_pool(pool_size=2)
     victim = pool.idle_workers()[0]["pid"]
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: victim not in [w["pid"] for w in pool.pool.stats()["workers"]])
+    wait_until(lambda: victim not in [w["pid"] for w in pool.pool.stats().workers])
     pool.wait_full()
-    assert pool.pool.stats()["respawns"]["total"] == 1
+    assert pool.pool.stats().to_json()["respawns"]["total"] == 1
 
 
 def test_queue_full_is_a_clear_error(make_pool):
@@ -108,7 +108,7 @@ def test_queue_full_is_a_clear_error(make_pool):
 
     pool = make_pool(max_queue=1)
     pool.pool.submit(_spec("import time\ntime.sleep(2)", "busy"))
-    wait_until(lambda: pool.pool.stats()["busy"] == 1)
+    wait_until(lambda: pool.pool.stats().busy == 1)
     pool.pool.submit(_spec("pass", "waiting"))
     with pytest.raises(errors.QueueFull):
         pool.pool.submit(_spec("pass", "rejected"))
@@ -118,7 +118,7 @@ def test_shutdown_interrupts_running_jobs_cancels_queued_ones_and_leaves_no_proc
     pool = make_pool(pool_size=1)
     fut = pool.pool.submit(_spec("import time\ntime.sleep(60)", "long"))
     queued = [pool.pool.submit(_spec("pass", f"q{i}")) for i in range(3)]  # the one worker is busy
-    wait_until(lambda: pool.pool.stats()["busy"] == 1)
+    wait_until(lambda: pool.pool.stats().busy == 1)
     procs = pool_processes(pool.pool)
     pool.pool.shutdown(grace=0.5)
     assert fut.result(timeout=10).status == "interrupted"
@@ -129,10 +129,10 @@ def test_shutdown_interrupts_running_jobs_cancels_queued_ones_and_leaves_no_proc
 def test_shutdown_while_a_replacement_is_starting_is_prompt_and_clean(make_pool):
     pool = make_pool(pool_size=1)
     procs = pool_processes(pool.pool)
-    victim = pool.pool.stats()["workers"][0]["pid"]
+    victim = pool.pool.stats().workers[0]["pid"]
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: pool.pool.stats()["spares"]["starting"] >= 1 and victim not in
-               [w["pid"] for w in pool.pool.stats()["workers"]], interval=0.001)
+    wait_until(lambda: pool.pool.stats().detail["spares"]["starting"] >= 1 and victim not in
+               [w["pid"] for w in pool.pool.stats().workers], interval=0.001)
     started = time.monotonic()
     pool.pool.shutdown(grace=1)
     assert time.monotonic() - started < 3  # not the 5 s of a template that had to be SIGKILLed
@@ -159,11 +159,11 @@ def _alive(pid: int) -> bool:
 
 def test_template_killed_from_outside_is_restarted_with_its_workers(make_pool):
     pool = make_pool(pool_size=2)
-    template = pool.pool.stats()["template_pid"]
-    old = {w["pid"] for w in pool.pool.stats()["workers"]}
+    template = pool.pool.stats().detail["template_pid"]
+    old = {w["pid"] for w in pool.pool.stats().workers}
     os.kill(template, signal.SIGKILL)
     # The workers die with it (parent-death signal), and a new template forks new ones.
-    wait_until(lambda: pool.pool.stats()["template_pid"] not in (None, template), timeout=30)
+    wait_until(lambda: pool.pool.stats().detail["template_pid"] not in (None, template), timeout=30)
     pool.wait_full()
-    assert not old & {w["pid"] for w in pool.pool.stats()["workers"]}
+    assert not old & {w["pid"] for w in pool.pool.stats().workers}
     assert pool.run("print('back')").stdout == "back\n"

@@ -76,13 +76,13 @@ def test_state_does_not_leak_to_next_job(one_worker, name):
 def test_unrestorable_leftovers_replace_the_worker(make_pool, code, reason):
     pool = make_pool(reuse_workers=True)
     first = pool.run(code)
-    wait_until(lambda: pool.pool.stats()["respawns"]["recent"])
-    assert reason in " ".join(pool.pool.stats()["respawns"]["recent"][0]["detail"])
+    wait_until(lambda: pool.pool.stats().respawns_recent)
+    assert reason in " ".join(pool.pool.stats().respawns_recent[0]["detail"])
     pool.wait_full()
     second = pool.run("print('clean')")
     assert second.worker.pid != first.worker.pid
     assert second.stdout == "clean\n"
-    assert pool.pool.stats()["respawns"]["by_reason"] == {"dirty": 1}
+    assert pool.pool.stats().respawns_by_reason == {"dirty": 1}
 
 
 def test_worker_is_recycled_after_max_jobs(make_pool):
@@ -91,7 +91,7 @@ def test_worker_is_recycled_after_max_jobs(make_pool):
     pool.wait_full()
     third = pool.run("print(1)").worker.pid
     assert pids[0] == pids[1] != third
-    assert pool.pool.stats()["respawns"]["by_reason"] == {"recycled": 1}
+    assert pool.pool.stats().respawns_by_reason == {"recycled": 1}
 
 
 def test_a_typical_training_script_leaves_the_worker_clean(one_worker):
@@ -105,7 +105,7 @@ def test_a_typical_training_script_leaves_the_worker_clean(one_worker):
     first = one_worker.run(code)
     assert first.success, first.stderr
     assert one_worker.run(code).worker.pid == first.worker.pid
-    assert one_worker.pool.stats()["respawns"]["total"] == 0, one_worker.pool.stats()["respawns"]
+    assert not one_worker.pool.stats().respawns_by_reason, one_worker.pool.stats().respawns_recent
 
 
 def test_processes_a_job_leaves_are_killed_and_the_worker_stays(one_worker):
@@ -118,10 +118,10 @@ def test_processes_a_job_leaves_are_killed_and_the_worker_stays(one_worker):
     first = one_worker.run(code)
     leftovers = [int(pid) for pid in first.stdout.split()]
     wait_until(lambda: not any(_alive(pid) for pid in leftovers))
-    uid = next(w["uid"] for w in one_worker.pool.stats()["workers"] if w["pid"] == first.worker.pid)
+    uid = next(w["uid"] for w in one_worker.pool.stats().workers if w["pid"] == first.worker.pid)
     assert [p.pid for p in psutil.process_iter(["uids"])
             if p.info["uids"].real == uid and _alive(p.pid)] == [first.worker.pid]
-    assert one_worker.run("print(1)").worker.pid == first.worker.pid, one_worker.pool.stats()["respawns"]
+    assert one_worker.run("print(1)").worker.pid == first.worker.pid, one_worker.pool.stats().respawns_recent
 
 
 def _alive(pid: int) -> bool:

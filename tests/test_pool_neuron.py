@@ -67,7 +67,7 @@ def _records(pool):
 
 
 def test_each_worker_owns_one_core_set_before_its_runtime_starts(neuron_pool):
-    stats = neuron_pool.pool.stats()
+    stats = neuron_pool.pool.stats().to_json()
     assert stats["backend"] == "neuron"
     assert stats["preloaded"][:3] == ["torch", "torch_xla", "torch_neuronx"]
     records = _records(neuron_pool)
@@ -89,7 +89,7 @@ def test_each_worker_owns_one_core_set_before_its_runtime_starts(neuron_pool):
 
 def test_stale_compile_locks_are_cleared_and_cache_reported(neuron_pool):
     assert not list(neuron_pool.cache.rglob("*.lock"))
-    cache = neuron_pool.pool.stats()["neuron"]["compile_cache"]
+    cache = neuron_pool.pool.stats().detail["neuron"]["compile_cache"]
     assert cache["dir"] == str(neuron_pool.cache)
     assert cache["max_mb"] == 123 and cache["size_mb"] >= 0
     assert (neuron_pool.cache / "neuronxcc-2.0" / "MODULE_1").is_dir()  # the entry stays, its lock went
@@ -117,9 +117,9 @@ def test_a_replacement_takes_the_same_core_only_after_every_process_of_the_last_
         "os.kill(os.getpid(), 9)\n")  # the worker dies with it
     grandchild, core = (int(x) for x in leftover.stdout.split())
     victim = leftover.worker.pid
-    wait_until(lambda: victim not in [w["pid"] for w in neuron_pool.pool.stats()["workers"]])
+    wait_until(lambda: victim not in [w["pid"] for w in neuron_pool.pool.stats().workers])
     neuron_pool.wait_full()
-    replacement = next(w for w in neuron_pool.pool.stats()["workers"] if w["core"] == core)
+    replacement = next(w for w in neuron_pool.pool.stats().workers if w["core"] == core)
     record = _records(neuron_pool)[replacement["pid"]]
     assert record["NEURON_RT_VISIBLE_CORES"] == str(core)
     assert record["same_uid_processes"] == []  # nothing of the last holder when its runtime started
@@ -186,7 +186,7 @@ def test_a_profiled_job_gets_a_runtime_started_for_it_and_its_profile_as_artifac
     assert not os.path.exists(cwd)
     assert "service-secret" not in (one_core.bin / "neuron-profile.env").read_text()
     # What it cost: the ready spare holding the core was retired for the job.
-    assert one_core.pool.stats()["respawns"]["by_reason"]["profiling"] >= 1
+    assert one_core.pool.stats().respawns_by_reason["profiling"] >= 1
 
 
 def test_an_unprofiled_job_right_after_on_the_same_core_has_no_profile_nor_the_profilers_settings(one_core):
@@ -234,7 +234,7 @@ def test_a_runtime_that_will_not_start_with_the_profiler_lets_the_job_run_withou
     assert result.profile == "unavailable"
     assert result.profile_detail.startswith(
         "its Neuron runtime did not start with the profiler on (2 processes tried")
-    stats = one_core.pool.stats()
+    stats = one_core.pool.stats().to_json()
     assert stats["state"] == "ready" and stats["respawns"]["by_reason"]["start_failed"] == 2
     (one_core.records / "refuse-profiler").unlink()
     assert _run(one_core, USES_THE_CORE, profile=True).profile == "captured"

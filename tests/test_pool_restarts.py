@@ -116,7 +116,7 @@ def _never_broken(pool, seconds: float, act) -> None:
     ever says it is broken."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        stats = pool.stats()
+        stats = pool.stats().to_json()
         assert stats["state"] != "broken", stats["broken_reason"]
         if act(stats):
             return
@@ -146,9 +146,9 @@ def test_workers_killed_while_starting_never_break_the_pool(make_pool):
         return stats["starts"]["killed_total"] >= 5
 
     _never_broken(pool, 60, kill_a_starting_worker)
-    assert pool.stats()["starts"]["killed_total"] >= 5
+    assert pool.stats().detail["starts"]["killed_total"] >= 5
     handle.wait_full()
-    stats = pool.stats()
+    stats = pool.stats().to_json()
     assert stats["state"] == "ready" and "start_failed" not in stats["respawns"]["by_reason"]
     assert handle.run("print('still here')").stdout == "still here\n"
 
@@ -156,18 +156,18 @@ def test_workers_killed_while_starting_never_break_the_pool(make_pool):
 def test_a_template_killed_while_it_imports_never_breaks_the_pool(make_pool):
     handle = make_pool(pool_size=1, spares_per_slot=1, max_start_failures=1)
     pool = handle.pool
-    standby = wait_until(lambda: pool.stats()["standby_template_pid"])
+    standby = wait_until(lambda: pool.stats().detail["standby_template_pid"])
     os.kill(standby, signal.SIGKILL)  # with it, the template is not imported again (next test)
     for _ in range(3):
-        old = pool.stats()["template_pid"]
+        old = pool.stats().detail["template_pid"]
         os.kill(old, signal.SIGKILL)
         # The next template: killed before it forked anything (still importing).
-        new = wait_until(lambda old=old: (pid := pool.stats()["template_pid"]) not in (None, old) and pid,
-                         timeout=30, interval=0.001)
-        assert not any(w["pid"] for w in pool.stats()["workers"])
+        new = wait_until(lambda old=old: (pid := pool.stats().detail["template_pid"]) not in (None, old)
+                         and pid, timeout=30, interval=0.001)
+        assert not any(w["pid"] for w in pool.stats().workers)
     os.kill(new, signal.SIGKILL)
     _never_broken(pool, 60, lambda stats: stats["idle"] == stats["size"] and not stats["spares"]["starting"])
-    stats = pool.stats()
+    stats = pool.stats().to_json()
     assert stats["state"] == "ready" and stats["starts"]["failed_total"] == 0
     assert handle.run("print('back')").stdout == "back\n"
 
@@ -175,23 +175,23 @@ def test_a_template_killed_while_it_imports_never_breaks_the_pool(make_pool):
 def test_a_killed_template_is_replaced_at_once_by_its_standby(make_pool):
     handle = make_pool(pool_size=2, spares_per_slot=1)
     pool = handle.pool
-    stats = wait_until(lambda: (s := pool.stats())["standby_template_pid"] and s)
+    stats = wait_until(lambda: (s := pool.stats().to_json())["standby_template_pid"] and s)
     template, standby = stats["template_pid"], stats["standby_template_pid"]
     assert psutil.Process(standby).ppid() == template  # a fork of it
     workers = {w["pid"] for w in stats["workers"]}
     os.kill(template, signal.SIGKILL)
-    wait_until(lambda: pool.stats()["template_pid"] == standby, timeout=5)
+    wait_until(lambda: pool.stats().detail["template_pid"] == standby, timeout=5)
     handle.wait_full(timeout=10)  # spares forked by the standby: no imports waited for
-    stats = pool.stats()
+    stats = pool.stats().to_json()
     assert not workers & {w["pid"] for w in stats["workers"]}
     assert stats["starts"]["failed_total"] == 0 and stats["state"] == "ready"
     assert handle.run("print('on the standby')").stdout == "on the standby\n"
     # It has a standby of its own, and a standby killed from outside is simply forked again.
-    second = wait_until(lambda: pool.stats()["standby_template_pid"])
+    second = wait_until(lambda: pool.stats().detail["standby_template_pid"])
     assert psutil.Process(second).ppid() == standby
     os.kill(second, signal.SIGKILL)
-    wait_until(lambda: pool.stats()["standby_template_pid"] not in (None, second))
-    assert pool.stats()["template_pid"] == standby
+    wait_until(lambda: pool.stats().detail["standby_template_pid"] not in (None, second))
+    assert pool.stats().detail["template_pid"] == standby
 
 
 def _failing_pool(work: Path, **kw) -> WarmPool:
@@ -201,7 +201,8 @@ def _failing_pool(work: Path, **kw) -> WarmPool:
 
 
 def _wait_state(pool: WarmPool, state: str, timeout: float) -> dict:
-    return wait_until(lambda: (s := pool.stats())["state"] == state and s, timeout=timeout, interval=0.05)
+    return wait_until(lambda: (s := pool.stats().to_json())["state"] == state and s,
+                      timeout=timeout, interval=0.05)
 
 
 def test_workers_that_cannot_start_break_the_pool_until_they_can_then_it_comes_back(tmp_path):
@@ -218,8 +219,8 @@ def test_workers_that_cannot_start_break_the_pool_until_they_can_then_it_comes_b
             pool.submit(JobSpec(code="pass", job_id="refused"))
         # It keeps trying, one worker at a time.
         failed = stats["starts"]["failed_total"]
-        wait_until(lambda: pool.stats()["starts"]["failed_total"] > failed, timeout=30, interval=0.05)
-        assert pool.stats()["state"] == "broken"
+        wait_until(lambda: pool.stats().detail["starts"]["failed_total"] > failed, timeout=30, interval=0.05)
+        assert pool.stats().state == "broken"
         closed.chmod(0o711)  # the operator's fix
         stats = _wait_state(pool, "ready", BROKEN_MAX_WAIT_S + 30)
         assert stats["broken_reason"] is None and stats["starts"]["failed_in_a_row"] == 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from executor_service.metrics import Metrics
+from warm_pool import PoolStats
 
 
 def _series(text: str) -> set[str]:
@@ -11,7 +14,7 @@ def _series(text: str) -> set[str]:
 
 
 def _metrics(stats: dict | None = None) -> Metrics:
-    return Metrics(lambda: stats or {}, lambda: {})
+    return Metrics(lambda: PoolStats.from_json(stats or {"state": "starting"}), lambda: {})
 
 
 def test_an_unknown_error_type_is_counted_as_other_and_adds_one_series_at_most():
@@ -36,10 +39,24 @@ def test_success_and_failure_without_an_error_type_keep_their_words():
     assert 'outcome="success"} 1.0' in text and 'outcome="failed"} 1.0' in text
 
 
-def test_pool_state_and_respawn_reasons_outside_their_sets_are_other():
-    stats = {"state": "S" * 1000, "respawns": {"by_reason": {"dirty": 2, "R" * 1000: 3, "R2": 4}}}
+def test_respawn_reasons_outside_their_set_are_other():
+    stats = {"state": "ready", "respawns": {"by_reason": {"dirty": 2, "R" * 1000: 3, "R2": 4}}}
     text = _metrics(stats).render().decode()
-    assert "SSSS" not in text and "RRRR" not in text and "R2" not in text
-    assert 'executor_pool_state{state="other"} 1.0' in text
+    assert "RRRR" not in text and "R2" not in text
+    assert 'executor_pool_state{state="ready"} 1.0' in text
     assert 'executor_worker_respawns_total{reason="dirty"} 2.0' in text
     assert 'executor_worker_respawns_total{reason="other"} 7.0' in text
+
+
+def test_a_pool_state_outside_the_vocabulary_never_reaches_a_label():
+    with pytest.raises(ValueError, match="not one of starting, ready, broken, closing, closed"):
+        PoolStats.from_json({"state": "S" * 1000})
+
+
+def test_a_scrape_answers_when_the_pool_cannot_say_and_shows_it_broken():
+    def failing() -> PoolStats:
+        raise RuntimeError("the pool is gone")
+
+    text = Metrics(failing, lambda: {}).render().decode()
+    assert "executor_pool_broken 1.0" in text and 'executor_pool_state{state="broken"} 1.0' in text
+    assert "executor_pool_ready 0.0" in text

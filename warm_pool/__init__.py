@@ -14,7 +14,7 @@ Public API (everything the HTTP service uses comes from here)::
     out: JobOutput | None = pool.output("j1", "stdout", offset=0, limit=65536)
                                        # live output of a running job (None: not running)
     pool.condition()                   # Condition(state, broken_reason, size, isolation): cheap
-    pool.stats()                       # dict for /health: backend, size, idle, busy, ...
+    pool.stats()                       # PoolStats for /health: state, size, idle, busy, workers, ...
     result.artifacts                   # files the job left that were kept (artifacts.py;
                                        # artifacts.pack/unpack move them to another machine)
     pool.shutdown(grace=30.0)          # drain running jobs up to grace, then kill
@@ -31,7 +31,7 @@ from warm_pool import artifacts, settings
 from warm_pool.artifacts import Artifact
 from warm_pool.capture import STREAMS, TRUNCATION_MARK, JobOutput
 from warm_pool.config import BACKENDS, DEFAULT_ARTIFACTS, DEFAULT_PRELOAD, JOB_HELPERS_DIR, PoolConfig
-from warm_pool.contract import POOL_STATES, Condition, Pool
+from warm_pool.contract import POOL_STATES, Condition, Pool, PoolStats
 from warm_pool.errors import PoolBroken, PoolClosed, PoolError, QueueFull
 from warm_pool.pool import WarmPool
 from warm_pool.result import (
@@ -57,6 +57,6 @@ __all__ = [
     "PROFILE_STATES", "POOL_STATES", "STATUS_CANCELLED", "STATUS_COMPLETED", "STATUS_INTERRUPTED",
     "STATUS_QUEUED", "STATUS_RUNNING", "STREAMS", "TERMINAL_STATUSES", "TRUNCATION_MARK", "Artifact",
     "Condition", "ConfigError", "JobOutput", "JobResult", "JobSpec", "Pool", "PoolBroken", "PoolClosed",
-    "PoolConfig", "PoolError", "QueueFull", "WarmPool", "WorkerRef", "artifacts", "complete_future",
-    "settings", "utc_iso",
+    "PoolConfig", "PoolError", "PoolStats", "QueueFull", "WarmPool", "WorkerRef", "artifacts",
+    "complete_future", "settings", "utc_iso",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 from warm_pool import outcome
 from warm_pool.capture import STREAMS, JobOutput
 from warm_pool.config import PoolConfig
-from warm_pool.contract import Condition
+from warm_pool.contract import Condition, PoolStats
 from warm_pool.placement import Placement
 from warm_pool.result import JobSpec
 from warm_pool.supervisor import Job, Supervisor
@@ -110,7 +110,7 @@ class WarmPool:
         with sup.lock:
             return Condition(sup.state, sup.broken_reason, sup.size, self.placement.isolation)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> PoolStats:
         """The pool's state for /health: counts, workers, preloaded modules, respawns."""
         out = self.supervisor.snapshot()
         out["backend"] = out["backend"] or (None if self.config.backend == "auto" else self.config.backend)
@@ -122,7 +122,7 @@ class WarmPool:
         for worker in out["workers"]:
             worker["rss_mb"] = round(process_rss(worker["pid"]) / MIB, 1) if worker["pid"] else None
         out["neuron"] = self._neuron_stats()
-        return out
+        return PoolStats.from_json(out)
 
     def _neuron_stats(self) -> dict[str, Any] | None:
         if not self.placement.neuron:

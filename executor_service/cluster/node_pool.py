@@ -142,8 +142,9 @@ class NodePool:
         return await asyncio.to_thread(self.pool.output, job_id, stream, offset, limit)
 
     async def stats(self) -> dict[str, Any]:
-        """The pool's stats (as /health shows one pool), measured off the event loop."""
-        return await asyncio.to_thread(self.pool.stats)
+        """The pool's stats as /health shows one pool (JSON: the head decodes them,
+        PoolStats.from_json), measured off the event loop."""
+        return (await asyncio.to_thread(self.pool.stats)).to_json()
 
     async def shutdown(self, grace: float) -> None:
         """Stop the pool (running jobs get `grace` s, then end `interrupted`); leave no

@@ -72,6 +72,7 @@ from warm_pool import (
     PoolBroken,
     PoolClosed,
     PoolConfig,
+    PoolStats,
     QueueFull,
     complete_future,
 )
@@ -269,10 +270,10 @@ class ClusterPool:
                      if n.stats is not None and n.state in ("placing", "ready")]
             state = self.state
         pool_state, reason = cluster_state(pools, state)
-        isolation = next((s["isolation"] for s in pools if s.get("isolation")), None)
-        return Condition(pool_state, reason, sum(s.get("size") or 0 for s in pools), isolation)
+        isolation = next((s.isolation for s in pools if s.isolation), None)
+        return Condition(pool_state, reason, sum(s.size for s in pools), isolation)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> PoolStats:
         """The cluster as one pool for /health, /status and /metrics (sums over the nodes'
         pools), and `cluster`: the engine, its address and every node with its own pool."""
         with self.lock:
@@ -282,16 +283,15 @@ class ClusterPool:
             queued, state, lost = len(self.queue), self.state, dict(self.lost_total)
             again = self.answered_again
             failed = [{"node_id": k, "error": v} for k, v in self._failed.items() if k not in self.nodes]
-        out = pool_sums(pools, state, self.config)
-        out["queued"] += queued
-        out["cluster"] = {"engine": "ray", "address": self.address, "max_attempts": self.max_attempts,
-                          "jobs_on_lost_nodes": lost, "nodes_answered_again": again, "nodes": nodes,
-                          "failed_placements": failed}
-        return out
+        out = pool_sums(pools, state, self.config, cluster={
+            "engine": "ray", "address": self.address, "max_attempts": self.max_attempts,
+            "jobs_on_lost_nodes": lost, "nodes_answered_again": again, "nodes": nodes,
+            "failed_placements": failed})
+        return dataclasses.replace(out, queued=out.queued + queued)
 
     def _ready_workers(self) -> int:
-        return sum((n.stats.get("idle") or 0) + (n.stats.get("busy") or 0) for n in self.nodes.values()
-                   if n.stats is not None and n.state == "ready" and n.stats.get("state") != "broken")
+        return sum(n.stats.ready_workers for n in self.nodes.values()
+                   if n.stats is not None and n.state == "ready" and n.stats.state != "broken")
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -385,11 +385,16 @@ class ClusterPool:
     def _took_stats(self, node: Node, value: Any, error: BaseException | None, now: float) -> None:
         node.asking, node.stats_mono = False, now
         if error is None:
-            node.stats = value
+            try:
+                node.stats = PoolStats.from_json(value)
+            except ValueError as exc:  # a node's word is decoded, not trusted: keep its last
+                log.error("a node's pool stats are malformed",
+                          extra={"node_id": node.node_id, "error": str(exc)})
+                return
             if node.state == "placing":
                 node.state = "ready"
                 self._failed.pop(node.node_id, None)
-                log.info("node ready", extra={"node_id": node.node_id, "size": value.get("size")})
+                log.info("node ready", extra={"node_id": node.node_id, "size": node.stats.size})
         elif node.state in ("placing", "ready"):
             self._mark_lost(node, _reason(error), dead=self._died(error))
 

@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from warm_pool import JobResult, JobSpec, PoolConfig
+from warm_pool import JobResult, JobSpec, PoolConfig, PoolStats
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Node:
     actor: Any
     placed_mono: float
     state: str = "placing"            # placing | ready | lost | dead
-    stats: dict[str, Any] | None = None
+    stats: PoolStats | None = None    # its pool's, as it last reported them
     stats_mono: float = 0.0
     asking: bool = False              # a stats call is on its way
     running: dict[str, Any] = field(default_factory=dict)  # job_id -> ClusterJob
@@ -63,14 +63,15 @@ class Node:
     def free_slots(self) -> int:
         """Workers ready for one more job here, by its last counts and what is on its way."""
         s = self.stats
-        if self.state != "ready" or s is None or s.get("state") in ("broken", "closing", "closed"):
+        if self.state != "ready" or s is None or s.state in ("broken", "closing", "closed"):
             return 0
-        return max(0, (s.get("idle") or 0) + (s.get("busy") or 0) - len(self.running))
+        return max(0, s.ready_workers - len(self.running))
 
     def describe(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "address": self.address, "neuron_cores": self.neuron_cores,
                 "alive": self.state in ("placing", "ready"), "state": self.state,
-                "lost_reason": self.lost_reason, "running": len(self.running), "pool": self.stats}
+                "lost_reason": self.lost_reason, "running": len(self.running),
+                "pool": self.stats.to_json() if self.stats is not None else None}
 
 
 @dataclass(eq=False)
@@ -90,40 +91,40 @@ class ClusterJob:
     cancelled: bool = False
 
 
-def cluster_state(pools: list[dict[str, Any]], state: str) -> tuple[str, str | None]:
+def cluster_state(pools: list[PoolStats], state: str) -> tuple[str, str | None]:
     """The cluster's state as one pool's (contract.POOL_STATES) and why it is broken,
     from the nodes' pools' stats: "broken" only when every node's pool is."""
     if state in ("closing", "closed"):
         return state, None
-    broken = [s for s in pools if s.get("state") == "broken"]
+    broken = [s for s in pools if s.state == "broken"]
     if pools and len(broken) == len(pools):
-        reasons = "; ".join(str(s.get("broken_reason")) for s in broken)
+        reasons = "; ".join(str(s.broken_reason) for s in broken)
         return "broken", f"every node's pool is broken: {reasons}"
-    ready = sum((s.get("idle") or 0) + (s.get("busy") or 0) for s in pools)
+    ready = sum(s.ready_workers for s in pools)
     return ("ready" if ready else "starting"), None
 
 
-def pool_sums(pools: list[tuple[str, dict[str, Any]]], state: str, config: PoolConfig) -> dict[str, Any]:
+def pool_sums(pools: list[tuple[str, PoolStats]], state: str, config: PoolConfig,
+              cluster: dict[str, Any]) -> PoolStats:
     """The nodes' pools as one, for /health, /status and /metrics: counts summed, workers
     and replacements listed with their node; "broken" only when every node's pool is."""
-    total: Counter[str] = Counter()
     workers, recent, preloaded, backend, isolation = [], [], [], None, None
     by_reason: Counter[str] = Counter()
     for node_id, s in pools:
-        for key in ("size", "idle", "busy", "starting", "queued"):
-            total[key] += s.get(key) or 0
-        workers += [{**w, "node": node_id} for w in s.get("workers", [])]
-        by_reason.update((s.get("respawns") or {}).get("by_reason") or {})
-        recent += [{**r, "node": node_id} for r in (s.get("respawns") or {}).get("recent", [])]
-        preloaded = preloaded or list(s.get("preloaded") or [])
-        backend = backend or s.get("backend")
-        isolation = isolation or s.get("isolation")
+        workers += [{**w, "node": node_id} for w in s.workers]
+        by_reason.update(s.respawns_by_reason)
+        recent += [{**r, "node": node_id} for r in s.respawns_recent]
+        preloaded = preloaded or list(s.detail.get("preloaded") or [])
+        backend = backend or s.backend
+        isolation = isolation or s.isolation
     pool_state, reason = cluster_state([s for _, s in pools], state)
-    return {
-        "backend": backend or (None if config.backend == "auto" else config.backend),
-        "requested_backend": config.backend, "state": pool_state, "broken_reason": reason,
-        **{key: total[key] for key in ("size", "idle", "busy", "starting", "queued")},
-        "max_queue": config.max_queue, "preloaded": preloaded, "workers": workers, "isolation": isolation,
-        "respawns": {"total": sum(by_reason.values()), "by_reason": dict(by_reason), "recent": recent[-20:]},
-        "template_pid": None,
-    }
+    return PoolStats(
+        state=pool_state, broken_reason=reason,
+        backend=backend or (None if config.backend == "auto" else config.backend), isolation=isolation,
+        size=sum(s.size for _, s in pools), idle=sum(s.idle for _, s in pools),
+        busy=sum(s.busy for _, s in pools), starting=sum(s.starting for _, s in pools),
+        queued=sum(s.queued for _, s in pools), workers=tuple(workers), respawns_by_reason=dict(by_reason),
+        respawns_recent=tuple(recent[-20:]),
+        detail={"requested_backend": config.backend, "max_queue": config.max_queue, "preloaded": preloaded,
+                "template_pid": None},
+        cluster=cluster)
