@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from warm_pool import error_text
+
 log = logging.getLogger("executor_service.artifacts")
 
 # By extension: what a browser may be told a file is. Nothing here renders as a page.
@@ -100,7 +102,7 @@ class S3Exporter:
                     error = None
                     break
                 except Exception as exc:  # noqa: BLE001 - recorded, the service goes on
-                    error = f"{type(exc).__name__}: {exc}"[:500]
+                    error = error_text(exc, 500)
                     time.sleep(0.5 * 2 ** attempt)
             where = f"s3://{self.bucket}/{self.key(paper_id, job_id, '')}"
             try:

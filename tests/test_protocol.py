@@ -43,3 +43,11 @@ def test_a_message_of_the_wrong_shape_is_refused(fields, says):
 def test_a_frame_over_the_limit_is_refused_before_it_is_parsed():
     with pytest.raises(protocol.ProtocolError, match="exceeds"):
         protocol.decode(b" " * (protocol.MAX_FRAME + 1), (protocol.TemplateSettings,))
+
+
+def test_an_error_is_kept_as_its_type_and_first_line_cut_to_its_limit():
+    assert protocol.error_text(ValueError("bad value\nTraceback (most recent call last): ...")) == \
+        "ValueError: bad value"
+    assert protocol.error_text(KeyError()) == "KeyError"
+    long = protocol.error_text(OSError("x" * 1000), limit=50)
+    assert long == "OSError: " + "x" * 41 + "..." and len(long) == 53

@@ -34,6 +34,7 @@ from warm_pool.config import BACKENDS, DEFAULT_ARTIFACTS, DEFAULT_PRELOAD, JOB_H
 from warm_pool.contract import POOL_STATES, Condition, Pool, PoolStats
 from warm_pool.errors import PoolBroken, PoolClosed, PoolError, QueueFull
 from warm_pool.pool import WarmPool
+from warm_pool.protocol import error_text
 from warm_pool.result import (
     ERROR_TYPES,
     JOB_ID_RE,
@@ -58,5 +59,5 @@ __all__ = [
     "STATUS_QUEUED", "STATUS_RUNNING", "STREAMS", "TERMINAL_STATUSES", "TRUNCATION_MARK", "Artifact",
     "Condition", "ConfigError", "JobOutput", "JobResult", "JobSpec", "Pool", "PoolBroken", "PoolClosed",
     "PoolConfig", "PoolError", "PoolStats", "QueueFull", "WarmPool", "WorkerRef", "artifacts",
-    "complete_future", "settings", "utc_iso",
+    "complete_future", "error_text", "settings", "utc_iso",
 ]

@@ -30,6 +30,7 @@ from warm_pool import artifacts, limits, outcome
 from warm_pool.capture import read_capped
 from warm_pool.config import PoolConfig
 from warm_pool.neuron import profile
+from warm_pool.protocol import error_text
 from warm_pool.records import Job
 from warm_pool.result import complete_future
 from warm_pool.usage import MIB
@@ -90,7 +91,7 @@ class Finisher:
         try:
             kept = profile.keep(job.profile_dir, dest, owner, room, timeout)
         except Exception as exc:  # noqa: BLE001 - the result matters more than its profile
-            kept = profile.Kept("failed", f"keeping it failed: {exc!r}"[:300])
+            kept = profile.Kept("failed", f"keeping it failed: {error_text(exc)}")
         result.profile, result.profile_detail = kept.status, kept.detail
         result.artifacts = sorted([*result.artifacts, *kept.artifacts], key=lambda a: a.name)
         result.artifacts_skipped = [*result.artifacts_skipped, *kept.skipped][:artifacts.MAX_SKIPPED]
@@ -123,7 +124,7 @@ class Finisher:
                     job.job_dir, str(self.config.artifacts_dir / job.spec.job_id), owner,
                     self.config.artifacts_pattern, self.config.max_artifacts_mb * MIB, skip=profiled)
             except Exception as exc:  # noqa: BLE001 - the result matters more than its files
-                result.artifacts_skipped = [{"name": "*", "reason": f"collection failed: {exc!r}"[:300]}]
+                result.artifacts_skipped = [{"name": "*", "reason": f"collection failed: {error_text(exc)}"}]
         return result
 
 

@@ -313,6 +313,15 @@ def clip(text: str, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else "...\n" + text[-(limit - 4):]
 
 
+def error_text(exc: BaseException, limit: int = 300) -> str:
+    """An exception as a line for a message, a record or a log: its type and the first
+    line of what it says (Ray's and others' errors go on with tracebacks), cut to `limit`
+    characters ("..." marks a cut). Every error the pool and the service keep is said so."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class FrameReader:
     """Reads one peer's frames from a non-blocking socket, as much as has arrived.
 

@@ -75,6 +75,7 @@ from warm_pool import (
     PoolStats,
     QueueFull,
     complete_future,
+    error_text,
 )
 from warm_pool import artifacts as pool_artifacts
 
@@ -604,5 +605,4 @@ class ClusterPool:
 
 
 def _reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+    return error_text(error)

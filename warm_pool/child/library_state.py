@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from warm_pool.protocol import error_text
+
 _MISSING = object()
 _TQDM_ATTRS = ("monitor", "_instances", "_lock")
 _TQDM_JOIN_S = 1.0
@@ -56,7 +58,7 @@ class LibraryState:
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - a library we cannot reset: replace the worker
-                dirty.append(f"{step.__name__.strip('_').replace('_', ' ')} failed: {exc!r}"[:300])
+                dirty.append(f"{step.__name__.strip('_').replace('_', ' ')} failed: {error_text(exc)}")
         return dirty
 
     def _restore_matplotlib(self) -> None:

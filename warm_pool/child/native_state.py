@@ -59,6 +59,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from warm_pool.protocol import error_text
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setenv.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
 _libc.unsetenv.argtypes = [ctypes.c_char_p]
@@ -135,7 +137,7 @@ class NativeState:
             if _tasks() - self.tasks:
                 faulthandler.cancel_dump_traceback_later()
         except Exception as exc:  # noqa: BLE001 - a timer left armed: replace the worker
-            return [f"timers could not be stopped: {exc!r}"[:300]]
+            return [f"timers could not be stopped: {error_text(exc)}"]
         return []
 
     def restore(self, keep_fds: Iterable[int] = ()) -> list[str]:
@@ -161,7 +163,7 @@ class NativeState:
             try:
                 dirty.extend(step())
             except Exception as exc:  # noqa: BLE001 - state we cannot put back: replace the worker
-                dirty.append(f"{name} could not be restored: {exc!r}"[:300])
+                dirty.append(f"{name} could not be restored: {error_text(exc)}")
         return dirty
 
     def _restore_signal_mask(self) -> list[str]:
