@@ -274,7 +274,8 @@ class PoolConfig:
 
     def job_environment(self) -> dict[str, str]:
         """The operator's variables for every job: job_env_file's, then job_env's."""
-        return job_env.parse(self.job_env, self.job_env_file)
+        return job_env.parse(self.job_env, self.job_env_file,
+                             labels=(label(PoolConfig, "job_env"), label(PoolConfig, "job_env_file")))
 
     def preload_list(self) -> tuple[str, ...]:
         """The optional preloads, `default` expanded, each once."""

@@ -73,8 +73,6 @@ OWNED_PREFIXES = {"LD_": None, "PYTHON": None, "EXECUTOR_": None, "AWS_": None,
                   NEURON_PROFILE_PREFIX: 'a job\'s "profile": true (and --profile-jobs)'}
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_LABEL = "job_env (--job-env / EXECUTOR_JOB_ENV)"
-_FILE_LABEL = "job_env_file (--job-env-file / EXECUTOR_JOB_ENV_FILE)"
 
 
 def owner(name: str) -> str | None:
@@ -90,25 +88,28 @@ def owner(name: str) -> str | None:
     return f"{why}; use {instead}" if instead else why
 
 
-def parse(entries: tuple[str, ...], file: Path | None = None) -> dict[str, str]:
+def parse(entries: tuple[str, ...], file: Path | None = None,
+          labels: tuple[str, str] = ("job_env", "job_env_file")) -> dict[str, str]:
     """The operator's variables: the file's lines first, then `entries` (which win).
 
     Each is NAME=VALUE, the value taken as it is (no quotes removed); in the file, blank
-    lines and lines starting with # are skipped. ConfigError names the setting and the
-    entry, never its value (it may be a token).
+    lines and lines starting with # are skipped. ConfigError names the setting (`labels`:
+    the entries' and the file's, as PoolConfig labels them) and the entry, never its
+    value (it may be a token).
     """
+    entries_label, file_label = labels
     env: dict[str, str] = {}
     if file is not None:
         try:
             text = Path(file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise ConfigError(f"{_FILE_LABEL} {file}: {reason}") from None
+            raise ConfigError(f"{file_label} {file}: {reason}") from None
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip() and not line.lstrip().startswith("#"):
-                _add(env, line, f"{_FILE_LABEL} {file} line {number}")
+                _add(env, line, f"{file_label} {file} line {number}")
     for number, entry in enumerate(entries, 1):
-        _add(env, entry, f"{_LABEL} entry {number}")
+        _add(env, entry, f"{entries_label} entry {number}")
     return env
 
 
