@@ -298,7 +298,6 @@ class SqsIntake:
                 to_delete.append((message_id, h))
             elif now - h.renewed_at >= renew_every:
                 to_renew.append((message_id, h))
-        self._forget(to_delete + to_return)
         for message_id, h in to_delete:
             self._delete(h.receipt)
             log.info("message deleted: its job ended", extra={"message_id": message_id, "job_id": h.job_id})
@@ -306,13 +305,21 @@ class SqsIntake:
             self._return(h.receipt, 0)
             log.info("message returned to the queue: its job did not end here",
                      extra={"message_id": message_id, "job_id": h.job_id})
+        # Held until SQS has them gone or back: the poller counts them until then, so it
+        # never holds more messages than the pool has slots (it is woken when they go).
+        if self._forget(to_delete + to_return):
+            self._slot_free.set()
         self._renew(to_renew, now)
 
-    def _forget(self, pairs: list[tuple[str, _Held]]) -> None:
+    def _forget(self, pairs: list[tuple[str, _Held]]) -> int:
+        """No longer held (unless a newer delivery replaced one meanwhile); how many."""
+        forgotten = 0
         with self._lock:
             for message_id, h in pairs:
-                if self._held.get(message_id) is h:  # not replaced by a newer delivery meanwhile
+                if self._held.get(message_id) is h:
                     del self._held[message_id]
+                    forgotten += 1
+        return forgotten
 
     def _renew(self, pairs: list[tuple[str, _Held]], now: float) -> None:
         for start in range(0, len(pairs), _BATCH):
