@@ -18,6 +18,7 @@ import urllib.request
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 from conftest import wait_until
 from service_fixtures import free_port
 
@@ -68,6 +69,14 @@ class MotoServer:
             self.proc.kill()
             self.proc.wait(10)
         self._log.close()
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    """One moto server for a test module: `from aws_fixtures import moto  # noqa: F401`."""
+    stand_in = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield stand_in
+    stand_in.close()
 
 
 def queue_counts(sqs, url: str) -> tuple[int, int]:

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from aws_fixtures import AWS, MotoServer, moto  # noqa: F401 - moto: a fixture
 from conftest import wait_until
 from service_fixtures import REPO, free_port, start_server
 
@@ -25,42 +26,10 @@ pytestmark = pytest.mark.timeout(180)
 
 SECRET = "lambda-callback-secret"
 TOKEN = "lambda-api-token-123"
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    """moto's server on 127.0.0.1: EC2 and S3 stand-ins; yields its URL."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=log, env={**os.environ, **AWS})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import urllib.request
-
-        def up():
-            try:
-                return urllib.request.urlopen(url + "/moto-api/", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait_until(up, timeout=30, interval=0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-
-
-def aws(moto_url: str, service: str):
-    return boto3.client(service, endpoint_url=moto_url, **{
-        "aws_access_key_id": AWS["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": AWS["AWS_SECRET_ACCESS_KEY"],
-        "region_name": AWS["AWS_DEFAULT_REGION"]})
-
-
-def stopped_instance(moto_url: str) -> str:
-    ec2 = aws(moto_url, "ec2")
+def stopped_instance(server: MotoServer) -> str:
+    ec2 = server.client("ec2")
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     instance_id = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1,
                                     InstanceType="trn1.2xlarge")["Instances"][0]["InstanceId"]
@@ -68,8 +37,8 @@ def stopped_instance(moto_url: str) -> str:
     return instance_id
 
 
-def state(moto_url: str, instance_id: str) -> str:
-    reservations = aws(moto_url, "ec2").describe_instances(InstanceIds=[instance_id])["Reservations"]
+def state(server: MotoServer, instance_id: str) -> str:
+    reservations = server.client("ec2").describe_instances(InstanceIds=[instance_id])["Reservations"]
     return reservations[0]["Instances"][0]["State"]["Name"]
 
 
@@ -101,16 +70,17 @@ def run_handler(tmp_path, event: dict, env: dict[str, str], remaining_ms: int = 
 
 
 def test_it_starts_the_stopped_instance_and_submits_fire_and_forget_with_a_callback(
-        tmp_path, moto, service, receiver):
+        tmp_path, moto, service, receiver):  # noqa: F811
     instance_id = stopped_instance(moto)
-    s3 = aws(moto, "s3")
+    s3 = moto.client("s3")
     s3.create_bucket(Bucket="papers")
     s3.put_object(Bucket="papers", Key="p2/code.py", Body=b"print('from s3')\n")
     hook = receiver.route("/lambda-batch")
     event = {"papers": [
         {"paper_id": "lp1", "code": "print('inline')", "paper_title": "Inline", "slack_thread_ts": "9.1"},
         {"paper_id": "lp2", "s3_code_key": "p2/code.py", "paper_title": "From S3"}]}
-    env = {"AWS_ENDPOINT_URL": moto, "TRAINIUM_ENDPOINT": service.url, "TRAINIUM_INSTANCE_ID": instance_id,
+    env = {"AWS_ENDPOINT_URL": moto.url, "TRAINIUM_ENDPOINT": service.url,
+           "TRAINIUM_INSTANCE_ID": instance_id,
            "EXECUTOR_API_TOKEN": TOKEN, "EXECUTOR_CALLBACK_URL": hook, "CODE_BUCKET": "papers",
            "POLL_INTERVAL_S": "0.2"}
     started = time.monotonic()
@@ -135,9 +105,9 @@ def test_it_starts_the_stopped_instance_and_submits_fire_and_forget_with_a_callb
     assert paper["latest_finished"]["paper_title"] == "Inline"
 
 
-def test_it_gives_up_for_this_run_when_the_service_is_not_ready_in_time(tmp_path, moto):
+def test_it_gives_up_for_this_run_when_the_service_is_not_ready_in_time(tmp_path, moto):  # noqa: F811
     instance_id = stopped_instance(moto)
-    env = {"AWS_ENDPOINT_URL": moto, "TRAINIUM_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+    env = {"AWS_ENDPOINT_URL": moto.url, "TRAINIUM_ENDPOINT": f"http://127.0.0.1:{free_port()}",
            "TRAINIUM_INSTANCE_ID": instance_id, "POLL_INTERVAL_S": "0.2"}
     result = run_handler(tmp_path, {"papers": [{"paper_id": "x", "code": "print(1)"}]}, env,
                          remaining_ms=23_000)  # 3 s left after the reserve
@@ -146,16 +116,17 @@ def test_it_gives_up_for_this_run_when_the_service_is_not_ready_in_time(tmp_path
 
 
 def test_the_queue_path_enqueues_the_papers_starts_the_instance_and_the_service_runs_them(
-        tmp_path, moto, receiver):
+        tmp_path, moto, receiver):  # noqa: F811
     """TRAINIUM_QUEUE_URL: the handler neither waits for the instance nor talks to the
     service; a service taking jobs from that queue runs the papers and reports back."""
     from conftest import reachable_by_jobs
     from service_fixtures import Server
 
     instance_id = stopped_instance(moto)
-    url = aws(moto, "sqs").create_queue(QueueName="papers")["QueueUrl"]
+    url = moto.client("sqs").create_queue(QueueName="papers")["QueueUrl"]
     hook = receiver.route("/lambda-queue")
-    env = {"AWS_ENDPOINT_URL": moto, "TRAINIUM_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nobody there
+    env = {"AWS_ENDPOINT_URL": moto.url,
+           "TRAINIUM_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nobody there
            "TRAINIUM_INSTANCE_ID": instance_id, "TRAINIUM_QUEUE_URL": url, "EXECUTOR_CALLBACK_URL": hook,
            "POLL_INTERVAL_S": "0.2"}
     event = {"papers": [{"paper_id": "qp1", "code": "print('queued 1')", "paper_title": "First"},
@@ -167,7 +138,7 @@ def test_the_queue_path_enqueues_the_papers_starts_the_instance_and_the_service_
 
     srv = Server(reachable_by_jobs(tmp_path / "work"),
                  args=["--sqs-queue-url", url, "--sqs-wait-time", "1", "--callback-hosts", "127.0.0.1"],
-                 env={**AWS, "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_SQS": moto,
+                 env={**AWS, "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_SQS": moto.url,
                       "EXECUTOR_CALLBACK_SECRET": SECRET}).start()
     try:
         wait_until(lambda: len(receiver.received("/lambda-queue")) == 2, timeout=60)

@@ -9,7 +9,7 @@ import json
 import time
 
 import pytest
-from aws_fixtures import FakeImds, MotoServer, queue_counts
+from aws_fixtures import FakeImds, moto, queue_counts  # noqa: F401 - moto: a fixture
 from conftest import reachable_by_jobs, wait_until
 from service_fixtures import Server, openapi  # noqa: F401
 
@@ -22,13 +22,6 @@ pytest.importorskip("moto")
 pytestmark = pytest.mark.timeout(180)
 
 LONG = "import time\ntime.sleep(60)\nprint('never')"
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    stand_in = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield stand_in
-    stand_in.close()
 
 
 @pytest.fixture
@@ -47,8 +40,8 @@ def job_of(srv: Server, paper_id: str) -> dict:
     return resp.json["latest"] if resp.status == 200 else {}
 
 
-def test_on_a_notice_it_drains_finishing_what_fits_and_returning_the_rest(tmp_path, moto, imds,
-                                                                          openapi):  # noqa: F811
+def test_on_a_notice_it_drains_finishing_what_fits_and_returning_the_rest(
+        tmp_path, moto, imds, openapi):  # noqa: F811
     sqs = moto.client("sqs")
     url = sqs.create_queue(QueueName="spot")["QueueUrl"]
     srv = Server(reachable_by_jobs(tmp_path / "work"), env=moto.env(), args=[

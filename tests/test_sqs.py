@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from aws_fixtures import MotoServer, queue_counts
+from aws_fixtures import MotoServer, moto, queue_counts  # noqa: F401 - moto: a fixture
 from conftest import reachable_by_jobs, wait_until
 from service_fixtures import REPO, Server, openapi  # noqa: F401
 
@@ -25,23 +25,16 @@ pytestmark = pytest.mark.timeout(180)
 SECRET = "sqs-callback-secret"
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    stand_in = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield stand_in
-    stand_in.close()
+def new_queue(server: MotoServer, name: str) -> str:
+    return server.client("sqs").create_queue(QueueName=name)["QueueUrl"]
 
 
-def new_queue(moto, name: str) -> str:
-    return moto.client("sqs").create_queue(QueueName=name)["QueueUrl"]
-
-
-def queue_service(tmp_path, moto, url: str, *args: str, env: dict[str, str] | None = None,
+def queue_service(tmp_path, server: MotoServer, url: str, *args: str, env: dict[str, str] | None = None,
                   work=None) -> Server:
     """A started service taking jobs from `url` (1 s receives, 3 s visibility)."""
     work = work or reachable_by_jobs(tmp_path / "work")
     srv = Server(work, args=["--sqs-queue-url", url, "--sqs-wait-time", "1", "--sqs-visibility-timeout", "3",
-                             *args], env={**moto.env(), **(env or {})})
+                             *args], env={**server.env(), **(env or {})})
     return srv.start()
 
 
@@ -150,7 +143,7 @@ def test_bad_messages_are_recorded_and_deleted_and_never_block_the_queue(tmp_pat
         srv.close()
 
 
-def test_a_message_delivered_again_while_its_job_runs_is_not_run_again(tmp_path, moto):
+def test_a_message_delivered_again_while_its_job_runs_is_not_run_again(tmp_path, moto):  # noqa: F811
     """The service is stopped (SIGSTOP) past the message's visibility timeout while its job
     runs, so it cannot renew it: SQS delivers the message again to its waiting receive."""
     sqs = moto.client("sqs")
@@ -175,7 +168,8 @@ def test_a_message_delivered_again_while_its_job_runs_is_not_run_again(tmp_path,
         srv.close()
 
 
-def test_after_a_sigkill_mid_job_and_a_restart_the_job_runs_once_and_only_once(tmp_path, moto):
+def test_after_a_sigkill_mid_job_and_a_restart_the_job_runs_once_and_only_once(
+        tmp_path, moto):  # noqa: F811
     sqs = moto.client("sqs")
     url = new_queue(moto, "killed")
     work = reachable_by_jobs(tmp_path / "work")
@@ -203,7 +197,7 @@ def test_after_a_sigkill_mid_job_and_a_restart_the_job_runs_once_and_only_once(t
 
 
 def test_on_sigterm_an_unfinished_jobs_message_is_returned_at_once_and_runs_again_after_a_restart(
-        tmp_path, moto):
+        tmp_path, moto):  # noqa: F811
     sqs = moto.client("sqs")
     url = new_queue(moto, "drained")
     work = reachable_by_jobs(tmp_path / "work")
