@@ -27,6 +27,7 @@ import psutil
 
 from executor_service import logs
 from executor_service.store import activity
+from warm_pool import error_text
 
 log = logging.getLogger("executor_service.idle")
 
@@ -105,13 +106,13 @@ def main(args: argparse.Namespace) -> int:
             waiting = visible_messages(args.sqs_queue_url)
         except Exception as exc:  # noqa: BLE001 - an unreadable queue: never stop blind
             log.error("idle-stop: cannot read the queue; doing nothing",
-                      extra={"queue_url": args.sqs_queue_url, "error": f"{type(exc).__name__}: {exc}"})
+                      extra={"queue_url": args.sqs_queue_url, "error": error_text(exc)})
             return 1
     try:
         verdict = judge(store_path, args.after * 60, waiting_in_queue=waiting)
     except Exception as exc:  # noqa: BLE001 - an unreadable store: never stop blind
         log.error("idle-stop: cannot read the job store; doing nothing",
-                  extra={"store": str(store_path), "error": f"{type(exc).__name__}: {exc}"})
+                  extra={"store": str(store_path), "error": error_text(exc)})
         return 1
     fields = {"store": str(store_path), "after_min": args.after, "idle_for_s": round(verdict.idle_for_s),
               "queued": verdict.queued, "running": verdict.running,

@@ -36,7 +36,7 @@ from typing import Any
 from executor_service.config import ServiceConfig
 from executor_service.jobs import JobRunner
 from executor_service.metrics import Metrics
-from warm_pool import STATUS_QUEUED, STATUS_RUNNING, utc_iso
+from warm_pool import STATUS_QUEUED, STATUS_RUNNING, error_text, utc_iso
 
 log = logging.getLogger("executor_service.spot")
 
@@ -176,7 +176,7 @@ class SpotWatcher:
         except (OSError, ValueError) as exc:
             found = None
             if not self._failing:  # said once, not every few seconds
-                log.warning("metadata service unreachable", extra={"error": f"{type(exc).__name__}: {exc}"})
+                log.warning("metadata service unreachable", extra={"error": error_text(exc)})
             self._failing = True
         if found is not None and (self.notice is None or found.deadline < self.notice.deadline):
             self.drain(found)

@@ -37,7 +37,7 @@ from executor_service.jobs import RETRY_AFTER_S, JobRunner, JobsError
 from executor_service.metrics import Metrics
 from executor_service.store import ACTIVE_STATUSES, JobStore
 from executor_service.webhooks import run_woken
-from warm_pool import STATUS_INTERRUPTED, ConfigError, settings, utc_iso
+from warm_pool import STATUS_INTERRUPTED, ConfigError, error_text, settings, utc_iso
 
 log = logging.getLogger("executor_service.sqs")
 
@@ -360,7 +360,7 @@ class SqsIntake:
         self.metrics.queue_messages.labels(outcome="returned").inc()
 
     def _error(self, call: str, exc: BaseException) -> None:
-        text = validation.cut(f"{call}: {type(exc).__name__}: {exc}", _ERROR_CHARS)
+        text = f"{call}: {error_text(exc, _ERROR_CHARS)}"
         with self._lock:
             self._counts["errors"] += 1
             self._last_error = f"{utc_iso(time.time())} {text}"

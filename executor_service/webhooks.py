@@ -42,6 +42,7 @@ from executor_service.store import (
     CallbackRow,
     JobStore,
 )
+from warm_pool import error_text
 
 log = logging.getLogger("executor_service.webhooks")
 
@@ -169,7 +170,7 @@ class Deliverer:
                 error = f"HTTP {status}: {answer}"[:_ERROR_CHARS]
         except (OSError, http.client.HTTPException, LookupError, ValueError) as exc:
             # LookupError: the job or batch is gone; ValueError: a URL http.client refuses.
-            error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+            error = error_text(exc, _ERROR_CHARS)
         fields = {"callback_id": row.id, "job_id": row.job_id, "batch_id": row.batch_id,
                   "attempt": attempt, "status": status}
         if error is None:
