@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -238,10 +239,11 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: every commit survives kill -9 of the service; only the
-        # accepting transaction (add_batch) is synced to disk (FULL), so a job we
-        # answered 202 for survives power loss too, without paying an fsync on each
-        # running/finished update (~1 ms each on this kind of machine).
+        # accepting transaction (add_batch) is synced to disk (FULL, or `sync()` after
+        # it), so a job we answered for survives power loss too, without paying an
+        # fsync on each running/finished update (~1 ms each on this kind of machine).
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._wal_path = f"{path}-wal"  # SQLite's name for the WAL of `path`
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
         self._migrate()
@@ -281,13 +283,15 @@ class JobStore:
 
     def add_batch(self, batch_id: str, kind: str, jobs: list[dict[str, Any]],
                   idem_key: str | None = None, callbacks: Iterable[tuple[str | None, str]] = (),
-                  message_id: str | None = None) -> None:
+                  message_id: str | None = None, synced: bool = True) -> None:
         """Persist a batch, its new jobs (all `queued`) and its callbacks in one transaction.
 
         `jobs` is in request order; an entry with `"deduplicated": True` names a job that
         already exists (the batch joins it). `callbacks` are (job_id or None for the
         whole batch, url). `message_id`: the SQS message that brought the batch, linked
-        to its jobs in the same transaction.
+        to its jobs in the same transaction. `synced`: on disk when this returns
+        (synchronous=FULL); with False only committed (a crash of the service keeps it,
+        power loss may not), and the caller calls `sync()` before acknowledging it.
         """
         now = time.time()
 
@@ -314,7 +318,22 @@ class JobStore:
                 db.executemany("INSERT OR IGNORE INTO queue_messages(message_id, job_id, received_at)"
                                " VALUES (?,?,?)", [(message_id, j["job_id"], now) for j in jobs])
 
-        self._tx(insert, durable=True)
+        self._tx(insert, durable=synced)
+
+    def sync(self) -> None:
+        """Put every transaction committed so far on disk: fdatasync of the WAL, the very
+        sync that synchronous=FULL makes at each commit (frames are only ever appended to
+        the WAL, or copied from it into the database by a checkpoint, which syncs both
+        files itself). It runs without the store's lock, so the pool's updates and other
+        requests go on while the disk works. Raises OSError if the disk fails."""
+        try:
+            fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # no WAL (never while the connection is open): the database file
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def mark_running(self, job_id: str, worker: dict | None) -> None:
         """A worker took the job (only a queued job can become running). A running job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 
 from executor_service.store import JobStore
@@ -21,6 +22,19 @@ def test_store_uses_wal_and_keeps_jobs_across_reopen(tmp_path):
     again = JobStore(path)
     assert [r.paper_id for r in again.get_batch("b1")] == ["p1", "p2"]
     assert again.counts() == {"queued": 2}
+
+
+def test_an_unsynced_batch_is_committed_and_sync_needs_no_store_lock(tmp_path):
+    # The runner commits a batch, starts its jobs, then syncs: the pool's updates (running,
+    # finished) must not wait behind that fsync.
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    store.add_batch("b", "async", [_job("j", "p")], synced=False)
+    assert sqlite3.connect(path).execute("SELECT status FROM jobs").fetchall() == [("queued",)]
+    synced = threading.Event()
+    with store._lock:  # another thread's statement in progress
+        threading.Thread(target=lambda: (store.sync(), synced.set()), daemon=True).start()
+        assert synced.wait(10)
 
 
 def test_lifecycle_queued_running_completed(tmp_path):
