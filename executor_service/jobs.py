@@ -339,7 +339,7 @@ class JobRunner:
             if request.callback_url:
                 callbacks.append((None, request.callback_url))
             new = [j for j in jobs if not j.get("deduplicated")]
-            queued = self.store.counts().get(STATUS_QUEUED, 0)
+            queued = self.store.count(STATUS_QUEUED)
             if new and queued + len(new) > self.config.pool.max_queue:
                 raise QueueFull(f"queue is full ({queued} of {self.config.pool.max_queue} jobs "
                                 "waiting); retry later")

@@ -419,9 +419,12 @@ class JobStore:
     def active_job(self, paper_id: str, code: str, profile: bool = False) -> JobRow | None:
         """The newest queued or running job of this paper with exactly this code (and, when
         `profile`, capturing a profile: a request for one never joins a job without)."""
-        rows = self._all("SELECT * FROM jobs WHERE paper_id=? AND code_sha256=? AND status IN (?,?) "
-                         "AND profile >= ? ORDER BY seq DESC LIMIT 1",
-                         (paper_id, code_sha256(code), *ACTIVE_STATUSES, int(profile)))
+        # Through the status index: the queued and running jobs are few (the queue's
+        # bound and the pool's size), a paper's history may be thousands of rows (SQLite
+        # would otherwise walk it by jobs_by_paper, on every request).
+        rows = self._all("SELECT * FROM jobs INDEXED BY jobs_by_status WHERE status IN (?,?) AND paper_id=?"
+                         " AND code_sha256=? AND profile >= ? ORDER BY seq DESC LIMIT 1",
+                         (*ACTIVE_STATUSES, paper_id, code_sha256(code), int(profile)))
         return _row(rows[0]) if rows else None
 
     def get_job(self, job_id: str) -> JobRow | None:
@@ -487,8 +490,12 @@ class JobStore:
         return [_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        """Number of jobs by status."""
+        """Number of jobs by status (a walk over every job: not for each request)."""
         return {r[0]: r[1] for r in self._all("SELECT status, COUNT(*) FROM jobs GROUP BY status")}
+
+    def count(self, status: str) -> int:
+        """Number of jobs in one status, through the status index (cheap for the few active ones)."""
+        return self._all("SELECT COUNT(*) FROM jobs WHERE status=?", (status,))[0][0]
 
     # queue messages ----------------------------------------------------------------------
 

@@ -127,3 +127,26 @@ def test_a_batch_can_join_another_batchs_job_and_pruning_waits_for_both(tmp_path
     store.finish("k", "completed", {})
     time.sleep(0.05)
     assert store.prune(older_than_s=0.01) == 2
+
+
+def test_what_each_request_asks_reads_the_active_jobs_not_the_history(tmp_path):
+    # active_job and count run on every accepted request; a paper's (or the store's) history
+    # must not make them slower.
+    store = JobStore(tmp_path / "s.db")
+    for i in range(3):
+        store.add_batch(f"old{i}", "async", [_job(f"old{i}", "p")])
+        store.finish(f"old{i}", "completed", {})
+    store.add_batch("now", "async", [_job("now", "p")])
+    assert store.active_job("p", "print(1)").job_id == "now"
+    assert (store.count("queued"), store.count("completed")) == (1, 3)
+    asked: list[str] = []
+    store._db.set_trace_callback(asked.append)  # the statements as run, values bound
+    store.active_job("p", "print(1)")
+    store.count("queued")
+    store._db.set_trace_callback(None)
+    db = sqlite3.connect(tmp_path / "s.db")
+    assert len(asked) == 2
+    for sql in asked:
+        plan = " ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "jobs_by_status (status=?)" in plan, plan
+    store.close()
