@@ -415,7 +415,9 @@ class JobRunner:
                 log.exception("job future raised", extra={"job_id": row.job_id})
                 data = synthetic_result(row, "completed", "internal", f"internal error: {exc!r}")
                 status = "completed"
-            if self.store.finish(row.job_id, status, data, kept):
+            recorded = self.store.finish(row.job_id, status, data, kept)
+            self._release(row.job_id)  # the result is stored: a waiting request answers now
+            if recorded:
                 self.metrics.job_finished(data)
                 if self.exporter is not None:
                     stored = self.store.get_job(row.job_id)
@@ -434,6 +436,13 @@ class JobRunner:
                 event.set()
             # Dispatch from our loop thread, never from the pool's callback thread.
             self._ended()
+
+    def _release(self, job_id: str) -> None:
+        """Wake the request waiting for this job, if one is."""
+        with self._lock:
+            event = self._done_events.pop(job_id, None)
+        if event:
+            event.set()
 
     # waiting, cancelling, reading ---------------------------------------------------
 
@@ -477,10 +486,7 @@ class JobRunner:
             if not submitted:
                 self.store.cancel_queued(job_id, synthetic_result(
                     row, STATUS_CANCELLED, "cancelled", "cancelled before it started"))
-                with self._lock:
-                    event = self._done_events.pop(job_id, None)
-                if event:
-                    event.set()
+                self._release(job_id)
         if submitted:
             self.pool.cancel(job_id)
             self.wait([job_id], timeout=_CANCEL_WAIT_S)
