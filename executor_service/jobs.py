@@ -6,9 +6,10 @@
 
 The store is the queue of record: a job is persisted before it is acknowledged, and
 `dispatch()` hands queued jobs to the pool: on every accept, and from a background
-thread when a job ends and once a second, so jobs left queued by a restart or a full
-pool queue run too. The pool's callback threads only record and wake that thread (and
-the webhook deliverer, which sends callbacks from threads of its own).
+thread once a second and when a job ends while jobs wait outside the pool, so jobs left
+queued by a restart or a full pool queue run too. The pool's callback threads only
+record, release the request waiting for the result, and wake that thread (and the
+webhook deliverer, when a callback waits for the job; it sends from threads of its own).
 On shutdown the pool cancels the futures of jobs it had not started; their rows stay
 `queued`, so they run when the service starts again on the same work dir.
 
@@ -167,6 +168,11 @@ class JobRunner:
         self._dispatch_lock = threading.RLock()
         self._closing = threading.Event()
         self._wake = threading.Event()  # a job ended: the loop dispatches at once
+        # Whether queued jobs may wait outside the pool (the last dispatch stopped short):
+        # only then does a job's end wake the loop.
+        self._backlog = True
+        # Jobs whose end a waiting callback waits for: only their end wakes the deliverer.
+        self._callback_jobs: set[str] = set()
         self._accept_lock = threading.Lock()  # queue-room check and insert, together
         self._last_activity = time.time()
         self._thread: threading.Thread | None = None
@@ -187,6 +193,8 @@ class JobRunner:
                                          "the service stopped while this job was running"))
         if interrupted or queued:
             log.info("recovered jobs", extra={"interrupted": interrupted, "requeued": queued})
+        with self._lock:
+            self._callback_jobs.update(self.store.callback_jobs())
         self._prune()
         if self.exporter is not None:
             self.exporter.start()
@@ -266,9 +274,18 @@ class JobRunner:
         """Call `listener()` (it must only wake its owner) whenever jobs reach an end."""
         self._end_listeners.append(listener)
 
-    def _ended(self) -> None:
-        self._wake.set()
-        self.webhooks.wake()
+    def _ended(self, job_ids: list[str]) -> None:
+        """These jobs reached an end: wake whoever may have work now. The dispatch loop and
+        the webhook deliverer only when they have (jobs wait outside the pool, a callback
+        waits for one of these jobs): otherwise they would query the store for nothing
+        beside the request that is fetching the result."""
+        with self._lock:
+            callbacks = not self._callback_jobs.isdisjoint(job_ids)
+            self._callback_jobs.difference_update(job_ids)
+        if self._backlog:
+            self._wake.set()
+        if callbacks:
+            self.webhooks.wake()
         for listener in self._end_listeners:
             listener()
 
@@ -292,7 +309,7 @@ class JobRunner:
                     event.set()
         if ended:
             log.warning("jobs interrupted", extra={"job_ids": ended, "reason": message})
-            self._ended()
+            self._ended(ended)
         return ended
 
     # accepting and dispatching -------------------------------------------------------
@@ -343,17 +360,23 @@ class JobRunner:
             if new and queued + len(new) > self.config.pool.max_queue:
                 raise QueueFull(f"queue is full ({queued} of {self.config.pool.max_queue} jobs "
                                 "waiting); retry later")
-            # Registered before the insert: a job can finish (and look for its event)
-            # as soon as it is stored. Removed again if the insert fails.
+            # Registered before the insert: a job can finish (and look for its event and
+            # callbacks) as soon as it is stored. Removed again if the insert fails.
+            awaited = {job_id for job_id, _ in callbacks if job_id is not None}
+            if request.callback_url:
+                awaited.update(j["job_id"] for j in jobs)
             with self._lock:
                 for j in new:
                     self._done_events[j["job_id"]] = threading.Event()
+                added = awaited - self._callback_jobs
+                self._callback_jobs.update(added)
             try:
                 self.store.add_batch(batch_id, kind, jobs, idem_key, callbacks, message_id, synced=False)
             except BaseException:
                 with self._lock:
                     for j in new:
                         self._done_events.pop(j["job_id"], None)
+                    self._callback_jobs.difference_update(added)
                 raise
         self._last_activity = time.time()
         deduplicated = tuple(j["paper_id"] for j in jobs if j.get("deduplicated"))
@@ -376,7 +399,10 @@ class JobRunner:
             return 0
         n = 0
         with self._dispatch_lock:
-            for row in self.store.queued(limit=self.config.pool.max_queue * 2):
+            limit = self.config.pool.max_queue * 2
+            rows = self.store.queued(limit=limit)
+            backlog = len(rows) >= limit
+            for row in rows:
                 with self._lock:
                     if row.job_id in self._submitted:
                         continue
@@ -384,14 +410,15 @@ class JobRunner:
                                timeout=row.timeout, profile=row.profile)
                 try:
                     fut = self.pool.submit(spec, on_start=self._on_start)
-                except PoolQueueFull:
-                    break  # the loop retries in a second
-                except (PoolClosed, PoolBroken):
+                except (PoolQueueFull, PoolClosed, PoolBroken):
+                    backlog = True  # the loop retries when a job ends, and every second
                     break
                 with self._lock:
                     self._submitted[row.job_id] = fut
                 fut.add_done_callback(lambda f, row=row: self._on_done(row, f))
                 n += 1
+            # A job accepted after our read dispatches itself after us (the lock orders them).
+            self._backlog = backlog
         return n
 
     def _on_start(self, job_id: str, worker_ref: Any) -> None:
@@ -435,7 +462,7 @@ class JobRunner:
             if event:
                 event.set()
             # Dispatch from our loop thread, never from the pool's callback thread.
-            self._ended()
+            self._ended([row.job_id])
 
     def _release(self, job_id: str) -> None:
         """Wake the request waiting for this job, if one is."""
@@ -487,6 +514,7 @@ class JobRunner:
                 self.store.cancel_queued(job_id, synthetic_result(
                     row, STATUS_CANCELLED, "cancelled", "cancelled before it started"))
                 self._release(job_id)
+                self._ended([job_id])
         if submitted:
             self.pool.cancel(job_id)
             self.wait([job_id], timeout=_CANCEL_WAIT_S)

@@ -584,6 +584,13 @@ class JobStore:
             f" AND j.status NOT IN ({_TERMINAL_SQL}))))",
             (CALLBACK_PENDING, now, CALLBACK_WAITING))).rowcount
 
+    def callback_jobs(self) -> set[str]:
+        """The jobs whose end a waiting callback waits for: its job, or every job of its batch."""
+        rows = self._all("SELECT job_id FROM callbacks WHERE state=? AND job_id IS NOT NULL UNION"
+                         " SELECT bj.job_id FROM callbacks c JOIN batch_jobs bj ON bj.batch_id = c.batch_id"
+                         " WHERE c.state=? AND c.job_id IS NULL", (CALLBACK_WAITING, CALLBACK_WAITING))
+        return {r[0] for r in rows}
+
     def due_callbacks(self, now: float, limit: int) -> list[CallbackRow]:
         """Pending callbacks whose next attempt is due, the most overdue first."""
         rows = self._all("SELECT * FROM callbacks WHERE state=? AND next_at<=? ORDER BY next_at LIMIT ?",

@@ -150,3 +150,17 @@ def test_what_each_request_asks_reads_the_active_jobs_not_the_history(tmp_path):
         plan = " ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql))
         assert "jobs_by_status (status=?)" in plan, plan
     store.close()
+
+
+def test_callback_jobs_are_the_jobs_waiting_callbacks_wait_for(tmp_path):
+    # What a restarted runner watches: a job's callback waits for that job, a batch's for
+    # every job of the batch (a joined one too); a callback already due waits for nothing.
+    store = JobStore(tmp_path / "s.db")
+    store.add_batch("one", "async", [_job("j", "p"), _job("k", "q")], callbacks=[("j", "http://h/1")])
+    store.add_batch("all", "async", [{"job_id": "k", "paper_id": "q", "deduplicated": True}, _job("m", "r")],
+                    callbacks=[(None, "http://h/2")])
+    store.add_batch("done", "async", [_job("n", "s")], callbacks=[("n", "http://h/3")])
+    store.finish("n", "completed", {})
+    store.promote_callbacks(time.time())
+    assert store.callback_jobs() == {"j", "k", "m"}
+    store.close()
