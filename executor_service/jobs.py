@@ -480,6 +480,8 @@ class JobRunner:
         for job_id in job_ids:
             with self._lock:
                 event = self._done_events.get(job_id)
+            if event:  # its end first: a read now would take the store's lock as the job starts
+                event.wait(max(0.0, min(deadline - time.monotonic(), 1.0)))
             while True:
                 row = self.store.get_job(job_id)
                 if row is None or row.status in TERMINAL_STATUSES:
