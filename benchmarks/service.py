@@ -152,18 +152,21 @@ def latencies(svc: Service, code: str, runs: int, warmup: int = 4) -> dict[str, 
             svc.execute(code, conn)
         walls = []
         for _ in range(runs):
-            wait_spares(svc)  # a job that finds a spare ready (throughput() is the other case)
+            # A job that finds a spare ready (throughput() is the other case), asked on the
+            # same connection: a poll's own connection closing would overlap the job's request.
+            wait_spares(svc, conn=conn)
             walls.append(svc.execute(code, conn))
         return summarize(walls)
     finally:
         conn.close()
 
 
-def wait_spares(svc: Service, timeout: float = 60.0) -> bool:
-    """Poll /health?verbose=1 until every slot has all its spares ready."""
+def wait_spares(svc: Service, timeout: float = 60.0, conn: http.client.HTTPConnection | None = None) -> bool:
+    """Poll /health?verbose=1 (on `conn`, else a connection each) until every slot has all
+    its spares ready."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        _, body = svc.request("GET", "/health?verbose=1")
+        _, body = svc.request("GET", "/health?verbose=1", conn=conn)
         pool = (body or {}).get("pool") or {}
         if pool.get("idle") == pool.get("size") and not (pool.get("spares") or {}).get("starting"):
             return True

@@ -6,9 +6,10 @@
 
 The store is the queue of record: a job is persisted before it is acknowledged, and
 `dispatch()` hands queued jobs to the pool: on every accept, and from a background
-thread when a job ends and once a second, so jobs left queued by a restart or a full
-pool queue run too. The pool's callback threads only record and wake that thread (and
-the webhook deliverer, which sends callbacks from threads of its own).
+thread once a second and when a job ends while jobs wait outside the pool, so jobs left
+queued by a restart or a full pool queue run too. The pool's callback threads only
+record, release the request waiting for the result, and wake that thread (and the
+webhook deliverer, when a callback waits for the job; it sends from threads of its own).
 On shutdown the pool cancels the futures of jobs it had not started; their rows stay
 `queued`, so they run when the service starts again on the same work dir.
 
@@ -167,6 +168,11 @@ class JobRunner:
         self._dispatch_lock = threading.RLock()
         self._closing = threading.Event()
         self._wake = threading.Event()  # a job ended: the loop dispatches at once
+        # Whether queued jobs may wait outside the pool (the last dispatch stopped short):
+        # only then does a job's end wake the loop.
+        self._backlog = True
+        # Jobs whose end a waiting callback waits for: only their end wakes the deliverer.
+        self._callback_jobs: set[str] = set()
         self._accept_lock = threading.Lock()  # queue-room check and insert, together
         self._last_activity = time.time()
         self._thread: threading.Thread | None = None
@@ -187,6 +193,8 @@ class JobRunner:
                                          "the service stopped while this job was running"))
         if interrupted or queued:
             log.info("recovered jobs", extra={"interrupted": interrupted, "requeued": queued})
+        with self._lock:
+            self._callback_jobs.update(self.store.callback_jobs())
         self._prune()
         if self.exporter is not None:
             self.exporter.start()
@@ -266,9 +274,18 @@ class JobRunner:
         """Call `listener()` (it must only wake its owner) whenever jobs reach an end."""
         self._end_listeners.append(listener)
 
-    def _ended(self) -> None:
-        self._wake.set()
-        self.webhooks.wake()
+    def _ended(self, job_ids: list[str]) -> None:
+        """These jobs reached an end: wake whoever may have work now. The dispatch loop and
+        the webhook deliverer only when they have (jobs wait outside the pool, a callback
+        waits for one of these jobs): otherwise they would query the store for nothing
+        beside the request that is fetching the result."""
+        with self._lock:
+            callbacks = not self._callback_jobs.isdisjoint(job_ids)
+            self._callback_jobs.difference_update(job_ids)
+        if self._backlog:
+            self._wake.set()
+        if callbacks:
+            self.webhooks.wake()
         for listener in self._end_listeners:
             listener()
 
@@ -292,14 +309,15 @@ class JobRunner:
                     event.set()
         if ended:
             log.warning("jobs interrupted", extra={"job_ids": ended, "reason": message})
-            self._ended()
+            self._ended(ended)
         return ended
 
     # accepting and dispatching -------------------------------------------------------
 
     def accept(self, request: Request, kind: str, idem_key: str | None = None,
                message_id: str | None = None) -> Accepted:
-        """Persist a request's jobs (queued) and callbacks, and start dispatching the jobs.
+        """Persist a request's jobs (queued) and callbacks, start dispatching the jobs, and
+        return once they are on disk (they start while the disk syncs).
 
         Raises Closing, Unavailable (the pool is broken) or QueueFull (no room for the
         whole request). A request repeating an earlier `idem_key` gets that request's
@@ -317,6 +335,7 @@ class JobRunner:
         with self._accept_lock:
             if idem_key and (earlier := self.store.batch_for_key(idem_key)):
                 rows = self.store.get_batch(earlier) or []
+                self.store.sync()  # the earlier request may still be syncing it
                 return Accepted(earlier, [(r.paper_id, r.job_id) for r in rows],
                                 tuple(r.paper_id for r in rows if r.deduplicated), repeated=True)
             jobs, callbacks = [], []
@@ -337,21 +356,27 @@ class JobRunner:
             if request.callback_url:
                 callbacks.append((None, request.callback_url))
             new = [j for j in jobs if not j.get("deduplicated")]
-            queued = self.store.counts().get(STATUS_QUEUED, 0)
+            queued = self.store.count(STATUS_QUEUED)
             if new and queued + len(new) > self.config.pool.max_queue:
                 raise QueueFull(f"queue is full ({queued} of {self.config.pool.max_queue} jobs "
                                 "waiting); retry later")
-            # Registered before the insert: a job can finish (and look for its event)
-            # as soon as it is stored. Removed again if the insert fails.
+            # Registered before the insert: a job can finish (and look for its event and
+            # callbacks) as soon as it is stored. Removed again if the insert fails.
+            awaited = {job_id for job_id, _ in callbacks if job_id is not None}
+            if request.callback_url:
+                awaited.update(j["job_id"] for j in jobs)
             with self._lock:
                 for j in new:
                     self._done_events[j["job_id"]] = threading.Event()
+                added = awaited - self._callback_jobs
+                self._callback_jobs.update(added)
             try:
-                self.store.add_batch(batch_id, kind, jobs, idem_key, callbacks, message_id)
+                self.store.add_batch(batch_id, kind, jobs, idem_key, callbacks, message_id, synced=False)
             except BaseException:
                 with self._lock:
                     for j in new:
                         self._done_events.pop(j["job_id"], None)
+                    self._callback_jobs.difference_update(added)
                 raise
         self._last_activity = time.time()
         deduplicated = tuple(j["paper_id"] for j in jobs if j.get("deduplicated"))
@@ -360,6 +385,10 @@ class JobRunner:
                                                                        "papers": list(deduplicated)})
         if new:
             self.dispatch()
+        # Committed above, on disk only now: the jobs start while the disk syncs (an fsync,
+        # 0.5-5 ms here, is most of an empty job's HTTP cost), and whoever called us
+        # acknowledges nothing before it is done.
+        self.store.sync()
         if callbacks:
             self.webhooks.wake()  # a joined job may have ended already
         return Accepted(batch_id, [(j["paper_id"], j["job_id"]) for j in jobs], deduplicated)
@@ -370,7 +399,10 @@ class JobRunner:
             return 0
         n = 0
         with self._dispatch_lock:
-            for row in self.store.queued(limit=self.config.pool.max_queue * 2):
+            limit = self.config.pool.max_queue * 2
+            rows = self.store.queued(limit=limit)
+            backlog = len(rows) >= limit
+            for row in rows:
                 with self._lock:
                     if row.job_id in self._submitted:
                         continue
@@ -378,14 +410,15 @@ class JobRunner:
                                timeout=row.timeout, profile=row.profile)
                 try:
                     fut = self.pool.submit(spec, on_start=self._on_start)
-                except PoolQueueFull:
-                    break  # the loop retries in a second
-                except (PoolClosed, PoolBroken):
+                except (PoolQueueFull, PoolClosed, PoolBroken):
+                    backlog = True  # the loop retries when a job ends, and every second
                     break
                 with self._lock:
                     self._submitted[row.job_id] = fut
                 fut.add_done_callback(lambda f, row=row: self._on_done(row, f))
                 n += 1
+            # A job accepted after our read dispatches itself after us (the lock orders them).
+            self._backlog = backlog
         return n
 
     def _on_start(self, job_id: str, worker_ref: Any) -> None:
@@ -409,7 +442,9 @@ class JobRunner:
                 log.exception("job future raised", extra={"job_id": row.job_id})
                 data = synthetic_result(row, "completed", "internal", f"internal error: {exc!r}")
                 status = "completed"
-            if self.store.finish(row.job_id, status, data, kept):
+            recorded = self.store.finish(row.job_id, status, data, kept)
+            self._release(row.job_id)  # the result is stored: a waiting request answers now
+            if recorded:
                 self.metrics.job_finished(data)
                 if self.exporter is not None:
                     stored = self.store.get_job(row.job_id)
@@ -427,7 +462,14 @@ class JobRunner:
             if event:
                 event.set()
             # Dispatch from our loop thread, never from the pool's callback thread.
-            self._ended()
+            self._ended([row.job_id])
+
+    def _release(self, job_id: str) -> None:
+        """Wake the request waiting for this job, if one is."""
+        with self._lock:
+            event = self._done_events.pop(job_id, None)
+        if event:
+            event.set()
 
     # waiting, cancelling, reading ---------------------------------------------------
 
@@ -438,6 +480,8 @@ class JobRunner:
         for job_id in job_ids:
             with self._lock:
                 event = self._done_events.get(job_id)
+            if event:  # its end first: a read now would take the store's lock as the job starts
+                event.wait(max(0.0, min(deadline - time.monotonic(), 1.0)))
             while True:
                 row = self.store.get_job(job_id)
                 if row is None or row.status in TERMINAL_STATUSES:
@@ -471,10 +515,8 @@ class JobRunner:
             if not submitted:
                 self.store.cancel_queued(job_id, synthetic_result(
                     row, STATUS_CANCELLED, "cancelled", "cancelled before it started"))
-                with self._lock:
-                    event = self._done_events.pop(job_id, None)
-                if event:
-                    event.set()
+                self._release(job_id)
+                self._ended([job_id])
         if submitted:
             self.pool.cancel(job_id)
             self.wait([job_id], timeout=_CANCEL_WAIT_S)

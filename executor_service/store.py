@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -238,10 +239,11 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: every commit survives kill -9 of the service; only the
-        # accepting transaction (add_batch) is synced to disk (FULL), so a job we
-        # answered 202 for survives power loss too, without paying an fsync on each
-        # running/finished update (~1 ms each on this kind of machine).
+        # accepting transaction (add_batch) is synced to disk (FULL, or `sync()` after
+        # it), so a job we answered for survives power loss too, without paying an
+        # fsync on each running/finished update (~1 ms each on this kind of machine).
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._wal_path = f"{path}-wal"  # SQLite's name for the WAL of `path`
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
         self._migrate()
@@ -281,13 +283,15 @@ class JobStore:
 
     def add_batch(self, batch_id: str, kind: str, jobs: list[dict[str, Any]],
                   idem_key: str | None = None, callbacks: Iterable[tuple[str | None, str]] = (),
-                  message_id: str | None = None) -> None:
+                  message_id: str | None = None, synced: bool = True) -> None:
         """Persist a batch, its new jobs (all `queued`) and its callbacks in one transaction.
 
         `jobs` is in request order; an entry with `"deduplicated": True` names a job that
         already exists (the batch joins it). `callbacks` are (job_id or None for the
         whole batch, url). `message_id`: the SQS message that brought the batch, linked
-        to its jobs in the same transaction.
+        to its jobs in the same transaction. `synced`: on disk when this returns
+        (synchronous=FULL); with False only committed (a crash of the service keeps it,
+        power loss may not), and the caller calls `sync()` before acknowledging it.
         """
         now = time.time()
 
@@ -314,7 +318,22 @@ class JobStore:
                 db.executemany("INSERT OR IGNORE INTO queue_messages(message_id, job_id, received_at)"
                                " VALUES (?,?,?)", [(message_id, j["job_id"], now) for j in jobs])
 
-        self._tx(insert, durable=True)
+        self._tx(insert, durable=synced)
+
+    def sync(self) -> None:
+        """Put every transaction committed so far on disk: fdatasync of the WAL, the very
+        sync that synchronous=FULL makes at each commit (frames are only ever appended to
+        the WAL, or copied from it into the database by a checkpoint, which syncs both
+        files itself). It runs without the store's lock, so the pool's updates and other
+        requests go on while the disk works. Raises OSError if the disk fails."""
+        try:
+            fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # no WAL (never while the connection is open): the database file
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def mark_running(self, job_id: str, worker: dict | None) -> None:
         """A worker took the job (only a queued job can become running). A running job
@@ -400,9 +419,12 @@ class JobStore:
     def active_job(self, paper_id: str, code: str, profile: bool = False) -> JobRow | None:
         """The newest queued or running job of this paper with exactly this code (and, when
         `profile`, capturing a profile: a request for one never joins a job without)."""
-        rows = self._all("SELECT * FROM jobs WHERE paper_id=? AND code_sha256=? AND status IN (?,?) "
-                         "AND profile >= ? ORDER BY seq DESC LIMIT 1",
-                         (paper_id, code_sha256(code), *ACTIVE_STATUSES, int(profile)))
+        # Through the status index: the queued and running jobs are few (the queue's
+        # bound and the pool's size), a paper's history may be thousands of rows (SQLite
+        # would otherwise walk it by jobs_by_paper, on every request).
+        rows = self._all("SELECT * FROM jobs INDEXED BY jobs_by_status WHERE status IN (?,?) AND paper_id=?"
+                         " AND code_sha256=? AND profile >= ? ORDER BY seq DESC LIMIT 1",
+                         (*ACTIVE_STATUSES, paper_id, code_sha256(code), int(profile)))
         return _row(rows[0]) if rows else None
 
     def get_job(self, job_id: str) -> JobRow | None:
@@ -468,8 +490,12 @@ class JobStore:
         return [_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        """Number of jobs by status."""
+        """Number of jobs by status (a walk over every job: not for each request)."""
         return {r[0]: r[1] for r in self._all("SELECT status, COUNT(*) FROM jobs GROUP BY status")}
+
+    def count(self, status: str) -> int:
+        """Number of jobs in one status, through the status index (cheap for the few active ones)."""
+        return self._all("SELECT COUNT(*) FROM jobs WHERE status=?", (status,))[0][0]
 
     # queue messages ----------------------------------------------------------------------
 
@@ -557,6 +583,13 @@ class JobStore:
             f" JOIN jobs j ON j.job_id = bj.job_id WHERE bj.batch_id = callbacks.batch_id"
             f" AND j.status NOT IN ({_TERMINAL_SQL}))))",
             (CALLBACK_PENDING, now, CALLBACK_WAITING))).rowcount
+
+    def callback_jobs(self) -> set[str]:
+        """The jobs whose end a waiting callback waits for: its job, or every job of its batch."""
+        rows = self._all("SELECT job_id FROM callbacks WHERE state=? AND job_id IS NOT NULL UNION"
+                         " SELECT bj.job_id FROM callbacks c JOIN batch_jobs bj ON bj.batch_id = c.batch_id"
+                         " WHERE c.state=? AND c.job_id IS NULL", (CALLBACK_WAITING, CALLBACK_WAITING))
+        return {r[0] for r in rows}
 
     def due_callbacks(self, now: float, limit: int) -> list[CallbackRow]:
         """Pending callbacks whose next attempt is due, the most overdue first."""

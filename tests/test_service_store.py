@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 
 from executor_service.store import JobStore
@@ -21,6 +22,19 @@ def test_store_uses_wal_and_keeps_jobs_across_reopen(tmp_path):
     again = JobStore(path)
     assert [r.paper_id for r in again.get_batch("b1")] == ["p1", "p2"]
     assert again.counts() == {"queued": 2}
+
+
+def test_an_unsynced_batch_is_committed_and_sync_needs_no_store_lock(tmp_path):
+    # The runner commits a batch, starts its jobs, then syncs: the pool's updates (running,
+    # finished) must not wait behind that fsync.
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    store.add_batch("b", "async", [_job("j", "p")], synced=False)
+    assert sqlite3.connect(path).execute("SELECT status FROM jobs").fetchall() == [("queued",)]
+    synced = threading.Event()
+    with store._lock:  # another thread's statement in progress
+        threading.Thread(target=lambda: (store.sync(), synced.set()), daemon=True).start()
+        assert synced.wait(10)
 
 
 def test_lifecycle_queued_running_completed(tmp_path):
@@ -113,3 +127,40 @@ def test_a_batch_can_join_another_batchs_job_and_pruning_waits_for_both(tmp_path
     store.finish("k", "completed", {})
     time.sleep(0.05)
     assert store.prune(older_than_s=0.01) == 2
+
+
+def test_what_each_request_asks_reads_the_active_jobs_not_the_history(tmp_path):
+    # active_job and count run on every accepted request; a paper's (or the store's) history
+    # must not make them slower.
+    store = JobStore(tmp_path / "s.db")
+    for i in range(3):
+        store.add_batch(f"old{i}", "async", [_job(f"old{i}", "p")])
+        store.finish(f"old{i}", "completed", {})
+    store.add_batch("now", "async", [_job("now", "p")])
+    assert store.active_job("p", "print(1)").job_id == "now"
+    assert (store.count("queued"), store.count("completed")) == (1, 3)
+    asked: list[str] = []
+    store._db.set_trace_callback(asked.append)  # the statements as run, values bound
+    store.active_job("p", "print(1)")
+    store.count("queued")
+    store._db.set_trace_callback(None)
+    db = sqlite3.connect(tmp_path / "s.db")
+    assert len(asked) == 2
+    for sql in asked:
+        plan = " ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "jobs_by_status (status=?)" in plan, plan
+    store.close()
+
+
+def test_callback_jobs_are_the_jobs_waiting_callbacks_wait_for(tmp_path):
+    # What a restarted runner watches: a job's callback waits for that job, a batch's for
+    # every job of the batch (a joined one too); a callback already due waits for nothing.
+    store = JobStore(tmp_path / "s.db")
+    store.add_batch("one", "async", [_job("j", "p"), _job("k", "q")], callbacks=[("j", "http://h/1")])
+    store.add_batch("all", "async", [{"job_id": "k", "paper_id": "q", "deduplicated": True}, _job("m", "r")],
+                    callbacks=[(None, "http://h/2")])
+    store.add_batch("done", "async", [_job("n", "s")], callbacks=[("n", "http://h/3")])
+    store.finish("n", "completed", {})
+    store.promote_callbacks(time.time())
+    assert store.callback_jobs() == {"j", "k", "m"}
+    store.close()
