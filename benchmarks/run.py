@@ -125,6 +125,8 @@ def bench_backend(backend: str, plan: Plan, work: Path) -> dict[str, Any]:
         out["memory"]["service_idle"] = library.memory_snapshot(svc.pool_pids())
         out["throughput"]["http"] = [service.throughput(svc, c, plan.throughput_jobs, plan.throughput_seconds)
                                      for c in plan.throughput_clients]
+    log(f"{backend}: the HTTP path's own cost, library and HTTP interleaved ×{plan.dispatch_runs}")
+    out["own_cost"] = service.own_cost(backend, work / f"{backend}-pairs", plan.dispatch_runs)
     for row in out["latency"].values():
         c = row["cold"].get("p50_ms")
         row["ratio_cold_over_warm_http"] = ratio(c, row["warm_http"].get("p50_ms"))

@@ -211,3 +211,32 @@ def _respawns(svc) -> int:
     """Workers the pool replaced so far (GET /health)."""
     _, body = svc.request("GET", "/health")
     return int(((body or {}).get("pool") or {}).get("respawns", {}).get("total", 0))
+
+
+def own_cost(backend: str, work_dir: Path, pairs: int) -> dict[str, Any]:
+    """The HTTP path's own cost, as this shared machine lets it be measured: a library pool
+    and a service side by side, one empty job through each in turn (spares ready before
+    each), so both p50s see the same load. Measured one after the other, as `dispatch`
+    is, the two p50s drift apart by several ms with the load alone."""
+    pool, _ = library.start_pool(backend, work_dir / "library")
+    try:
+        with Service(backend, work_dir / "service") as svc:
+            conn = svc.connect()
+            try:
+                for _ in range(5):  # warm-up: each side's first jobs
+                    library.run_job(pool, workloads.EMPTY)
+                    svc.execute(workloads.EMPTY, conn)
+                lib, http = [], []
+                for _ in range(pairs):
+                    library.wait_spares(pool)
+                    lib.append(library.run_job(pool, workloads.EMPTY)[0])
+                    wait_spares(svc, conn=conn)
+                    http.append(svc.execute(workloads.EMPTY, conn))
+            finally:
+                conn.close()
+    finally:
+        pool.shutdown(grace=5)
+    library_p50, http_p50 = summarize(lib)["p50_ms"], summarize(http)["p50_ms"]
+    return {"pairs": pairs, "library": summarize(lib), "http": summarize(http),
+            "own_cost_ms": round(http_p50 - library_p50, 2),
+            "pair_difference": summarize([h - c for h, c in zip(http, lib, strict=True)])}

@@ -15,9 +15,13 @@ HTTP_OWN_COST_GOAL_MS = 2.0  # issue 23: what the HTTP path adds to the library'
 HF_IMPORTS_GOAL_RATIO = 50.0  # issue 20: the Hugging Face imports warm ≥ 50× faster than cold
 
 
-def http_own_cost_ms(dispatch: dict[str, Any]) -> float | None:
-    """What the HTTP path adds to an empty job's p50 over the library's."""
-    http, library = (dispatch.get(k, {}).get("p50_ms") for k in ("http", "library"))
+def http_own_cost_ms(backend: dict[str, Any]) -> float | None:
+    """What the HTTP path adds to an empty job's p50 over the library's: from the two
+    measured interleaved (service.own_cost), else from the dispatch figures (measured one
+    after the other: an older results file)."""
+    if "own_cost" in backend:
+        return backend["own_cost"].get("own_cost_ms")
+    http, library = (backend["dispatch"].get(k, {}).get("p50_ms") for k in ("http", "library"))
     return None if http is None or library is None else round(http - library, 2)
 
 
@@ -38,8 +42,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             s["dispatch"]["http"].get("p50_ms"), HTTP_EMPTY_GOAL_MS)
         row(backend, f"empty job via library p50 ≤ {LIBRARY_EMPTY_GOAL_MS:g} ms",
             s["dispatch"]["library"].get("p50_ms"), LIBRARY_EMPTY_GOAL_MS)
-        row(backend, f"HTTP path's own cost (HTTP p50 − library p50) ≤ {HTTP_OWN_COST_GOAL_MS:g} ms",
-            http_own_cost_ms(s["dispatch"]), HTTP_OWN_COST_GOAL_MS)
+        row(backend, f"HTTP path's own cost (HTTP p50 − library p50, interleaved) "
+            f"≤ {HTTP_OWN_COST_GOAL_MS:g} ms", http_own_cost_ms(s), HTTP_OWN_COST_GOAL_MS)
         target = REPLACEMENT_GOAL_MS.get(backend, 150.0)
         row(backend, f"spare prepared (fork → ready) p50 ≤ {target:g} ms",
             (s["replacement"].get("worker_fork_to_ready") or {}).get("p50_ms"), target)
