@@ -1,5 +1,5 @@
 """What the service asks of a pool, declared once: the local `WarmPool` and the Ray
-`ClusterPool` (executor_service/cluster.py) both fulfil `Pool`.
+`ClusterPool` (executor_service/cluster/pool.py) both fulfil `Pool`.
 
 `condition()` is what admission reads on every request: three fields kept as plain
 attributes, read under the pool's lock, never a snapshot of the workers. `stats()` is
