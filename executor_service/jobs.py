@@ -495,9 +495,9 @@ class JobRunner:
                     with self._lock:
                         if job_id not in self._submitted:
                             return False  # stays queued for the next start
-                if event:
+                if event and not event.is_set():
                     event.wait(min(left, 1.0))
-                else:
+                else:  # no event, or set while the store says otherwise (its result failed to record)
                     time.sleep(min(left, 0.2))
         return True
 
