@@ -270,6 +270,27 @@ def test_memory_held_by_a_daemon_counts_against_the_limit(service):
     wait_until(lambda: all(p.pid in _worker_pids(service) for p in processes_of(job_uids(service))))
 
 
+def test_a_job_whose_daemon_the_oom_killer_ended_stops_as_memory_limit(service):
+    """The kernel enforces the limit on the job's group by killing one of its processes:
+    here the daemon, the only one over it. The job itself would sleep on; it ends at once
+    as memory_limit instead (the monitor reads the group's OOM kills), never a timeout."""
+    result = run(service, f"""
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                hoard = bytearray({MAX_MEMORY_MB + 500} * 1024 * 1024)
+                hoard[::4096] = b"x" * len(hoard[::4096])
+                time.sleep(60)
+            os._exit(0)
+        time.sleep(60)
+    """, timeout=30)
+    assert result["error_type"] == "memory_limit", (result["error_type"], result["error_message"])
+    assert "OOM killer" in result["error_message"]
+    assert result["execution_time"] < 20
+    wait_until(lambda: all(p.pid in _worker_pids(service) for p in processes_of(job_uids(service))))
+
+
 def _worker_pids(srv: Server) -> set[int]:
     """The pool's spares and the task each keeps sharing its memory (worker._hold_address_space)."""
     pids = {w["pid"] for w in srv.get("/health?verbose=1").json["pool"]["workers"] if w["pid"]}

@@ -110,7 +110,10 @@ def measure(config: PoolConfig, watched: tuple[Watched, ...],
             w.job.device.sample()
         charged = own.memory_bytes if own is not None else rss
         verdict = None
-        if limit and charged > limit:
+        # Over the limit, or the kernel already enforced it: its OOM killer ended one of the
+        # job's processes (whichever it picked: a daemon the job forked, or the job itself).
+        # The job exceeded max_memory_mb either way, and ends as memory_limit.
+        if limit and (charged > limit or (own is not None and own.oom_kills)):
             verdict = limits.Verdict("memory_limit")
         elif time.monotonic() >= next_disk.get(w.job_id, 0.0):
             started = time.monotonic()
