@@ -457,10 +457,8 @@ class JobRunner:
         finally:
             with self._lock:
                 self._submitted.pop(row.job_id, None)
-                event = self._done_events.pop(row.job_id, None)
             self._last_activity = time.time()
-            if event:
-                event.set()
+            self._release(row.job_id)  # if recording failed above: the request answers anyway
             # Dispatch from our loop thread, never from the pool's callback thread.
             self._ended([row.job_id])
 
